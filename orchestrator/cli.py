@@ -1,0 +1,166 @@
+"""The ``raymerge`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from orchestrator.errors import ConfigError, MergeError
+
+_EPILOG = """\
+examples:
+  raymerge demo                                   # merge the bundled MiniLM with perturbed copies
+  raymerge run job.yaml                           # native job (output.uri in the file)
+  raymerge run mergekit.yml ./merged              # a mergekit config, unchanged
+  raymerge run job.yaml out/ merge.params.density=0.3 runtime.num_workers=4
+  raymerge plan job.yaml                          # dry run: units, bytes, memory; no tensor read
+  raymerge verify ./merged                        # re-check every checksum in the manifest
+  raymerge import-mergekit mergekit.yml           # print the native equivalent
+"""
+
+
+def _split_targets(args: list[str]) -> tuple[str | None, list[str]]:
+    outputs = [a for a in args if "=" not in a]
+    if len(outputs) > 1:
+        raise ConfigError(f"expected at most one output folder, got {outputs}; "
+                          "overrides look like key.path=value")
+    return (outputs[0] if outputs else None), [a for a in args if "=" in a]
+
+
+def _cmd_run(ns: argparse.Namespace) -> int:
+    from orchestrator.job import run_job
+
+    output, overrides = _split_targets(ns.targets)
+    result = run_job(ns.config, overrides, output=output, force=ns.force, quiet=ns.quiet)
+    if result.skipped:
+        print(f"{result.output} already holds this merge (plan {result.plan.digest()[:12]}); "
+              "nothing to do")
+    else:
+        n = len(result.manifest["shards"])
+        print(f"merged {result.plan.n_tensors} tensors into {n} shards at {result.output} "
+              f"in {result.seconds:.1f}s (manifest written)")
+    return 0
+
+
+def _cmd_plan(ns: argparse.Namespace) -> int:
+    from orchestrator.job import plan_job, resolve_config
+    from orchestrator.plan import describe
+
+    output, overrides = _split_targets(ns.targets)
+    cfg = resolve_config(ns.config, overrides, output)
+    plan, _, _ = plan_job(cfg)
+    print(describe(plan))
+    return 0
+
+
+def _cmd_verify(ns: argparse.Namespace) -> int:
+    from orchestrator.commit import verify_output
+    from orchestrator.storage import open_store
+
+    manifest, problems = verify_output(open_store(ns.output))
+    if problems:
+        print(f"{ns.output}: FAILED", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    n = len(manifest["shards"]) + len(manifest["files"])
+    print(f"{ns.output}: OK ({n} files match the manifest, plan {manifest['plan_digest'][:12]})")
+    return 0
+
+
+def _cmd_import(ns: argparse.Namespace) -> int:
+    import yaml
+
+    from orchestrator.config import config_from_dict, to_yaml
+    from orchestrator.mergekit import from_mergekit
+
+    with open(ns.config, encoding="utf-8") as f:
+        doc = from_mergekit(yaml.safe_load(f) or {})
+    doc.setdefault("output", {})["uri"] = ns.output or "OUTPUT_DIR"
+    config_from_dict(doc)  # validate before printing
+    print(to_yaml(doc), end="")
+    return 0
+
+
+def _cmd_methods(ns: argparse.Namespace) -> int:
+    from workers.merge import METHODS
+
+    for name, spec in sorted(METHODS.items()):
+        params = ", ".join(
+            f"{f.name}={f.metadata.get('per_model', f.default)}"
+            + (" (per model)" if "per_model" in f.metadata else "")
+            for f in dataclasses.fields(spec.params)
+        )
+        base = "base required" if spec.needs_base else "no base"
+        print(f"{name:16} {spec.summary}\n{'':16} [{base}] {params}")
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from orchestrator.demo import run_demo
+
+    return run_demo(ns.workdir, method=ns.method)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raymerge",
+        description="Merge many checkpoints into one model, layer-wise sharded on Ray. "
+                    "Reads safetensors by byte ranges, writes sharded safetensors with an "
+                    "index, model card and a checksummed manifest (written last).",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def job_parser(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("config", help="job YAML: native raymerge or mergekit format")
+        p.add_argument("targets", nargs="*", metavar="[OUT] [key=value ...]",
+                       help="output folder (required for mergekit configs) and dotlist "
+                            "overrides such as merge.params.density=0.3 or sources[0].uri=...")
+        return p
+
+    run = job_parser("run", "run a merge job")
+    run.add_argument("--force", action="store_true",
+                     help="replace an output that holds a finished merge of another plan")
+    run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.set_defaults(fn=_cmd_run)
+    job_parser("plan", "print the work plan (no tensor data is read)").set_defaults(fn=_cmd_plan)
+
+    verify = sub.add_parser("verify", help="re-check an output against its manifest")
+    verify.add_argument("output", help="output folder")
+    verify.set_defaults(fn=_cmd_verify)
+
+    imp = sub.add_parser("import-mergekit", help="print the native config for a mergekit YAML")
+    imp.add_argument("config")
+    imp.add_argument("output", nargs="?", help="output folder to put in the native config")
+    imp.set_defaults(fn=_cmd_import)
+
+    sub.add_parser("methods", help="list merge methods and their parameters").set_defaults(
+        fn=_cmd_methods)
+
+    demo = sub.add_parser("demo", help="merge the bundled all-MiniLM-L6-v2 with perturbed "
+                                       "copies of itself on a local Ray, then verify and load it")
+    demo.add_argument("workdir", nargs="?", default="raymerge-demo",
+                      help="folder for the generated inputs and the output (default: %(default)s)")
+    demo.add_argument("--method", default="ties", help="merge method (default: %(default)s)")
+    demo.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.fn(ns)
+    except MergeError as e:
+        print(f"raymerge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("raymerge: interrupted; no manifest was written for unfinished work",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Finish an output: index, config and tokenizer files, model card, and the manifest LAST.
+
+The manifest (``raymerge-manifest.json``) is the commit marker: an output folder without it is
+incomplete, whatever else it holds. ``verify_output`` re-reads every file the manifest lists and
+checks its size and sha256.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from orchestrator.config import JobConfig
+from orchestrator.index import INDEX_FILE, CheckpointIndex
+from orchestrator.plan import Plan
+from orchestrator.storage import LocalStore
+from workers.safetensors_io import DTYPE_NAMES
+from workers.tasks import ShardRecord
+
+MANIFEST = "raymerge-manifest.json"
+MODEL_CARD = "README.md"
+MANIFEST_FORMAT = "raymerge-manifest/1"
+_COPIED = re.compile(r"\.(json|txt|model|jinja|tiktoken)$")
+_NOT_COPIED = {INDEX_FILE, MANIFEST, MODEL_CARD}
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_MAX_COPY_BYTES = 64 * 2**20
+_HASH_CHUNK = 16 * 2**20
+_TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def raymerge_version() -> str:
+    try:
+        return version("raymerge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def read_manifest(out: LocalStore) -> dict | None:
+    if not out.exists(MANIFEST):
+        return None
+    try:
+        doc = json.loads(out.read_bytes(MANIFEST))
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT else None
+
+
+def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
+           indexes: list[CheckpointIndex], stores: list[LocalStore], out: LocalStore) -> dict:
+    """Write everything but the shards, then the manifest; return the manifest."""
+    files: dict[str, bytes] = {}
+    weight_map = {it.tensor_name: u.shard for u in plan.units for it in u.items}
+    files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
+                               "weight_map": weight_map})
+    ref = len(plan.model_names) if any(s.role == "base" for s in plan.sources) else 0
+    files.update(_copied_files(stores[ref], plan, cfg))
+    files[MODEL_CARD] = model_card(plan, cfg, indexes).encode()
+    for name, data in files.items():
+        out.write_bytes(name, data)
+    for stale in out.list_files():
+        if _SHARD_NAME.match(stale) and stale not in {u.shard for u in plan.units}:
+            out.remove(stale)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "raymerge_version": raymerge_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "plan_digest": plan.digest(),
+        "method": plan.method,
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "sources": [
+            {"name": s.name, "role": s.role, "uri": s.uri, "pins": idx.pins}
+            for s, idx in zip(plan.sources, indexes)
+        ],
+        "shards": [{"file": r.shard, "bytes": r.bytes, "sha256": r.sha256, "tensors": r.tensors}
+                   for r in records],
+        "files": [{"file": n, "bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                  for n, d in files.items()],
+    }
+    out.write_bytes(MANIFEST, _json(manifest))
+    return manifest
+
+
+def _json(doc: Any) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
+
+
+def _copied_files(src: LocalStore, plan: Plan, cfg: JobConfig) -> dict[str, bytes]:
+    """Config, tokenizer and other small metadata files of the reference model."""
+    out = {}
+    for name in src.list_files():
+        if not _COPIED.search(name) or name in _NOT_COPIED or src.size(name) > _MAX_COPY_BYTES:
+            continue
+        data = src.read_bytes(name)
+        if name == "config.json" and cfg.output.dtype:
+            data = _with_dtype(data, cfg.output.dtype)
+        out[name] = data
+    return out
+
+
+def _with_dtype(config_json: bytes, dtype: str) -> bytes:
+    try:
+        doc = json.loads(config_json)
+    except ValueError:
+        return config_json
+    name = _TORCH_DTYPE_NAMES.get(DTYPE_NAMES[dtype], dtype)
+    for key in ("torch_dtype", "dtype"):
+        if key in doc:
+            doc[key] = name
+    return _json(doc)
+
+
+def model_card(plan: Plan, cfg: JobConfig, indexes: list[CheckpointIndex]) -> str:
+    base = [s.uri for s in plan.sources if s.role == "base"]
+    lines = ["---", "tags:", "- merge", "- raymerge"]
+    if base:
+        lines += ["base_model:", f"- {base[0]}"]
+    lines += ["---", "", f"# Merged model ({plan.method})", "",
+              f"Produced by raymerge {raymerge_version()} with the `{plan.method}` method.", "",
+              "| source | role | files (header sha256) |", "| --- | --- | --- |"]
+    for s, idx in zip(plan.sources, indexes):
+        pins = ", ".join(f"{f} ({p['header_sha256'][:12]})" for f, p in idx.pins.items())
+        lines.append(f"| {s.name} (`{s.uri}`) | {s.role} | {pins} |")
+    lines += ["", "## Configuration", "", "```yaml",
+              OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip(), "```", "",
+              f"Seed {plan.seed}, compute dtype {plan.compute_dtype}, "
+              f"{plan.n_tensors} tensors in {len(plan.units)} shards, plan digest "
+              f"`{plan.digest()}`.", ""]
+    return "\n".join(lines)
+
+
+def verify_output(out: LocalStore) -> tuple[dict | None, list[str]]:
+    """Re-check every file listed in the manifest; returns (manifest, problems)."""
+    manifest = read_manifest(out)
+    if manifest is None:
+        return None, [f"{out.uri}: no {MANIFEST}: the output is incomplete (never finished, "
+                      "or still being written)"]
+    problems = []
+    for entry in manifest["shards"] + manifest["files"]:
+        name = entry["file"]
+        if not out.exists(name):
+            problems.append(f"{name}: missing")
+            continue
+        size = out.size(name)
+        if size != entry["bytes"]:
+            problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
+            continue
+        digest = hashlib.sha256()
+        for start in range(0, size, _HASH_CHUNK):
+            digest.update(out.read_range(name, start, min(size, start + _HASH_CHUNK)))
+        if digest.hexdigest() != entry["sha256"]:
+            problems.append(f"{name}: sha256 {digest.hexdigest()} does not match the manifest")
+    return manifest, problems

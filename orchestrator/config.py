@@ -1,0 +1,394 @@
+"""The job config: one dataclass tree, loaded from YAML plus ``key=value`` overrides.
+
+Validation walks the raw document against the schema and the chosen method's params dataclass
+and reports every problem at once, each prefixed by its full key path with list indices
+(``sources[1].params.weight: expected a number, got 'x'``). Only then is the document merged
+onto ``OmegaConf.structured(JobConfig)`` and turned into typed objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+
+from orchestrator.errors import ConfigError
+from workers.merge import METHODS
+from workers.merge.registry import PER_MODEL, MethodSpec
+from workers.safetensors_io import DTYPE_NAMES
+
+COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
+EXECUTORS = ("ray", "local")
+_BYTES = {"bytes": True}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING  # used in the model card, manifest and DARE's random keys
+    uri: str = MISSING  # a local folder with safetensors files
+    params: dict[str, Any] = field(default_factory=dict)  # this model's per-model params
+
+
+@dataclass
+class OverrideConfig:
+    tensors: str = MISSING  # glob on tensor names, or "re:<regex>" (re.search)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    method: str = MISSING
+    params: dict[str, Any] = field(default_factory=dict)
+    overrides: list[OverrideConfig] = field(default_factory=list)  # later entries win
+
+
+@dataclass
+class OutputConfig:
+    uri: str = MISSING
+    shard_size: str = field(default="1GB", metadata=_BYTES)
+    dtype: Optional[str] = None  # default: each tensor keeps the reference model's dtype
+
+
+@dataclass
+class RuntimeConfig:
+    executor: str = "ray"  # "local" runs every unit in this process, without Ray
+    address: Optional[str] = None  # None: embedded local Ray; else ray.init(address=...)
+    num_workers: Optional[int] = None  # None: one per CPU Ray sees
+    worker_memory: str = field(default="2GB", metadata=_BYTES)
+    threads_per_worker: int = 1
+    max_retries: int = 3
+
+
+@dataclass
+class JobConfig:
+    sources: list[SourceConfig] = MISSING
+    merge: MergeConfig = MISSING
+    output: OutputConfig = MISSING
+    base: Optional[SourceConfig] = None
+    compute_dtype: str = "float32"
+    seed: int = 0
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @property
+    def method(self) -> MethodSpec:
+        return METHODS[self.merge.method]
+
+
+def parse_bytes(value: str | int) -> int:
+    """``"512MB"`` / ``"1GiB"`` / ``1000`` -> bytes. ValueError if unreadable."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size like 512MB or 2GiB, got {value!r}")
+    return int(float(m[1]) * _UNITS[(m[2] or "B").lower()])
+
+
+def load_config(path: str, overrides: list[str] = (), output: str | None = None) -> JobConfig:
+    """Load a native or mergekit YAML job, apply an output URI and dotlist overrides, validate."""
+    from orchestrator.mergekit import from_mergekit, is_mergekit
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    if is_mergekit(doc):
+        if output is None:
+            raise ConfigError(f"{path} is a mergekit config: give the output folder, "
+                              "as in `raymerge run config.yml OUT_DIR`")
+        doc = from_mergekit(doc)
+    if output is not None:
+        doc.setdefault("output", {})
+        if isinstance(doc["output"], dict):
+            doc["output"]["uri"] = output
+    return config_from_dict(apply_overrides(doc, overrides))
+
+
+def apply_overrides(doc: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b[0].c=value`` overrides (values parsed as YAML) to a copy of ``doc``."""
+    doc = yaml.safe_load(yaml.safe_dump(doc))  # deep copy of plain data
+    errors = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
+        if not sep or not parts:
+            errors.append(f"override {item!r}: expected key.path=value")
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node: Any = doc
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    errors.append(f"override {item!r}: {_fmt(parts[:i])} has no index {part}")
+                    break
+                part = int(part)
+            elif not isinstance(node, dict):
+                errors.append(f"override {item!r}: {_fmt(parts[:i])} is not a mapping")
+                break
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+    if errors:
+        raise ConfigError(errors)
+    return doc
+
+
+def _fmt(parts: list) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) or str(p).isdigit() else (f".{p}" if out else p)
+    return out or "<root>"
+
+
+def config_from_dict(doc: dict) -> JobConfig:
+    """Validate a plain job document and return the typed config; ConfigError lists all errors."""
+    errors: list[str] = []
+    _check_type(doc, JobConfig, "", errors)
+    _check_semantics(doc, errors)
+    if errors:
+        raise ConfigError(errors)
+    schema = OmegaConf.structured(JobConfig)
+    return OmegaConf.to_object(OmegaConf.merge(schema, _stringify_bytes(doc, JobConfig)))
+
+
+def _stringify_bytes(value: Any, tp: Any) -> Any:
+    """Byte sizes may be ints in YAML; the schema stores them as strings."""
+    tp = _unwrap_optional(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        hints = typing.get_type_hints(tp)
+        return {
+            k: (str(v) if fields[k].metadata.get("bytes") else _stringify_bytes(v, hints[k]))
+            for k, v in value.items()
+        }
+    if typing.get_origin(tp) is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        return [_stringify_bytes(v, item) for v in value]
+    return value
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return tp
+
+
+def _at(path: str, key: str | int) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+
+
+def _check_type(value: Any, tp: Any, path: str, errors: list[str]) -> None:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:
+        if value is not None:
+            _check_type(value, _unwrap_optional(tp), path, errors)
+        return
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path or '<root>'}: expected a mapping, got {_show(value)}")
+            return
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        for key in value:
+            if key not in fields:
+                errors.append(f"{_at(path, str(key))}: unknown key; expected one of "
+                              f"{', '.join(fields)}")
+        for name, f in fields.items():
+            if name in value:
+                if f.metadata.get("bytes"):
+                    _check_bytes(value[name], _at(path, name), errors)
+                else:
+                    _check_type(value[name], hints[name], _at(path, name), errors)
+            elif f.default is MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{_at(path, name)}: missing required key")
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected a list, got {_show(value)}")
+            return
+        for i, item in enumerate(value):
+            _check_type(item, args[0], _at(path, i), errors)
+        return
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            errors.append(f"{path}: expected a mapping with string keys, got {_show(value)}")
+        return
+    _check_scalar(value, tp, path, errors)
+
+
+def _check_scalar(value: Any, tp: Any, path: str, errors: list[str]) -> bool:
+    ok = {
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    }.get(tp, True)
+    if not ok:
+        want = {str: "a string", bool: "true or false", int: "an integer",
+                float: "a number"}[tp]
+        errors.append(f"{path}: expected {want}, got {_show(value)}")
+    return ok
+
+
+def _check_bytes(value: Any, path: str, errors: list[str]) -> None:
+    try:
+        if isinstance(value, bool) or parse_bytes(value) <= 0:
+            raise ValueError(f"expected a positive size, got {value!r}")
+    except ValueError as e:
+        errors.append(f"{path}: {e}")
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else f"{value!r} ({type(value).__name__})"
+
+
+def _check_semantics(doc: dict, errors: list[str]) -> None:
+    """Checks beyond types: names, method and params, dtypes, counts. Defensive on bad types."""
+    sources = doc.get("sources") if isinstance(doc.get("sources"), list) else []
+    base = doc.get("base") if isinstance(doc.get("base"), dict) else None
+    names: dict[str, str] = {}
+    for path, src in [(f"sources[{i}]", s) for i, s in enumerate(sources)] + [("base", base)]:
+        name = src.get("name") if isinstance(src, dict) else None
+        if not isinstance(name, str):
+            continue
+        if not _NAME.match(name):
+            errors.append(f"{path}.name: {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        elif name in names:
+            errors.append(f"{path}.name: {name!r} is already used by {names[name]}")
+        names.setdefault(name, path)
+    if not sources and isinstance(doc.get("sources"), list):
+        errors.append("sources: at least one model is needed")
+
+    for key in ("compute_dtype",):
+        if key in doc and isinstance(doc[key], str) and doc[key] not in COMPUTE_DTYPES:
+            errors.append(f"{key}: expected one of {', '.join(COMPUTE_DTYPES)}, got {doc[key]!r}")
+    out = doc.get("output") if isinstance(doc.get("output"), dict) else {}
+    if isinstance(out.get("dtype"), str) and out["dtype"] not in DTYPE_NAMES:
+        errors.append(f"output.dtype: expected one of {', '.join(COMPUTE_DTYPES)}, "
+                      f"got {out['dtype']!r}")
+    if isinstance(out.get("uri"), str) and not out["uri"].strip():
+        errors.append("output.uri: must not be empty")
+    run = doc.get("runtime") if isinstance(doc.get("runtime"), dict) else {}
+    if isinstance(run.get("executor"), str) and run["executor"] not in EXECUTORS:
+        errors.append(f"runtime.executor: expected one of {', '.join(EXECUTORS)}, "
+                      f"got {run['executor']!r}")
+    for key, low in (("num_workers", 1), ("threads_per_worker", 1), ("max_retries", 0)):
+        v = run.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v < low:
+            errors.append(f"runtime.{key}: expected >= {low}, got {v}")
+
+    merge = doc.get("merge") if isinstance(doc.get("merge"), dict) else {}
+    method = merge.get("method")
+    if not isinstance(method, str):
+        return
+    if method not in METHODS:
+        errors.append(f"merge.method: unknown method {method!r}; valid methods: "
+                      f"{', '.join(sorted(METHODS))}")
+        return
+    spec = METHODS[method]
+    if spec.needs_base and doc.get("base") is None:
+        errors.append(f"base: method {method!r} needs a base model (the common ancestor)")
+    n = len(sources)
+    if n and (n < spec.min_models or (spec.max_models and n > spec.max_models)):
+        want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
+                else f"at least {spec.min_models}")
+        errors.append(f"sources: method {method!r} merges {want} models, got {n}")
+    if isinstance(merge.get("params"), dict):
+        _check_params(spec, merge["params"], "merge.params", errors, per_model_only=False)
+    for i, src in enumerate(sources):
+        if isinstance(src, dict) and isinstance(src.get("params"), dict):
+            _check_params(spec, src["params"], f"sources[{i}].params", errors,
+                          per_model_only=True)
+    overrides = merge.get("overrides") if isinstance(merge.get("overrides"), list) else []
+    for i, ov in enumerate(overrides):
+        if not isinstance(ov, dict):
+            continue
+        if isinstance(ov.get("tensors"), str):
+            try:
+                tensor_matcher(ov["tensors"])
+            except re.error as e:
+                errors.append(f"merge.overrides[{i}].tensors: invalid regex ({e})")
+        if isinstance(ov.get("params"), dict):
+            _check_params(spec, ov["params"], f"merge.overrides[{i}].params", errors,
+                          per_model_only=False)
+    _check_weights_sum(spec, merge, sources, errors)
+
+
+def _check_params(spec: MethodSpec, params: dict, path: str, errors: list[str], *,
+                  per_model_only: bool) -> None:
+    fields = {f.name: f for f in dataclasses.fields(spec.params)}
+    hints = typing.get_type_hints(spec.params)
+    allowed = [n for n, f in fields.items() if not per_model_only or PER_MODEL in f.metadata]
+    for key, value in params.items():
+        where = f"{path}.{key}"
+        if key not in allowed:
+            what = "per-model " if per_model_only else ""
+            errors.append(f"{where}: unknown {what}parameter of {spec.name!r}; expected one of "
+                          f"{', '.join(allowed) or '(none)'}")
+            continue
+        meta = fields[key].metadata
+        tp = float if PER_MODEL in meta else hints[key]
+        if not _check_scalar(value, tp, where, errors):
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            errors.append(f"{where}: expected one of {', '.join(meta['choices'])}, "
+                          f"got {value!r}")
+        if meta.get("ge") is not None and value < meta["ge"]:
+            errors.append(f"{where}: expected >= {meta['ge']}, got {value}")
+        if meta.get("le") is not None and value > meta["le"]:
+            errors.append(f"{where}: expected <= {meta['le']}, got {value}")
+
+
+def _check_weights_sum(spec: MethodSpec, merge: dict, sources: list, errors: list[str]) -> None:
+    """A normalized weighted sum with weights that add up to zero has no meaning."""
+    params = merge.get("params") if isinstance(merge.get("params"), dict) else {}
+    if "weight" not in {f.name for f in dataclasses.fields(spec.params)}:
+        return
+    normalize = params.get("normalize", spec.params().normalize)
+    default = params.get("weight", 1.0)
+    weights = [
+        s.get("params", {}).get("weight", default) if isinstance(s, dict) else default
+        for s in sources
+    ]
+    if (normalize is True and sources
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+            and abs(sum(weights)) < 1e-12):
+        errors.append(f"merge.params.weight: the model weights {weights} add up to zero, "
+                      "which normalize: true cannot divide by")
+
+
+def tensor_matcher(pattern: str) -> typing.Callable[[str], bool]:
+    """Matcher for an override pattern: ``re:<regex>`` searches, anything else is a glob."""
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        return lambda name: rx.search(name) is not None
+    return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+
+def to_yaml(cfg: JobConfig | dict) -> str:
+    """The config as YAML (a plain dict stays as given)."""
+    doc = cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.structured(cfg))
+    return yaml.safe_dump(doc, sort_keys=False)

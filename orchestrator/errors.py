@@ -1,0 +1,42 @@
+"""Errors raised by the driver. Each says what went wrong, where, and how to fix it.
+
+Every class pickles with its message so that Ray can carry it back from a worker.
+"""
+
+from __future__ import annotations
+
+
+class MergeError(Exception):
+    """Base class of every error raiseable by raymerge; the CLI prints it and exits non-zero."""
+
+    exit_code = 1
+
+    def __reduce__(self):
+        return (type(self), self.args)
+
+
+class ConfigError(MergeError):
+    """The job config is invalid. ``errors`` lists every problem as ``path: message``."""
+
+    exit_code = 2
+
+    def __init__(self, errors: list[str] | str):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        head = "invalid job config" if len(self.errors) > 1 else "invalid job config:"
+        body = "\n  ".join(self.errors)
+        super().__init__(f"{head}\n  {body}" if len(self.errors) > 1 else f"{head} {body}")
+
+    def __reduce__(self):
+        return (type(self), (self.errors,))
+
+
+class PlanError(MergeError):
+    """The inputs cannot be merged as configured (missing tensors, shape mismatches, ...)."""
+
+
+class StorageError(MergeError):
+    """A source or the output could not be read or written (missing file, corrupt header, ...)."""
+
+
+class WorkerError(MergeError):
+    """A work unit failed on a worker; the message names the unit, its output shard and the cause."""

@@ -1,0 +1,83 @@
+"""One merge job from config to committed output: ``run_job`` is what ``raymerge run`` calls."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from orchestrator.commit import MANIFEST, commit, read_manifest
+from orchestrator.config import JobConfig, apply_overrides, config_from_dict, load_config
+from orchestrator.errors import MergeError
+from orchestrator.index import CheckpointIndex, index_checkpoint
+from orchestrator.plan import Plan, make_plan
+from orchestrator.schedule import run_plan
+from orchestrator.storage import LocalStore, open_store
+from workers.tasks import TaskContext
+
+
+@dataclass(frozen=True)
+class JobResult:
+    output: str
+    manifest: dict
+    plan: Plan
+    skipped: bool  # the output already held this exact merge
+    seconds: float
+
+
+def resolve_config(config: JobConfig | dict | str, overrides: list[str] = (),
+                   output: str | None = None) -> JobConfig:
+    """A typed config from a YAML path (native or mergekit), a plain dict, or a JobConfig."""
+    if isinstance(config, str):
+        return load_config(config, list(overrides), output)
+    if isinstance(config, JobConfig):
+        if not overrides and output is None:
+            return config
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.structured(config))
+    doc = apply_overrides(config, list(overrides))
+    if output is not None:
+        doc.setdefault("output", {})["uri"] = output
+    return config_from_dict(doc)
+
+
+def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[LocalStore]]:
+    """Index every source (headers only) and make the plan. Models first, then the base."""
+    specs = list(cfg.sources) + ([cfg.base] if cfg.base is not None else [])
+    stores = [open_store(s.uri) for s in specs]
+    indexes = [index_checkpoint(s.name, st) for s, st in zip(specs, stores)]
+    models = indexes[:len(cfg.sources)]
+    base = indexes[len(cfg.sources)] if cfg.base is not None else None
+    return make_plan(cfg, models, base), indexes, stores
+
+
+def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
+            output: str | None = None, force: bool = False, quiet: bool = False) -> JobResult:
+    """Merge as configured and commit the output; the Python twin of ``raymerge run``.
+
+    A finished output of the same plan is left as it is (``skipped``). A finished output of a
+    different plan is refused unless ``force``; then its manifest is removed first, so an
+    interrupted re-run can never pass for finished.
+    """
+    start = time.monotonic()
+    cfg = resolve_config(config, overrides, output)
+    plan, indexes, stores = plan_job(cfg)
+    out = open_store(cfg.output.uri)
+    existing = read_manifest(out)
+    if existing is not None:
+        if existing.get("plan_digest") == plan.digest():
+            return JobResult(out.uri, existing, plan, True, time.monotonic() - start)
+        if not force:
+            raise MergeError(
+                f"{out.uri} already holds a finished merge of a different plan "
+                f"({existing.get('method')}, digest {str(existing.get('plan_digest'))[:12]}); "
+                "choose another output or pass --force to replace it"
+            )
+        out.remove(MANIFEST)
+    ctx = TaskContext(
+        stores=tuple(stores), output=out, model_names=plan.model_names,
+        compute_dtype=cfg.compute_dtype, seed=cfg.seed, threads=cfg.runtime.threads_per_worker,
+    )
+    records = run_plan(plan, ctx, cfg.runtime, quiet=quiet)
+    manifest = commit(plan, cfg, records, indexes, stores, out)
+    return JobResult(out.uri, manifest, plan, False, time.monotonic() - start)

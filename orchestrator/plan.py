@@ -1,0 +1,288 @@
+"""Config + checkpoint indexes -> a Plan of frozen, layer-aligned work units. Pure: no Ray, no
+tensor bytes.
+
+Tensors are ordered naturally (``layers.2`` before ``layers.10``) and grouped by layer; groups
+are packed in order into units, each written as one output shard, so that a unit's output stays
+within ``output.shard_size`` and its inputs (every model's bytes for the unit) within
+``runtime.worker_memory``. A layer too large for one unit is split at tensor boundaries. The
+layout depends only on the inputs and the config, never on the number of workers, so every
+worker count writes the same files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.config import JobConfig, parse_bytes, tensor_matcher
+from orchestrator.errors import PlanError
+from orchestrator.index import CheckpointIndex, validate_models
+from workers.merge import get_method
+from workers.merge.registry import MethodSpec, per_model_fields
+from workers.safetensors_io import DTYPE_NAMES, FLOAT_CODES, TensorInfo, itemsize
+
+_LAYER = re.compile(r"^(.*?\.)(\d+)\.")
+_DIGITS = re.compile(r"(\d+)")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One input tensor: which source (index into ``Plan.sources``), which file, which bytes."""
+
+    source: int
+    file: str
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One output tensor. ``method`` None copies ``inputs[0]`` unchanged (non-float tensors)."""
+
+    tensor_name: str
+    inputs: tuple[TensorRef, ...]
+    base: TensorRef | None
+    method: str | None
+    params: Any
+    out_dtype: str
+    stats_group: int = -1  # index into Plan.stats_groups, -1 when no global statistics
+
+    @property
+    def out_bytes(self) -> int:
+        return self.inputs[0].info.numel * itemsize(self.out_dtype)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    index: int
+    shard: str  # output file name
+    items: tuple[WorkItem, ...]
+    input_bytes: int  # all inputs of all items, as stored
+    output_bytes: int
+    peak_bytes: int  # estimated worker memory while computing the largest item
+
+
+@dataclass(frozen=True)
+class StatsGroup:
+    """Tensors that share one set of global statistics (an R stage), e.g. TIES' global trim."""
+
+    method: str
+    params: Any
+    n_tensors: int
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    name: str
+    uri: str
+    role: str  # "model" or "base"
+
+
+@dataclass(frozen=True)
+class Plan:
+    sources: tuple[SourceRef, ...]
+    units: tuple[WorkUnit, ...]
+    stats_groups: tuple[StatsGroup, ...]
+    method: str
+    compute_dtype: str
+    seed: int
+    threads: int
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sources if s.role == "model")
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(u.input_bytes for u in self.units)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(u.output_bytes for u in self.units)
+
+    @property
+    def n_tensors(self) -> int:
+        return sum(len(u.items) for u in self.units)
+
+    def digest(self) -> str:
+        """sha256 of everything that determines the output bytes (not of worker counts)."""
+        doc = json.dumps(_plain(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {"__type__": type(value).__name__,
+                **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def natural_key(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in _DIGITS.split(name))
+
+
+def layer_key(name: str) -> tuple:
+    """Tensors with the same key belong to one layer (``model.layers.3.*``)."""
+    m = _LAYER.match(name)
+    return (m[1], int(m[2])) if m else (name,)
+
+
+def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
+              base: CheckpointIndex | None) -> Plan:
+    spec = get_method(cfg.merge.method)
+    reference = base if base is not None else models[0]
+    validate_models(models + ([base] if base is not None else []), reference)
+    sources = tuple(SourceRef(m.name, m.uri, "model") for m in models) + (
+        (SourceRef(base.name, base.uri, "base"),) if base is not None else ())
+    base_idx = len(models) if base is not None else None
+    out_code = DTYPE_NAMES[cfg.output.dtype] if cfg.output.dtype else None
+    compute_size = itemsize(DTYPE_NAMES[cfg.compute_dtype])
+    matchers = [(tensor_matcher(o.tensors), o.params) for o in cfg.merge.overrides]
+
+    stats_keys: dict[Any, int] = {}
+    stats_params: list[Any] = []
+    stats_counts: list[int] = []
+    items = []
+    for name in sorted(reference.tensors, key=natural_key):
+        ref_info = reference.tensors[name].info
+        refs = tuple(TensorRef(i, m.tensors[name].file, m.tensors[name].info)
+                     for i, m in enumerate(models))
+        base_ref = (TensorRef(base_idx, base.tensors[name].file, base.tensors[name].info)
+                    if base is not None else None)
+        if ref_info.dtype not in FLOAT_CODES:
+            # integer buffers (position ids, counters) are copied from the reference model
+            copy_from = base_ref if base_ref is not None else refs[0]
+            items.append(WorkItem(name, (copy_from,), None, None, None, ref_info.dtype))
+            continue
+        params = resolve_params(spec, cfg, name, matchers)
+        group = -1
+        key = spec.stats.key(params) if spec.stats is not None else None
+        if key is not None:
+            if key not in stats_keys:
+                stats_keys[key] = len(stats_params)
+                stats_params.append(params)
+                stats_counts.append(0)
+            group = stats_keys[key]
+            stats_counts[group] += 1
+        items.append(WorkItem(name, refs, base_ref, spec.name, params,
+                              out_code or ref_info.dtype, group))
+
+    units = _pack_units(items, parse_bytes(cfg.output.shard_size),
+                        parse_bytes(cfg.runtime.worker_memory), compute_size, len(sources))
+    groups = tuple(StatsGroup(spec.name, p, n) for p, n in zip(stats_params, stats_counts))
+    return Plan(sources, units, groups, spec.name, cfg.compute_dtype, cfg.seed,
+                cfg.runtime.threads_per_worker)
+
+
+def resolve_params(spec: MethodSpec, cfg: JobConfig, tensor_name: str,
+                   matchers: list) -> Any:
+    """The method's params for one tensor. Precedence: matching overrides (later wins) >
+    the model's own ``sources[i].params`` > ``merge.params`` > the dataclass default."""
+    values = dict(cfg.merge.params)
+    for match, params in matchers:
+        if match(tensor_name):
+            values.update(params)
+    per_model = per_model_fields(spec.params)
+    resolved = {}
+    for field_name, default in per_model.items():
+        overridden = any(match(tensor_name) and field_name in params
+                         for match, params in matchers)
+        resolved[field_name] = tuple(
+            float(values[field_name]) if overridden
+            else float(src.params.get(field_name, values.get(field_name, default)))
+            for src in cfg.sources
+        )
+    for key, value in values.items():
+        if key not in per_model:
+            resolved[key] = value
+    return spec.params(**resolved)
+
+
+def _pack_units(items: list[WorkItem], shard_size: int, memory: int, compute_size: int,
+                n_sources: int) -> tuple[WorkUnit, ...]:
+    layers: dict[tuple, list[WorkItem]] = {}
+    for item in items:
+        layers.setdefault(layer_key(item.tensor_name), []).append(item)
+
+    def in_bytes(item: WorkItem) -> int:
+        return sum(r.info.nbytes for r in item.inputs) + (item.base.info.nbytes if item.base
+                                                         else 0)
+
+    def peak(item: WorkItem) -> int:
+        # stored inputs + their compute-dtype copies + stacked task vectors + output (+ cast)
+        n = item.inputs[0].info.numel
+        k = len(item.inputs) + (1 if item.base else 0)
+        return in_bytes(item) + n * compute_size * (2 * k + 2) + item.out_bytes
+
+    for item in items:
+        if peak(item) > memory:
+            raise PlanError(
+                f"tensor {item.tensor_name!r} {list(item.inputs[0].info.shape)} needs about "
+                f"{format_bytes(peak(item))} on a worker (all {n_sources} inputs of it), more than "
+                f"runtime.worker_memory={format_bytes(memory)}; raise runtime.worker_memory"
+            )
+
+    chunks: list[list[WorkItem]] = []
+    current: list[WorkItem] = []
+    for layer in layers.values():
+        if current and (_total(current + layer, lambda i: i.out_bytes) > shard_size
+                        or _total(current + layer, in_bytes) > memory):
+            chunks.append(current)
+            current = []
+        for item in layer:  # a layer larger than one unit is split at tensor boundaries
+            if current and (_total(current + [item], lambda i: i.out_bytes) > shard_size
+                            or _total(current + [item], in_bytes) > memory):
+                chunks.append(current)
+                current = []
+            current.append(item)
+    if current:
+        chunks.append(current)
+    n = len(chunks)
+    return tuple(
+        WorkUnit(i, f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(chunk),
+                 _total(chunk, in_bytes), _total(chunk, lambda it: it.out_bytes),
+                 max(peak(it) for it in chunk))
+        for i, chunk in enumerate(chunks)
+    )
+
+
+def _total(items: list[WorkItem], size) -> int:
+    return sum(size(i) for i in items)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def describe(plan: Plan) -> str:
+    """Human-readable plan: sources, stages, units with bytes and estimated peak memory."""
+    lines = [
+        f"method: {plan.method}   compute dtype: {plan.compute_dtype}   seed: {plan.seed}",
+        "sources: " + ", ".join(f"{s.name} ({s.role}: {s.uri})" for s in plan.sources),
+        f"tensors: {plan.n_tensors}   input: {format_bytes(plan.input_bytes)}   "
+        f"output: {format_bytes(plan.output_bytes)}   units: {len(plan.units)}",
+    ]
+    for g in plan.stats_groups:
+        lines.append(f"global statistics pass ({g.method}): {g.n_tensors} tensors, "
+                     f"params {g.params}")
+    peak = max((u.peak_bytes for u in plan.units), default=0)
+    lines.append(f"estimated peak memory per worker: {format_bytes(peak)}")
+    lines.append(f"{'unit':>5}  {'shard':<32} {'tensors':>7} {'input':>11} {'output':>11} "
+                 f"{'peak':>11}  first .. last tensor")
+    for u in plan.units:
+        lines.append(
+            f"{u.index:>5}  {u.shard:<32} {len(u.items):>7} {format_bytes(u.input_bytes):>11} "
+            f"{format_bytes(u.output_bytes):>11} {format_bytes(u.peak_bytes):>11}  "
+            f"{u.items[0].tensor_name} .. {u.items[-1].tensor_name}"
+        )
+    lines.append(f"plan digest: {plan.digest()}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Run a Plan: the only module that touches Ray.
+
+Each work unit becomes one Ray task running ``workers.tasks.merge_unit``; the shared context is
+``ray.put`` once; tasks in flight are capped at the number of workers with ``ray.wait``, so
+memory is bounded by workers x unit size whatever the number or size of models. R-stage methods
+first run their statistics passes (``collect_unit`` on every unit, summed on the driver, then
+``reduce``). The ``local`` executor runs the same task bodies in this process, without Ray: the
+reference that Ray results are compared with.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from orchestrator.config import RuntimeConfig
+from orchestrator.errors import WorkerError
+from orchestrator.plan import Plan, WorkUnit, format_bytes
+from workers.merge import get_method
+from workers.tasks import ShardRecord, TaskContext, collect_unit, merge_unit
+
+
+def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig,
+             units: Sequence[WorkUnit] | None = None, *, quiet: bool = False) -> list[ShardRecord]:
+    """Run the statistics passes (if any) and then ``units`` (default: all); one record each."""
+    units = list(plan.units if units is None else units)
+    executor = _RayExecutor(runtime) if runtime.executor == "ray" else _LocalExecutor()
+    with executor:
+        states: dict[int, Any] = {}
+        if plan.stats_groups:
+            spec = get_method(plan.method)
+            stat_units = [u for u in plan.units if any(i.stats_group >= 0 for i in u.items)]
+            for p in range(spec.stats.passes):
+                label = f"statistics {p + 1}/{spec.stats.passes}"
+                partials = executor.map(collect_unit, stat_units, (ctx, p, states),
+                                        _Progress(label, stat_units, quiet))
+                totals: dict[int, Any] = {}
+                for part in partials:
+                    for g, value in part.items():
+                        totals[g] = value if g not in totals else totals[g] + value
+                states = {g: spec.stats.reduce(p, totals[g], plan.stats_groups[g].params,
+                                               states.get(g))
+                          for g in totals}
+        return executor.map(merge_unit, units, (ctx, states), _Progress("merge", units, quiet))
+
+
+class _Progress:
+    """Units done, bytes read, rate and ETA on stderr, at most about once a second."""
+
+    def __init__(self, label: str, units: Sequence[WorkUnit], quiet: bool):
+        self.label, self.quiet = label, quiet
+        self.total_units = len(units)
+        self.total_bytes = sum(u.input_bytes for u in units)
+        self.done_units = self.done_bytes = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, unit: WorkUnit) -> None:
+        self.done_units += 1
+        self.done_bytes += unit.input_bytes
+        now = time.monotonic()
+        if self.quiet or (now - self.last < 1 and self.done_units < self.total_units):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done_bytes / elapsed
+        eta = (self.total_bytes - self.done_bytes) / rate if rate > 0 else 0
+        print(f"[{self.label}] {self.done_units}/{self.total_units} units  "
+              f"{format_bytes(self.done_bytes)}/{format_bytes(self.total_bytes)}  "
+              f"{format_bytes(rate)}/s  elapsed {elapsed:.1f}s  ETA {eta:.0f}s",
+              file=sys.stderr, flush=True)
+
+
+def _unit_failed(unit: WorkUnit, cause: object) -> WorkerError:
+    return WorkerError(f"work unit {unit.index} (output shard {unit.shard}) failed: {cause}")
+
+
+class _LocalExecutor:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn: Callable, units: Sequence[WorkUnit], args: tuple,
+            progress: _Progress) -> list:
+        results = []
+        for unit in units:
+            try:
+                results.append(fn(unit, *args))
+            except Exception as e:
+                raise _unit_failed(unit, e) from e
+            progress.update(unit)
+        return results
+
+
+class _RayExecutor:
+    """Ray tasks with at most ``num_workers`` in flight; starts an embedded cluster if needed."""
+
+    def __init__(self, runtime: RuntimeConfig):
+        self.runtime = runtime
+        self.started = False
+
+    def __enter__(self):
+        import ray
+
+        if not ray.is_initialized():
+            if self.runtime.address:
+                ray.init(address=self.runtime.address, log_to_driver=True)
+            else:
+                ray.init(num_cpus=self.runtime.num_workers or os.cpu_count(),
+                         include_dashboard=False, log_to_driver=True)
+            self.started = True
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.in_flight = max(1, self.runtime.num_workers or cpus)
+        return self
+
+    def __exit__(self, *exc):
+        if self.started:
+            import ray
+
+            ray.shutdown()
+        return False
+
+    def map(self, fn: Callable, units: Sequence[WorkUnit], args: tuple,
+            progress: _Progress) -> list:
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
+        remote = ray.remote(num_cpus=1, max_retries=self.runtime.max_retries,
+                            retry_exceptions=False)(fn)
+        arg_refs = [ray.put(a) for a in args]
+        results: list = [None] * len(units)
+        pending: dict = {}
+        next_unit = 0
+        try:
+            while next_unit < len(units) or pending:
+                while next_unit < len(units) and len(pending) < self.in_flight:
+                    pending[remote.remote(units[next_unit], *arg_refs)] = next_unit
+                    next_unit += 1
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    i = pending.pop(ref)
+                    try:
+                        results[i] = ray.get(ref)
+                    except RayTaskError as e:
+                        raise _unit_failed(units[i], getattr(e, "cause", None) or e) from None
+                    except RayError as e:
+                        raise _unit_failed(units[i], f"{type(e).__name__}: {e}") from None
+                    progress.update(units[i])
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+        return results

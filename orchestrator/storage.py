@@ -1,0 +1,148 @@
+"""Where checkpoint and output bytes live.
+
+A store is a small picklable object addressed by relative file names. The driver reads headers
+through it; Ray tasks receive the same object and read their own tensor byte ranges and write
+their own output shards, so tensor bytes never pass through the driver.
+
+Only local folders are implemented here. Remote schemes are recognised and refused with a clear
+message instead of being mistaken for local paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import BinaryIO, Iterator
+
+from orchestrator.errors import StorageError
+
+_REMOTE = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://")
+_TMP_SUFFIX = ".raymerge-partial"
+
+
+def check_relpath(name: str) -> str:
+    """Validate a file or object name before it becomes a path: relative, no ``..``, no NUL."""
+    if (
+        not name
+        or "\x00" in name
+        or "\\" in name
+        or name.startswith("/")
+        or any(part in ("", ".", "..") for part in PurePosixPath(name).parts)
+        or name != str(PurePosixPath(name))
+    ):
+        raise StorageError(f"refusing unsafe file name {name!r}: names must be relative paths "
+                           "without '..', backslashes or empty parts")
+    return name
+
+
+@dataclass(frozen=True)
+class LocalStore:
+    """A folder on a filesystem every worker can see (one machine, or a shared mount)."""
+
+    root: str
+
+    @property
+    def uri(self) -> str:
+        return self.root
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, check_relpath(name))
+
+    def exists(self, name: str) -> bool:
+        return os.path.isfile(self.path(name))
+
+    def size(self, name: str) -> int:
+        try:
+            return os.path.getsize(self.path(name))
+        except OSError as e:
+            raise StorageError(f"{self.path(name)}: cannot stat ({e.strerror})") from None
+
+    def stat(self, name: str) -> os.stat_result:
+        return os.stat(self.path(name))
+
+    def list_files(self) -> list[str]:
+        """Every regular file below the root, as sorted relative names (hidden folders skipped)."""
+        if not os.path.isdir(self.root):
+            raise StorageError(f"{self.root}: no such folder")
+        names = []
+        for folder, dirs, files in os.walk(self.root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rel = os.path.relpath(folder, self.root)
+            names.extend(f if rel == "." else f"{rel}/{f}" for f in files)
+        return sorted(names)
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        buf = bytearray(end - start)
+        self.readinto(name, start, memoryview(buf))
+        return bytes(buf)
+
+    def readinto(self, name: str, offset: int, buffer: memoryview) -> None:
+        path = self.path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise StorageError(f"{path}: cannot open ({e.strerror})") from None
+        try:
+            done, want = 0, len(buffer)
+            while done < want:
+                n = os.preadv(fd, [buffer[done:]], offset + done)
+                if n == 0:
+                    raise StorageError(
+                        f"{path}: expected {want} bytes at offset {offset} but the file ends "
+                        f"after {done} (was it truncated or replaced during the merge?)"
+                    )
+                done += n
+        finally:
+            os.close(fd)
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            with open(self.path(name), "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise StorageError(f"{self.path(name)}: cannot read ({e.strerror})") from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.open_writer(name) as f:
+            f.write(data)
+
+    @contextmanager
+    def open_writer(self, name: str) -> Iterator[BinaryIO]:
+        """Write ``name`` atomically: bytes go to a temporary file renamed into place on success.
+
+        On any error the temporary file is removed and an existing ``name`` is left untouched.
+        """
+        final = self.path(name)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = f"{final}.{os.getpid()}{_TMP_SUFFIX}"
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def remove(self, name: str) -> None:
+        try:
+            os.unlink(self.path(name))
+        except FileNotFoundError:
+            pass
+
+
+def open_store(uri: str) -> LocalStore:
+    """The store for a source or output URI: a local folder path or ``file://`` URI."""
+    m = _REMOTE.match(uri)
+    if m and m["scheme"] != "file":
+        raise StorageError(
+            f"{uri}: {m['scheme']}:// is not supported by this version of raymerge "
+            "(local folders only); download the checkpoint to a local folder and use its path"
+        )
+    path = uri[len("file://"):] if m else uri
+    return LocalStore(os.path.abspath(os.path.expanduser(path)))

@@ -1,0 +1,107 @@
+"""The registry of merge methods: a decorator adds each kernel to a plain dict.
+
+Kernel contract: ``fn(tensors, p, **kw) -> Tensor`` where ``tensors`` are the K models' values of
+one parameter in the compute dtype, ``p`` is the method's frozen params dataclass with per-model
+fields already resolved to one value per model, and ``kw`` holds only what the spec asks for:
+``base`` (the base model's tensor), ``rng`` (one ``torch.Generator`` per model, keyed by seed,
+model and tensor so results never depend on scheduling) and ``stats`` (the reduced global
+statistics of an R stage). The result has the inputs' shape and the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Protocol, Sequence
+
+import torch
+
+PER_MODEL = "per_model"
+
+
+def param(default: Any, *, ge: float | None = None, le: float | None = None,
+          choices: tuple[str, ...] | None = None) -> Any:
+    """A params field with the bounds or choices that config validation enforces."""
+    return dataclasses.field(default=default, metadata={"ge": ge, "le": le, "choices": choices})
+
+
+def per_model(default: float, *, ge: float | None = None, le: float | None = None) -> Any:
+    """A params field given once per model: a scalar in config applies to every model.
+
+    The resolved field holds a tuple with one value per model, in merge order.
+    """
+    return dataclasses.field(
+        default=(default,), metadata={PER_MODEL: default, "ge": ge, "le": le, "choices": None}
+    )
+
+
+def per_model_fields(params_cls: type) -> dict[str, float]:
+    """Names and defaults of the per-model fields of a params dataclass."""
+    return {
+        f.name: f.metadata[PER_MODEL]
+        for f in dataclasses.fields(params_cls)
+        if PER_MODEL in f.metadata
+    }
+
+
+class GlobalStats(Protocol):
+    """An R stage: statistics collected over every tensor, reduced on the driver, then applied.
+
+    ``key(p)`` groups tensors that share one set of global statistics (None: the tensor needs
+    none). Each of ``passes`` rounds runs ``collect`` on every tensor of a group (partials are
+    summed exactly, so they must be integer-valued tensors) and ``reduce`` on the sum.
+    """
+
+    passes: int
+
+    def key(self, p: Any) -> Hashable | None: ...
+
+    def collect(
+        self, pass_index: int, tensors: Sequence[torch.Tensor], p: Any, *, base: torch.Tensor,
+        state: Any,
+    ) -> torch.Tensor: ...
+
+    def reduce(self, pass_index: int, total: torch.Tensor, p: Any, state: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: type
+    needs_base: bool
+    min_models: int = 1
+    max_models: int | None = None
+    uses_rng: bool = False
+    stats: GlobalStats | None = None
+
+    @property
+    def summary(self) -> str:
+        return (self.fn.__doc__ or "").strip().splitlines()[0]
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def merge_method(name: str, *, params: type, needs_base: bool, min_models: int = 1,
+                 max_models: int | None = None, uses_rng: bool = False,
+                 stats: GlobalStats | None = None):
+    """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
+
+    def register(fn):
+        if name in METHODS:
+            raise RuntimeError(f"merge method {name!r} registered twice")
+        METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
+                                   uses_rng, stats)
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown merge method {name!r}; valid methods: {', '.join(sorted(METHODS))}"
+        ) from None

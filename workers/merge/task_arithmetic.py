@@ -1,0 +1,30 @@
+"""Task arithmetic (Ilharco et al., 2023, arXiv:2212.04089)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from workers.merge.registry import merge_method, param, per_model
+from workers.merge.task_vectors import combine, task_vectors
+
+
+@dataclass(frozen=True)
+class TaskArithmeticParams:
+    weight: tuple[float, ...] = per_model(1.0)
+    scale: float = param(1.0)  # λ; mergekit's `lambda`
+    normalize: bool = param(False)
+
+
+@merge_method("task_arithmetic", params=TaskArithmeticParams, needs_base=True)
+def task_arithmetic(tensors: Sequence[torch.Tensor], p: TaskArithmeticParams, *,
+                    base: torch.Tensor) -> torch.Tensor:
+    """θ0 + λ Σ w_i (θ_i − θ0); with ``normalize`` the sum is divided by Σ w_i.
+
+    λ = 1/K with unit weights is exactly uniform averaging. Task vectors are formed in the
+    compute dtype (fp32 by default), never in a bf16 storage dtype.
+    """
+    return combine(task_vectors(tensors, base), p.weight, base=base, sign_consensus=False,
+                   normalize=p.normalize, scale=p.scale)

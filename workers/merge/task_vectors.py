@@ -1,0 +1,103 @@
+"""Task vectors (model minus base): sparsifiers and the sign-consensus combiner.
+
+Shared by task_arithmetic, ties, dare_linear, dare_ties and breadcrumbs. The combiner follows
+the TIES paper's "elect sign, disjoint merge" with per-model weights, in the same operation
+order as mergekit's generalized task arithmetic so that outputs agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+_L1_EPS = 1e-7
+
+
+def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Stacked deltas ``[K, *shape]`` of each model from the base."""
+    out = base.new_empty((len(tensors), *base.shape))
+    for i, t in enumerate(tensors):
+        torch.sub(t, base, out=out[i])
+    return out
+
+
+def combine(
+    deltas: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor,
+    sign_consensus: bool,
+    normalize: bool,
+    scale: float,
+) -> torch.Tensor:
+    """``base + scale * Σ w_i τ_i`` (divided by Σ w_i when ``normalize``).
+
+    With ``sign_consensus`` only entries whose sign agrees with the sign of ``Σ w_i τ_i`` are
+    summed and the divisor counts only their weights (TIES' disjoint mean); a zero sum elects
+    the positive sign. ``deltas`` is modified in place.
+    """
+    w = torch.tensor(list(weights), dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
+    deltas.mul_(w)
+    if sign_consensus:
+        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        agree = deltas.sign() == majority
+        mixed = (deltas * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return base + mixed
+
+
+def keep_largest(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the ``int(density * n)`` (at least one) largest-magnitude entries."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    order = torch.argsort(delta.abs().reshape(-1).float(), descending=True)
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+    mask[order[:k]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+def keep_middle(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` fraction largest entries (outliers), then the
+    smallest, so that ``int(density * n)`` entries remain. Fewer outliers are dropped when
+    needed to reach the density. ``density >= 1`` keeps everything, whatever ``gamma``."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep = int(density * n)
+    drop_small = max(0, n - keep - int(gamma * n))
+    order = torch.sort(delta.abs().reshape(-1).float()).indices
+    mask = torch.zeros(n, dtype=delta.dtype)
+    mask[order[drop_small:drop_small + keep]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+def keep_random(delta: torch.Tensor, density: float, rescale: str,
+                generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` (drop rate p = 1 - density), then
+    rescale: ``"density"`` divides by the density (unbiased, the paper), ``"l1"`` restores the
+    L1 norm (mergekit's ``rescale: true``), ``"none"`` does not rescale."""
+    if density >= 1:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
+    masked = delta * keep
+    if rescale == "density":
+        return masked / density if density > 0 else masked
+    if rescale == "l1":
+        before, after = delta.abs().sum(), masked.abs().sum()
+        if before < _L1_EPS or after < _L1_EPS:
+            return masked
+        return masked * (before / after)
+    return masked
