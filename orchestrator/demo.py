@@ -64,9 +64,10 @@ def run_demo(workdir: str, method: str = "ties") -> int:
     from orchestrator.job import run_job
     from orchestrator.storage import open_store
 
-    base = minilm_dir()
     inputs = os.path.join(workdir, "inputs")
-    print(f"demo: writing 3 perturbed copies of all-MiniLM-L6-v2 to {inputs}", flush=True)
+    base = os.path.join(inputs, "base")
+    print(f"demo: writing all-MiniLM-L6-v2 and 3 perturbed copies of it to {inputs}", flush=True)
+    shutil.copytree(minilm_dir(), base, dirs_exist_ok=True)
     folders = make_finetunes(base, inputs, 3)
     job = {
         "base": {"name": "minilm", "uri": base},

@@ -75,9 +75,6 @@ def from_mergekit(doc: dict) -> dict:
             errors.append(f"models[{i}]: unknown keys {', '.join(sorted(extra))}")
         entries.append((path, _params(entry.get("parameters"), f"models[{i}].parameters",
                                       errors)))
-    if errors:
-        raise ConfigError(errors)
-
     params = dict(_MERGEKIT_DEFAULTS.get(method, {}))
     params.update(_params(doc.get("parameters"), "parameters", errors))
     if errors:

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny real checkpoints written to tmp folders, and one local Ray per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+LLAMA = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+             tie_word_embeddings=False)
+
+
+def tiny_llama(folder: str, *, seed: int = 0, base: str | None = None, scale: float = 0.05,
+               dtype: torch.dtype = torch.float32, shard_size: str = "8KB") -> str:
+    """A tiny LlamaForCausalLM saved by transformers (sharded safetensors + index + config).
+
+    With ``base``, the weights are the base's plus seeded deltas (a fine-tune of it).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    if base is not None:
+        state = load_state(base)
+        gen = torch.Generator().manual_seed(1000 + seed)
+        model.load_state_dict({k: v + scale * torch.randn(v.shape, generator=gen) * v.std()
+                               if v.numel() > 1 else v for k, v in state.items()})
+    model.to(dtype).save_pretrained(folder, max_shard_size=shard_size)
+    return folder
+
+
+def load_state(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, read with the safetensors library (the reference)."""
+    state = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            state.update(load_file(os.path.join(folder, f)))
+    return state
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory) -> dict[str, str]:
+    """A base and three fine-tunes of it, fp32, each sharded over several files."""
+    root = tmp_path_factory.mktemp("llama")
+    base = tiny_llama(str(root / "base"), seed=0)
+    family = {"base": base}
+    for i in (1, 2, 3):
+        family[f"ft{i}"] = tiny_llama(str(root / f"ft{i}"), seed=i, base=base)
+    return family
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: 2 CPUs, no dashboard, bound to 127.0.0.1."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,40 @@
+import pytest
+
+from orchestrator.errors import StorageError
+from orchestrator.storage import LocalStore, check_relpath, open_store
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "a\\b", "", "a//b",
+                                  "./a", "a\x00b"])
+def test_unsafe_names_are_refused(name):
+    """Names that could escape the folder never become paths."""
+    with pytest.raises(StorageError, match="unsafe"):
+        check_relpath(name)
+
+
+def test_atomic_writer_leaves_nothing_on_error(tmp_path):
+    """A failed write leaves neither a partial file nor a changed old file."""
+    store = LocalStore(str(tmp_path))
+    store.write_bytes("f.bin", b"old")
+    with pytest.raises(RuntimeError):
+        with store.open_writer("f.bin") as f:
+            f.write(b"new-but-broken")
+            raise RuntimeError("boom")
+    assert store.read_bytes("f.bin") == b"old"
+    assert store.list_files() == ["f.bin"]
+
+
+def test_short_read_is_reported(tmp_path):
+    """Reading past the end names the file and says it was truncated or replaced."""
+    store = LocalStore(str(tmp_path))
+    store.write_bytes("f.bin", b"12345")
+    with pytest.raises(StorageError, match="truncated or replaced"):
+        store.read_range("f.bin", 2, 10)
+
+
+def test_remote_schemes_are_refused_clearly():
+    """s3:// and hf:// are not mistaken for local folder names."""
+    for uri in ("s3://bucket/x", "hf://org/name"):
+        with pytest.raises(StorageError, match="not supported"):
+            open_store(uri)
+    assert open_store("file:///tmp/x").root == "/tmp/x"
