@@ -109,8 +109,10 @@ class _RayExecutor:
             if self.runtime.address:
                 ray.init(address=self.runtime.address, log_to_driver=True)
             else:
+                # embedded: this machine only, bound to loopback, no dashboard
                 ray.init(num_cpus=self.runtime.num_workers or os.cpu_count(),
-                         include_dashboard=False, log_to_driver=True)
+                         include_dashboard=False, _node_ip_address="127.0.0.1",
+                         log_to_driver=True)
             self.started = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.in_flight = max(1, self.runtime.num_workers or cpus)

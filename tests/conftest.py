@@ -57,7 +57,7 @@ def ray_session():
     """One local Ray for the whole session: 2 CPUs, no dashboard, bound to 127.0.0.1."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, node_ip_address="127.0.0.1",
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     yield ray
     ray.shutdown()
