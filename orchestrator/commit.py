@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from orchestrator.config import JobConfig
 from orchestrator.index import INDEX_FILE, CheckpointIndex
 from orchestrator.plan import Plan
-from orchestrator.storage import LocalStore
+from orchestrator.storage import TMP_SUFFIX, LocalStore
 from workers.safetensors_io import DTYPE_NAMES
 from workers.tasks import ShardRecord
 
@@ -63,8 +63,9 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
     files[MODEL_CARD] = model_card(plan, cfg, indexes).encode()
     for name, data in files.items():
         out.write_bytes(name, data)
-    for stale in out.list_files():
-        if _SHARD_NAME.match(stale) and stale not in {u.shard for u in plan.units}:
+    planned = {u.shard for u in plan.units}
+    for stale in out.list_files():  # shards of an earlier layout, temp files of killed tasks
+        if (_SHARD_NAME.match(stale) and stale not in planned) or stale.endswith(TMP_SUFFIX):
             out.remove(stale)
     manifest = {
         "format": MANIFEST_FORMAT,

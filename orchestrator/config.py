@@ -282,9 +282,10 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
     if not sources and isinstance(doc.get("sources"), list):
         errors.append("sources: at least one model is needed")
 
-    for key in ("compute_dtype",):
-        if key in doc and isinstance(doc[key], str) and doc[key] not in COMPUTE_DTYPES:
-            errors.append(f"{key}: expected one of {', '.join(COMPUTE_DTYPES)}, got {doc[key]!r}")
+    dtype = doc.get("compute_dtype")
+    if isinstance(dtype, str) and dtype not in COMPUTE_DTYPES:
+        errors.append(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, "
+                      f"got {dtype!r}")
     out = doc.get("output") if isinstance(doc.get("output"), dict) else {}
     if isinstance(out.get("dtype"), str) and out["dtype"] not in DTYPE_NAMES:
         errors.append(f"output.dtype: expected one of {', '.join(COMPUTE_DTYPES)}, "

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 from orchestrator.commit import MANIFEST, commit, read_manifest
 from orchestrator.config import JobConfig, apply_overrides, config_from_dict, load_config
-from orchestrator.errors import MergeError
+from orchestrator.errors import ConfigError, MergeError
 from orchestrator.index import CheckpointIndex, index_checkpoint
 from orchestrator.plan import Plan, make_plan
 from orchestrator.schedule import run_plan
@@ -63,6 +64,10 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     cfg = resolve_config(config, overrides, output)
     plan, indexes, stores = plan_job(cfg)
     out = open_store(cfg.output.uri)
+    for src in plan.sources:
+        if os.path.commonpath([src.uri, out.root]) in (src.uri, out.root):
+            raise ConfigError(f"output.uri: {out.root} overlaps source {src.name!r} "
+                              f"({src.uri}); refusing to write where inputs are read")
     existing = read_manifest(out)
     if existing is not None:
         if existing.get("plan_digest") == plan.digest():

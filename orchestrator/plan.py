@@ -159,6 +159,8 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
             copy_from = base_ref if base_ref is not None else refs[0]
             items.append(WorkItem(name, (copy_from,), None, None, None, ref_info.dtype))
             continue
+        if not spec.needs_base:
+            base_ref = None  # a base given to a base-free method is the reference, not an input
         params = resolve_params(spec, cfg, name, matchers)
         group = -1
         key = spec.stats.key(params) if spec.stats is not None else None

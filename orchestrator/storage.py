@@ -20,7 +20,7 @@ from typing import BinaryIO, Iterator
 from orchestrator.errors import StorageError
 
 _REMOTE = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://")
-_TMP_SUFFIX = ".raymerge-partial"
+TMP_SUFFIX = ".raymerge-partial"
 
 
 def check_relpath(name: str) -> str:
@@ -117,7 +117,7 @@ class LocalStore:
         """
         final = self.path(name)
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = f"{final}.{os.getpid()}{_TMP_SUFFIX}"
+        tmp = f"{final}.{os.getpid()}{TMP_SUFFIX}"
         try:
             with open(tmp, "wb") as f:
                 yield f

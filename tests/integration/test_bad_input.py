@@ -100,3 +100,24 @@ def test_bad_override_and_missing_source(job):
     assert_failed(proc, "/does/not/exist: no such folder")
     proc = raymerge("run", job(), "merge.params.scale=big")
     assert_failed(proc, "merge.params.scale: expected a number, got 'big'", code=2)
+
+
+def test_output_inside_a_source_is_refused(job):
+    proc = raymerge("run", job(), f"output.uri={job.family['ft1']}/merged")
+    assert_failed(proc, "overlaps source 'ft1'", "refusing to write where inputs are read")
+    assert not os.path.exists(os.path.join(job.family["ft1"], "merged"))
+
+
+def test_unwritable_output_fails_in_the_worker_without_manifest(job, tmp_path, ray_session,
+                                                                capsys):
+    """A task that cannot write its shard fails the job with the unit, shard and cause named;
+    nothing is committed."""
+    from orchestrator.cli import main
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    code = main(["run", job(), f"output.uri={blocker}/out", "runtime.executor=ray", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "work unit 0 (output shard model-00001-of-" in err, err
+    assert "Not a directory" in err or "FileExistsError" in err, err
+    assert not os.path.exists(blocker / "out")
