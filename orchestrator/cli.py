@@ -38,8 +38,9 @@ def _cmd_run(ns: argparse.Namespace) -> int:
               "nothing to do")
     else:
         n = len(result.manifest["shards"])
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
         print(f"merged {result.plan.n_tensors} tensors into {n} shards at {result.output} "
-              f"in {result.seconds:.1f}s (manifest written)")
+              f"in {result.seconds:.1f}s ({phases}; manifest written)")
     return 0
 
 
@@ -150,7 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    # positional overrides may follow options (`run job.yaml --force seed=3`)
+    if extra and (not hasattr(ns, "targets") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        ns.targets += extra
     try:
         return ns.fn(ns)
     except MergeError as e:

@@ -23,6 +23,7 @@ class JobResult:
     plan: Plan
     skipped: bool  # the output already held this exact merge
     seconds: float
+    timings: dict[str, float]  # seconds per phase: plan, ray_start, statistics, merge, commit
 
 
 def resolve_config(config: JobConfig | dict | str, overrides: list[str] = (),
@@ -63,6 +64,7 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     start = time.monotonic()
     cfg = resolve_config(config, overrides, output)
     plan, indexes, stores = plan_job(cfg)
+    timings = {"plan": time.monotonic() - start}
     out = open_store(cfg.output.uri)
     for src in plan.sources:
         if os.path.commonpath([src.uri, out.root]) in (src.uri, out.root):
@@ -71,7 +73,7 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     existing = read_manifest(out)
     if existing is not None:
         if existing.get("plan_digest") == plan.digest():
-            return JobResult(out.uri, existing, plan, True, time.monotonic() - start)
+            return JobResult(out.uri, existing, plan, True, time.monotonic() - start, timings)
         if not force:
             raise MergeError(
                 f"{out.uri} already holds a finished merge of a different plan "
@@ -83,6 +85,9 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
         stores=tuple(stores), output=out, model_names=plan.model_names,
         compute_dtype=cfg.compute_dtype, seed=cfg.seed, threads=cfg.runtime.threads_per_worker,
     )
-    records = run_plan(plan, ctx, cfg.runtime, quiet=quiet)
+    records, run_timings = run_plan(plan, ctx, cfg.runtime, quiet=quiet)
+    timings.update(run_timings)
+    committing = time.monotonic()
     manifest = commit(plan, cfg, records, indexes, stores, out)
-    return JobResult(out.uri, manifest, plan, False, time.monotonic() - start)
+    timings["commit"] = time.monotonic() - committing
+    return JobResult(out.uri, manifest, plan, False, time.monotonic() - start, timings)

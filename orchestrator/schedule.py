@@ -23,11 +23,20 @@ from workers.tasks import ShardRecord, TaskContext, collect_unit, merge_unit
 
 
 def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig,
-             units: Sequence[WorkUnit] | None = None, *, quiet: bool = False) -> list[ShardRecord]:
-    """Run the statistics passes (if any) and then ``units`` (default: all); one record each."""
+             units: Sequence[WorkUnit] | None = None, *,
+             quiet: bool = False) -> tuple[list[ShardRecord], dict[str, float]]:
+    """Run the statistics passes (if any) and then ``units`` (default: all).
+
+    Returns one record per unit and the seconds spent starting Ray, in statistics passes and
+    in the merge itself.
+    """
     units = list(plan.units if units is None else units)
     executor = _RayExecutor(runtime) if runtime.executor == "ray" else _LocalExecutor()
+    timings = {}
+    start = time.monotonic()
     with executor:
+        timings["ray_start"] = time.monotonic() - start
+        start = time.monotonic()
         states: dict[int, Any] = {}
         if plan.stats_groups:
             spec = get_method(plan.method)
@@ -43,7 +52,11 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig,
                 states = {g: spec.stats.reduce(p, totals[g], plan.stats_groups[g].params,
                                                states.get(g))
                           for g in totals}
-        return executor.map(merge_unit, units, (ctx, states), _Progress("merge", units, quiet))
+        timings["statistics"] = time.monotonic() - start
+        start = time.monotonic()
+        records = executor.map(merge_unit, units, (ctx, states), _Progress("merge", units, quiet))
+        timings["merge"] = time.monotonic() - start
+    return records, timings
 
 
 class _Progress:
