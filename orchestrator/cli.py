@@ -73,14 +73,14 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
 def _cmd_import(ns: argparse.Namespace) -> int:
     import yaml
 
-    from orchestrator.config import config_from_dict, to_yaml
+    from orchestrator.config import config_from_dict
     from orchestrator.mergekit import from_mergekit
 
     with open(ns.config, encoding="utf-8") as f:
         doc = from_mergekit(yaml.safe_load(f) or {})
     doc.setdefault("output", {})["uri"] = ns.output or "OUTPUT_DIR"
     config_from_dict(doc)  # validate before printing
-    print(to_yaml(doc), end="")
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
     return 0
 
 

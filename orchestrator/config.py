@@ -79,10 +79,6 @@ class JobConfig:
     seed: int = 0
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
-    @property
-    def method(self) -> MethodSpec:
-        return METHODS[self.merge.method]
-
 
 def parse_bytes(value: str | int) -> int:
     """``"512MB"`` / ``"1GiB"`` / ``1000`` -> bytes. ValueError if unreadable."""
@@ -388,8 +384,3 @@ def tensor_matcher(pattern: str) -> typing.Callable[[str], bool]:
         return lambda name: rx.search(name) is not None
     return lambda name: fnmatch.fnmatchcase(name, pattern)
 
-
-def to_yaml(cfg: JobConfig | dict) -> str:
-    """The config as YAML (a plain dict stays as given)."""
-    doc = cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.structured(cfg))
-    return yaml.safe_dump(doc, sort_keys=False)

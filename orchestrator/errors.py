@@ -39,4 +39,4 @@ class StorageError(MergeError):
 
 
 class WorkerError(MergeError):
-    """A work unit failed on a worker; the message names the unit, its output shard and the cause."""
+    """A work unit failed on a worker; the message names the unit, its shard and the cause."""

@@ -64,7 +64,7 @@ def torch_dtype(name_or_code: str) -> torch.dtype:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes lie in its file: ``[start, end)`` counted from byte 0 of the file."""
+    """Where one tensor's bytes lie in its file: ``[start, end)`` from byte 0 of the file."""
 
     dtype: str
     shape: tuple[int, ...]

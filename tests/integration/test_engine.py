@@ -4,7 +4,6 @@ the in-process executor and a naive reference built with the safetensors library
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

@@ -76,8 +76,10 @@ def configs(f):
 
 
 @pytest.mark.parametrize("name", list(configs({k: k for k in ("base", "ft1", "ft2", "ft3")})))
-def test_same_yaml_same_tensors(name, mergekit_yaml, llama_family, ray_session, tmp_path):
-    """Every tensor bit-identical (dtype and values) between mergekit and raymerge; the
+def test_same_yaml_same_tensors(name, mergekit_yaml, llama_family, ray_session, tmp_path,
+                                capsys):
+    """Every tensor bit-identical (dtype and values) between mergekit and raymerge, run from
+    the mergekit YAML on Ray and from its `import-mergekit` translation in-process; the
     config.json of both loads with transformers."""
     path = tmp_path / f"{name}.yml"
     path.write_text(yaml.safe_dump(configs(llama_family)[name]))
@@ -87,7 +89,14 @@ def test_same_yaml_same_tensors(name, mergekit_yaml, llama_family, ray_session, 
     assert main(["run", str(path), str(tmp_path / "rm"), "runtime.num_workers=2",
                  "--quiet"]) == 0
 
+    capsys.readouterr()
+    assert main(["import-mergekit", str(path), str(tmp_path / "native-out")]) == 0
+    (tmp_path / "native.yaml").write_text(capsys.readouterr().out)
+    assert main(["run", str(tmp_path / "native.yaml"), "runtime.executor=local", "--quiet"]) == 0
+    native = load_state(str(tmp_path / "native-out"))
+
     theirs, ours = load_state(str(tmp_path / "mk")), load_state(str(tmp_path / "rm"))
+    assert native.keys() == ours.keys() and all(torch.equal(native[n], ours[n]) for n in ours)
     assert set(theirs) == set(ours)
     differing = [n for n in theirs
                  if theirs[n].dtype != ours[n].dtype or not torch.equal(theirs[n], ours[n])]

@@ -57,7 +57,8 @@ def test_mismatches_are_all_listed_before_reading(tmp_path):
         validate_models([ref, other, short], ref)
     text = str(e.value)
     for want in ("'other'", "1 missing tensors: b", "1 extra tensors: extra",
-                 "1 shape mismatches: a.0.w [3, 2] vs [2, 3]", "1 dtype mismatches: a.1.w F16 vs F32",
+                 "1 shape mismatches: a.0.w [3, 2] vs [2, 3]",
+                 "1 dtype mismatches: a.1.w F16 vs F32",
                  "'short'", "3 missing tensors: a.0.w, a.1.w, ids"):
         assert want in text, (want, text)
 
