@@ -59,7 +59,7 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
     files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
                                "weight_map": weight_map})
     ref = len(plan.model_names) if any(s.role == "base" for s in plan.sources) else 0
-    files.update(_copied_files(stores[ref], plan, cfg))
+    files.update(_copied_files(stores[ref], cfg))
     files[MODEL_CARD] = model_card(plan, cfg, indexes).encode()
     for name, data in files.items():
         out.write_bytes(name, data)
@@ -91,7 +91,7 @@ def _json(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
 
 
-def _copied_files(src: LocalStore, plan: Plan, cfg: JobConfig) -> dict[str, bytes]:
+def _copied_files(src: LocalStore, cfg: JobConfig) -> dict[str, bytes]:
     """Config, tokenizer and other small metadata files of the reference model."""
     out = {}
     for name in src.list_files():

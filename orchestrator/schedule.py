@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from orchestrator.config import RuntimeConfig
 from orchestrator.errors import WorkerError
@@ -22,15 +22,14 @@ from workers.merge import get_method
 from workers.tasks import ShardRecord, TaskContext, collect_unit, merge_unit
 
 
-def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig,
-             units: Sequence[WorkUnit] | None = None, *,
+def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
              quiet: bool = False) -> tuple[list[ShardRecord], dict[str, float]]:
-    """Run the statistics passes (if any) and then ``units`` (default: all).
+    """Run the statistics passes (if any), then every unit.
 
-    Returns one record per unit and the seconds spent starting Ray, in statistics passes and
-    in the merge itself.
+    Returns one record per unit, in unit order, and the seconds spent starting Ray, in
+    statistics passes and in the merge itself. Statistics partials are summed as they arrive,
+    so the driver holds one running total per group, not one partial per unit.
     """
-    units = list(plan.units if units is None else units)
     executor = _RayExecutor(runtime) if runtime.executor == "ray" else _LocalExecutor()
     timings = {}
     start = time.monotonic()
@@ -43,18 +42,19 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig,
             stat_units = [u for u in plan.units if any(i.stats_group >= 0 for i in u.items)]
             for p in range(spec.stats.passes):
                 label = f"statistics {p + 1}/{spec.stats.passes}"
-                partials = executor.map(collect_unit, stat_units, (ctx, p, states),
-                                        _Progress(label, stat_units, quiet))
                 totals: dict[int, Any] = {}
-                for part in partials:
-                    for g, value in part.items():
+                for _, part in executor.imap(collect_unit, stat_units, (ctx, p, states),
+                                             _Progress(label, stat_units, quiet)):
+                    for g, value in part.items():  # integer counts: any order sums exactly
                         totals[g] = value if g not in totals else totals[g] + value
                 states = {g: spec.stats.reduce(p, totals[g], plan.stats_groups[g].params,
                                                states.get(g))
                           for g in totals}
         timings["statistics"] = time.monotonic() - start
         start = time.monotonic()
-        records = executor.map(merge_unit, units, (ctx, states), _Progress("merge", units, quiet))
+        done = executor.imap(merge_unit, plan.units, (ctx, states),
+                             _Progress("merge", plan.units, quiet))
+        records = [record for _, record in sorted(done, key=lambda ur: ur[0].index)]
         timings["merge"] = time.monotonic() - start
     return records, timings
 
@@ -96,16 +96,15 @@ class _LocalExecutor:
     def __exit__(self, *exc):
         return False
 
-    def map(self, fn: Callable, units: Sequence[WorkUnit], args: tuple,
-            progress: _Progress) -> list:
-        results = []
+    def imap(self, fn: Callable, units: Sequence[WorkUnit], args: tuple,
+             progress: _Progress) -> Iterator[tuple[WorkUnit, Any]]:
         for unit in units:
             try:
-                results.append(fn(unit, *args))
+                result = fn(unit, *args)
             except Exception as e:
                 raise _unit_failed(unit, e) from e
             progress.update(unit)
-        return results
+            yield unit, result
 
 
 class _RayExecutor:
@@ -138,15 +137,15 @@ class _RayExecutor:
             ray.shutdown()
         return False
 
-    def map(self, fn: Callable, units: Sequence[WorkUnit], args: tuple,
-            progress: _Progress) -> list:
+    def imap(self, fn: Callable, units: Sequence[WorkUnit], args: tuple,
+             progress: _Progress) -> Iterator[tuple[WorkUnit, Any]]:
+        """(unit, result) in completion order; on failure the remaining tasks are cancelled."""
         import ray
         from ray.exceptions import RayError, RayTaskError
 
         remote = ray.remote(num_cpus=1, max_retries=self.runtime.max_retries,
                             retry_exceptions=False)(fn)
         arg_refs = [ray.put(a) for a in args]
-        results: list = [None] * len(units)
         pending: dict = {}
         next_unit = 0
         try:
@@ -158,13 +157,13 @@ class _RayExecutor:
                 for ref in done:
                     i = pending.pop(ref)
                     try:
-                        results[i] = ray.get(ref)
+                        result = ray.get(ref)
                     except RayTaskError as e:
                         raise _unit_failed(units[i], getattr(e, "cause", None) or e) from None
                     except RayError as e:
                         raise _unit_failed(units[i], f"{type(e).__name__}: {e}") from None
                     progress.update(units[i])
+                    yield units[i], result
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
-        return results
