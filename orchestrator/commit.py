@@ -7,6 +7,7 @@ checks its size and sha256.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -24,10 +25,11 @@ from workers.safetensors_io import DTYPE_NAMES
 from workers.tasks import ShardRecord
 
 MANIFEST = "raymerge-manifest.json"
+PROGRESS = "raymerge-progress.json"  # finished shards of an unfinished job, for resuming
 MODEL_CARD = "README.md"
 MANIFEST_FORMAT = "raymerge-manifest/1"
 _COPIED = re.compile(r"\.(json|txt|model|jinja|tiktoken)$")
-_NOT_COPIED = {INDEX_FILE, MANIFEST, MODEL_CARD}
+_NOT_COPIED = {INDEX_FILE, MANIFEST, MODEL_CARD, PROGRESS}
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _MAX_COPY_BYTES = 64 * 2**20
 _HASH_CHUNK = 16 * 2**20
@@ -84,7 +86,38 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
                   for n, d in files.items()],
     }
     out.write_bytes(MANIFEST, _json(manifest))
+    out.remove(PROGRESS)
     return manifest
+
+
+def read_progress(out: LocalStore, plan: Plan) -> dict[str, ShardRecord]:
+    """Shards an interrupted run of this same plan finished, still intact (re-hashed)."""
+    if not out.exists(PROGRESS):
+        return {}
+    try:
+        doc = json.loads(out.read_bytes(PROGRESS))
+        if doc.get("plan_digest") != plan.digest():
+            return {}
+        records = [ShardRecord(**r) for r in doc["shards"]]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    planned = {u.shard for u in plan.units}
+    return {r.shard: r for r in records
+            if r.shard in planned and out.exists(r.shard) and out.size(r.shard) == r.bytes
+            and file_sha256(out, r.shard) == r.sha256}
+
+
+def write_progress(out: LocalStore, plan: Plan, records: list[ShardRecord]) -> None:
+    out.write_bytes(PROGRESS, _json({"plan_digest": plan.digest(),
+                                     "shards": [dataclasses.asdict(r) for r in records]}))
+
+
+def file_sha256(out: LocalStore, name: str) -> str:
+    digest = hashlib.sha256()
+    size = out.size(name)
+    for start in range(0, size, _HASH_CHUNK):
+        digest.update(out.read_range(name, start, min(size, start + _HASH_CHUNK)))
+    return digest.hexdigest()
 
 
 def _json(doc: Any) -> bytes:
@@ -151,9 +184,7 @@ def verify_output(out: LocalStore) -> tuple[dict | None, list[str]]:
         if size != entry["bytes"]:
             problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
             continue
-        digest = hashlib.sha256()
-        for start in range(0, size, _HASH_CHUNK):
-            digest.update(out.read_range(name, start, min(size, start + _HASH_CHUNK)))
-        if digest.hexdigest() != entry["sha256"]:
-            problems.append(f"{name}: sha256 {digest.hexdigest()} does not match the manifest")
+        digest = file_sha256(out, name)
+        if digest != entry["sha256"]:
+            problems.append(f"{name}: sha256 {digest} does not match the manifest")
     return manifest, problems

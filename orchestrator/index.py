@@ -68,12 +68,7 @@ def index_checkpoint(name: str, store: LocalStore) -> CheckpointIndex:
                     f"{tensors[tensor_name].file} and {file}"
                 )
             tensors[tensor_name] = TensorLocation(file, info)
-        st = store.stat(file)
-        pins[file] = {
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
-            "header_sha256": hashlib.sha256(raw).hexdigest(),
-        }
+        pins[file] = {**store.pin(file), "header_sha256": hashlib.sha256(raw).hexdigest()}
     if INDEX_FILE in names:
         _check_weight_map(name, store, tensors)
     return CheckpointIndex(name, store.uri, tensors, tuple(files), pins)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
 
-from orchestrator.commit import MANIFEST, commit, read_manifest
+from orchestrator.commit import MANIFEST, commit, read_manifest, read_progress, write_progress
 from orchestrator.config import JobConfig, apply_overrides, config_from_dict, load_config
 from orchestrator.errors import ConfigError, MergeError
 from orchestrator.index import CheckpointIndex, index_checkpoint
 from orchestrator.plan import Plan, make_plan
 from orchestrator.schedule import run_plan
 from orchestrator.storage import LocalStore, open_store
-from workers.tasks import TaskContext
+from workers.tasks import ShardRecord, TaskContext
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class JobResult:
     skipped: bool  # the output already held this exact merge
     seconds: float
     timings: dict[str, float]  # seconds per phase: plan, ray_start, statistics, merge, commit
+    kept_shards: int = 0  # shards of an interrupted run that were intact and reused
 
 
 def resolve_config(config: JobConfig | dict | str, overrides: list[str] = (),
@@ -48,6 +51,7 @@ def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[LocalSto
     specs = list(cfg.sources) + ([cfg.base] if cfg.base is not None else [])
     stores = [open_store(s.uri) for s in specs]
     indexes = [index_checkpoint(s.name, st) for s, st in zip(specs, stores)]
+    stores = [dataclasses.replace(st, pins=idx.pins) for st, idx in zip(stores, indexes)]
     models = indexes[:len(cfg.sources)]
     base = indexes[len(cfg.sources)] if cfg.base is not None else None
     return make_plan(cfg, models, base), indexes, stores
@@ -81,13 +85,27 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
                 "choose another output or pass --force to replace it"
             )
         out.remove(MANIFEST)
+    kept = read_progress(out, plan)
+    if kept and not quiet:
+        print(f"resuming: {len(kept)} of {len(plan.units)} shards of an interrupted run are "
+              "intact and kept", file=sys.stderr)
+    finished = list(kept.values())
+
+    def record_progress(record: ShardRecord) -> None:
+        finished.append(record)
+        write_progress(out, plan, finished)
+
     ctx = TaskContext(
         stores=tuple(stores), output=out, model_names=plan.model_names,
         compute_dtype=cfg.compute_dtype, seed=cfg.seed, threads=cfg.runtime.threads_per_worker,
     )
-    records, run_timings = run_plan(plan, ctx, cfg.runtime, quiet=quiet)
+    new, run_timings = run_plan(plan, ctx, cfg.runtime, done=frozenset(kept),
+                                on_record=record_progress, quiet=quiet)
     timings.update(run_timings)
     committing = time.monotonic()
+    order = {u.shard: u.index for u in plan.units}
+    records = sorted([*kept.values(), *new], key=lambda r: order[r.shard])
     manifest = commit(plan, cfg, records, indexes, stores, out)
     timings["commit"] = time.monotonic() - committing
-    return JobResult(out.uri, manifest, plan, False, time.monotonic() - start, timings)
+    return JobResult(out.uri, manifest, plan, False, time.monotonic() - start, timings,
+                     len(kept))

@@ -23,13 +23,17 @@ from workers.tasks import ShardRecord, TaskContext, collect_unit, merge_unit
 
 
 def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
+             done: frozenset[str] = frozenset(),
+             on_record: Callable[[ShardRecord], None] | None = None,
              quiet: bool = False) -> tuple[list[ShardRecord], dict[str, float]]:
-    """Run the statistics passes (if any), then every unit.
+    """Run the statistics passes (if any), then every unit whose shard is not in ``done``.
 
-    Returns one record per unit, in unit order, and the seconds spent starting Ray, in
-    statistics passes and in the merge itself. Statistics partials are summed as they arrive,
-    so the driver holds one running total per group, not one partial per unit.
+    ``on_record`` sees each shard record as soon as its unit finishes (the job keeps resume
+    state with it). Returns the new records, in unit order, and the seconds spent starting Ray,
+    in statistics passes and in the merge itself. Statistics partials are summed as they
+    arrive, so the driver holds one running total per group, not one partial per unit.
     """
+    todo = [u for u in plan.units if u.shard not in done]
     executor = _RayExecutor(runtime) if runtime.executor == "ray" else _LocalExecutor()
     timings = {}
     start = time.monotonic()
@@ -37,7 +41,7 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
         timings["ray_start"] = time.monotonic() - start
         start = time.monotonic()
         states: dict[int, Any] = {}
-        if plan.stats_groups:
+        if plan.stats_groups and todo:
             spec = get_method(plan.method)
             stat_units = [u for u in plan.units if any(i.stats_group >= 0 for i in u.items)]
             for p in range(spec.stats.passes):
@@ -52,9 +56,13 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
                           for g in totals}
         timings["statistics"] = time.monotonic() - start
         start = time.monotonic()
-        done = executor.imap(merge_unit, plan.units, (ctx, states),
-                             _Progress("merge", plan.units, quiet))
-        records = [record for _, record in sorted(done, key=lambda ur: ur[0].index)]
+        finished = []
+        for unit, record in executor.imap(merge_unit, todo, (ctx, states),
+                                          _Progress("merge", todo, quiet)):
+            if on_record is not None:
+                on_record(record)
+            finished.append((unit.index, record))
+        records = [record for _, record in sorted(finished, key=lambda ir: ir[0])]
         timings["merge"] = time.monotonic() - start
     return records, timings
 

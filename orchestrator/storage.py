@@ -40,9 +40,15 @@ def check_relpath(name: str) -> str:
 
 @dataclass(frozen=True)
 class LocalStore:
-    """A folder on a filesystem every worker can see (one machine, or a shared mount)."""
+    """A folder on a filesystem every worker can see (one machine, or a shared mount).
+
+    With ``pins`` (file -> the ``pin`` taken when it was indexed), every read first checks that
+    the file still has that size and mtime, so a source replaced during a merge is detected
+    instead of silently mixing two versions.
+    """
 
     root: str
+    pins: dict | None = None
 
     @property
     def uri(self) -> str:
@@ -60,8 +66,22 @@ class LocalStore:
         except OSError as e:
             raise StorageError(f"{self.path(name)}: cannot stat ({e.strerror})") from None
 
-    def stat(self, name: str) -> os.stat_result:
-        return os.stat(self.path(name))
+    def pin(self, name: str) -> dict:
+        """What identifies this version of a file: size and modification time (ns)."""
+        st = os.stat(self.path(name))
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def _check_pin(self, name: str, fd: int) -> None:
+        want = (self.pins or {}).get(name)
+        if want is None:
+            return
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != (want["size"], want["mtime_ns"]):
+            raise StorageError(
+                f"{self.path(name)} changed after it was indexed (size {want['size']} -> "
+                f"{st.st_size}, mtime {want['mtime_ns']} -> {st.st_mtime_ns}); refusing to mix "
+                "two versions of a source in one merge: re-run the job"
+            )
 
     def list_files(self) -> list[str]:
         """Every regular file below the root, as sorted relative names (hidden folders skipped)."""
@@ -86,6 +106,7 @@ class LocalStore:
         except OSError as e:
             raise StorageError(f"{path}: cannot open ({e.strerror})") from None
         try:
+            self._check_pin(name, fd)
             done, want = 0, len(buffer)
             while done < want:
                 n = os.preadv(fd, [buffer[done:]], offset + done)

@@ -14,15 +14,16 @@ LLAMA = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_lay
 
 
 def tiny_llama(folder: str, *, seed: int = 0, base: str | None = None, scale: float = 0.05,
-               dtype: torch.dtype = torch.float32, shard_size: str = "8KB") -> str:
+               dtype: torch.dtype = torch.float32, shard_size: str = "8KB", **config) -> str:
     """A tiny LlamaForCausalLM saved by transformers (sharded safetensors + index + config).
 
-    With ``base``, the weights are the base's plus seeded deltas (a fine-tune of it).
+    With ``base``, the weights are the base's plus seeded deltas (a fine-tune of it);
+    ``config`` overrides entries of the tiny Llama config.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA, **config}))
     if base is not None:
         state = load_state(base)
         gen = torch.Generator().manual_seed(1000 + seed)

@@ -38,3 +38,20 @@ def test_remote_schemes_are_refused_clearly():
         with pytest.raises(StorageError, match="not supported"):
             open_store(uri)
     assert open_store("file:///tmp/x").root == "/tmp/x"
+
+
+def test_pinned_store_detects_a_replaced_file(tmp_path):
+    """A file rewritten after indexing fails the next read instead of mixing versions."""
+    import dataclasses
+    import os
+
+    store = LocalStore(str(tmp_path))
+    store.write_bytes("f.bin", b"0123456789")
+    pinned = dataclasses.replace(store, pins={"f.bin": store.pin("f.bin")})
+    assert pinned.read_range("f.bin", 2, 4) == b"23"
+    store.write_bytes("f.bin", b"0123456789abc")
+    with pytest.raises(StorageError, match="changed after it was indexed"):
+        pinned.read_range("f.bin", 2, 4)
+    os.utime(tmp_path / "f.bin", ns=(1, 1))
+    with pytest.raises(StorageError, match="mtime"):
+        pinned.read_range("f.bin", 0, 1)
