@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from orchestrator.config import JobConfig
 from orchestrator.index import INDEX_FILE, CheckpointIndex
 from orchestrator.plan import Plan
-from orchestrator.storage import TMP_SUFFIX, LocalStore
+from orchestrator.storage import TMP_SUFFIX, Store
 from workers.safetensors_io import DTYPE_NAMES
 from workers.tasks import ShardRecord
 
@@ -43,7 +43,7 @@ def raymerge_version() -> str:
         return "unknown"
 
 
-def read_manifest(out: LocalStore) -> dict | None:
+def read_manifest(out: Store) -> dict | None:
     if not out.exists(MANIFEST):
         return None
     try:
@@ -54,7 +54,7 @@ def read_manifest(out: LocalStore) -> dict | None:
 
 
 def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
-           indexes: list[CheckpointIndex], stores: list[LocalStore], out: LocalStore) -> dict:
+           indexes: list[CheckpointIndex], stores: list[Store], out: Store) -> dict:
     """Write everything but the shards, then the manifest; return the manifest."""
     files: dict[str, bytes] = {}
     weight_map = {it.tensor_name: u.shard for u in plan.units for it in u.items}
@@ -90,7 +90,7 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
     return manifest
 
 
-def read_progress(out: LocalStore, plan: Plan) -> dict[str, ShardRecord]:
+def read_progress(out: Store, plan: Plan) -> dict[str, ShardRecord]:
     """Shards an interrupted run of this same plan finished, still intact (re-hashed)."""
     if not out.exists(PROGRESS):
         return {}
@@ -107,12 +107,12 @@ def read_progress(out: LocalStore, plan: Plan) -> dict[str, ShardRecord]:
             and file_sha256(out, r.shard) == r.sha256}
 
 
-def write_progress(out: LocalStore, plan: Plan, records: list[ShardRecord]) -> None:
+def write_progress(out: Store, plan: Plan, records: list[ShardRecord]) -> None:
     out.write_bytes(PROGRESS, _json({"plan_digest": plan.digest(),
                                      "shards": [dataclasses.asdict(r) for r in records]}))
 
 
-def file_sha256(out: LocalStore, name: str) -> str:
+def file_sha256(out: Store, name: str) -> str:
     digest = hashlib.sha256()
     size = out.size(name)
     for start in range(0, size, _HASH_CHUNK):
@@ -124,7 +124,7 @@ def _json(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
 
 
-def _copied_files(src: LocalStore, cfg: JobConfig) -> dict[str, bytes]:
+def _copied_files(src: Store, cfg: JobConfig) -> dict[str, bytes]:
     """Config, tokenizer and other small metadata files of the reference model."""
     out = {}
     for name in src.list_files():
@@ -168,7 +168,7 @@ def model_card(plan: Plan, cfg: JobConfig, indexes: list[CheckpointIndex]) -> st
     return "\n".join(lines)
 
 
-def verify_output(out: LocalStore) -> tuple[dict | None, list[str]]:
+def verify_output(out: Store) -> tuple[dict | None, list[str]]:
     """Re-check every file listed in the manifest; returns (manifest, problems)."""
     manifest = read_manifest(out)
     if manifest is None:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from orchestrator.errors import PlanError, StorageError
-from orchestrator.storage import LocalStore
+from orchestrator.storage import Store
 from workers.safetensors_io import TensorInfo, header_length, parse_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,7 +38,7 @@ class CheckpointIndex:
     pins: dict[str, dict] = field(default_factory=dict)  # file -> {size, mtime_ns, header_sha256}
 
 
-def index_checkpoint(name: str, store: LocalStore) -> CheckpointIndex:
+def index_checkpoint(name: str, store: Store) -> CheckpointIndex:
     """Index the safetensors files of the checkpoint in ``store`` (single file or sharded)."""
     names = store.list_files()
     if INDEX_FILE in names:
@@ -74,7 +74,7 @@ def index_checkpoint(name: str, store: LocalStore) -> CheckpointIndex:
     return CheckpointIndex(name, store.uri, tensors, tuple(files), pins)
 
 
-def _files_from_index(store: LocalStore, names: list[str]) -> list[str]:
+def _files_from_index(store: Store, names: list[str]) -> list[str]:
     weight_map = _load_weight_map(store)
     files = sorted(set(weight_map.values()))
     missing = [f for f in files if f not in names]
@@ -85,7 +85,7 @@ def _files_from_index(store: LocalStore, names: list[str]) -> list[str]:
     return files
 
 
-def _load_weight_map(store: LocalStore) -> dict[str, str]:
+def _load_weight_map(store: Store) -> dict[str, str]:
     try:
         doc = json.loads(store.read_bytes(INDEX_FILE))
         weight_map = doc["weight_map"]
@@ -101,7 +101,7 @@ def _load_weight_map(store: LocalStore) -> dict[str, str]:
     return weight_map
 
 
-def _check_weight_map(name: str, store: LocalStore, tensors: dict[str, TensorLocation]) -> None:
+def _check_weight_map(name: str, store: Store, tensors: dict[str, TensorLocation]) -> None:
     weight_map = _load_weight_map(store)
     wrong = [
         f"{t} (index says {f}, found in {tensors[t].file if t in tensors else 'no file'})"
@@ -118,7 +118,7 @@ def _check_weight_map(name: str, store: LocalStore, tensors: dict[str, TensorLoc
         )
 
 
-def _read_header(store: LocalStore, file: str) -> tuple[dict[str, TensorInfo], bytes]:
+def _read_header(store: Store, file: str) -> tuple[dict[str, TensorInfo], bytes]:
     size = store.size(file)
     try:
         n = header_length(store.read_range(file, 0, min(8, size)), size)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from orchestrator.errors import ConfigError, MergeError
 from orchestrator.index import CheckpointIndex, index_checkpoint
 from orchestrator.plan import Plan, make_plan
 from orchestrator.schedule import run_plan
-from orchestrator.storage import LocalStore, open_store
+from orchestrator.storage import Store, open_store
 from workers.tasks import ShardRecord, TaskContext
 
 
@@ -46,7 +45,7 @@ def resolve_config(config: JobConfig | dict | str, overrides: list[str] = (),
     return config_from_dict(doc)
 
 
-def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[LocalStore]]:
+def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[Store]]:
     """Index every source (headers only) and make the plan. Models first, then the base."""
     specs = list(cfg.sources) + ([cfg.base] if cfg.base is not None else [])
     stores = [open_store(s.uri) for s in specs]
@@ -71,9 +70,10 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     timings = {"plan": time.monotonic() - start}
     out = open_store(cfg.output.uri)
     for src in plan.sources:
-        if os.path.commonpath([src.uri, out.root]) in (src.uri, out.root):
-            raise ConfigError(f"output.uri: {out.root} overlaps source {src.name!r} "
+        if _overlaps(src.uri, out.uri):
+            raise ConfigError(f"output.uri: {out.uri} overlaps source {src.name!r} "
                               f"({src.uri}); refusing to write where inputs are read")
+    out.check_writable()
     existing = read_manifest(out)
     if existing is not None:
         if existing.get("plan_digest") == plan.digest():
@@ -109,3 +109,9 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     timings["commit"] = time.monotonic() - committing
     return JobResult(out.uri, manifest, plan, False, time.monotonic() - start, timings,
                      len(kept))
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether one location contains the other (same folder, or one below the other)."""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 from orchestrator.config import RuntimeConfig
 from orchestrator.errors import WorkerError
 from orchestrator.plan import Plan, WorkUnit, format_bytes
+from orchestrator.s3 import storage_env
 from workers.merge import get_method
 from workers.tasks import ShardRecord, TaskContext, collect_unit, merge_unit
 
@@ -151,8 +152,10 @@ class _RayExecutor:
         import ray
         from ray.exceptions import RayError, RayTaskError
 
+        # storage settings reach workers of any cluster through the task's runtime_env
         remote = ray.remote(num_cpus=1, max_retries=self.runtime.max_retries,
-                            retry_exceptions=False)(fn)
+                            retry_exceptions=False,
+                            runtime_env={"env_vars": storage_env()})(fn)
         arg_refs = [ray.put(a) for a in args]
         pending: dict = {}
         next_unit = 0

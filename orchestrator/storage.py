@@ -4,8 +4,8 @@ A store is a small picklable object addressed by relative file names. The driver
 through it; Ray tasks receive the same object and read their own tensor byte ranges and write
 their own output shards, so tensor bytes never pass through the driver.
 
-Only local folders are implemented here. Remote schemes are recognised and refused with a clear
-message instead of being mistaken for local paths.
+Local folders live here; ``s3://`` stores in ``orchestrator.s3``. Unknown schemes are refused
+with a clear message instead of being mistaken for local paths.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, ContextManager, Iterator, Protocol
 
 from orchestrator.errors import StorageError
 
@@ -36,6 +36,27 @@ def check_relpath(name: str) -> str:
         raise StorageError(f"refusing unsafe file name {name!r}: names must be relative paths "
                            "without '..', backslashes or empty parts")
     return name
+
+
+class Store(Protocol):
+    """What the driver and the tasks need of any storage (LocalStore, S3Store)."""
+
+    pins: dict | None
+
+    @property
+    def uri(self) -> str: ...
+    def path(self, name: str) -> str: ...
+    def exists(self, name: str) -> bool: ...
+    def size(self, name: str) -> int: ...
+    def pin(self, name: str) -> dict: ...
+    def list_files(self) -> list[str]: ...
+    def read_range(self, name: str, start: int, end: int) -> bytes: ...
+    def readinto(self, name: str, offset: int, buffer: memoryview) -> None: ...
+    def read_bytes(self, name: str) -> bytes: ...
+    def write_bytes(self, name: str, data: bytes) -> None: ...
+    def open_writer(self, name: str) -> ContextManager[BinaryIO]: ...
+    def remove(self, name: str) -> None: ...
+    def check_writable(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -156,14 +177,33 @@ class LocalStore:
         except FileNotFoundError:
             pass
 
+    def check_writable(self) -> None:
+        """Create the folder now, so an impossible output fails before any work is done."""
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"{self.root}: cannot create the output folder "
+                               f"({e.strerror})") from None
 
-def open_store(uri: str) -> LocalStore:
-    """The store for a source or output URI: a local folder path or ``file://`` URI."""
+
+def open_store(uri: str) -> Store:
+    """The store for a URI: ``s3://bucket/prefix``, or a local folder path / ``file://`` URI.
+
+    ``hf://`` sources are resolved to a local snapshot by ``orchestrator.hub`` first.
+    """
     m = _REMOTE.match(uri)
+    if m and m["scheme"] == "s3":
+        from orchestrator.s3 import S3Store
+
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise StorageError(f"{uri}: expected s3://bucket/prefix")
+        prefix = prefix.strip("/")
+        if prefix:
+            check_relpath(prefix)
+        return S3Store(bucket, prefix)
     if m and m["scheme"] != "file":
-        raise StorageError(
-            f"{uri}: {m['scheme']}:// is not supported by this version of raymerge "
-            "(local folders only); download the checkpoint to a local folder and use its path"
-        )
+        raise StorageError(f"{uri}: {m['scheme']}:// is not a storage raymerge can use here "
+                           "(local folders, s3://bucket/prefix, and hf://org/name sources)")
     path = uri[len("file://"):] if m else uri
     return LocalStore(os.path.abspath(os.path.expanduser(path)))

@@ -32,11 +32,18 @@ def test_short_read_is_reported(tmp_path):
         store.read_range("f.bin", 2, 10)
 
 
-def test_remote_schemes_are_refused_clearly():
-    """s3:// and hf:// are not mistaken for local folder names."""
-    for uri in ("s3://bucket/x", "hf://org/name"):
-        with pytest.raises(StorageError, match="not supported"):
-            open_store(uri)
+def test_uris_pick_the_store():
+    """s3:// becomes an S3 store with a validated prefix; unknown schemes are refused rather
+    than mistaken for local folder names."""
+    s3 = open_store("s3://bucket/models/llama/")
+    assert (s3.bucket, s3.prefix, s3.key("config.json")) == ("bucket", "models/llama",
+                                                             "models/llama/config.json")
+    with pytest.raises(StorageError, match="unsafe"):
+        open_store("s3://bucket/a/../../b")
+    with pytest.raises(StorageError, match="unsafe"):
+        s3.key("../secret")
+    with pytest.raises(StorageError, match="gs:// is not a storage"):
+        open_store("gs://bucket/x")
     assert open_store("file:///tmp/x").root == "/tmp/x"
 
 
