@@ -77,7 +77,8 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
         "method": plan.method,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         "sources": [
-            {"name": s.name, "role": s.role, "uri": s.uri, "pins": idx.pins}
+            {"name": s.name, "role": s.role, "uri": s.uri, "revision": idx.revision,
+             "pins": idx.pins}
             for s, idx in zip(plan.sources, indexes)
         ],
         "shards": [{"file": r.shard, "bytes": r.bytes, "sha256": r.sha256, "tensors": r.tensors}
@@ -159,7 +160,8 @@ def model_card(plan: Plan, cfg: JobConfig, indexes: list[CheckpointIndex]) -> st
               "| source | role | files (header sha256) |", "| --- | --- | --- |"]
     for s, idx in zip(plan.sources, indexes):
         pins = ", ".join(f"{f} ({p['header_sha256'][:12]})" for f, p in idx.pins.items())
-        lines.append(f"| {s.name} (`{s.uri}`) | {s.role} | {pins} |")
+        at = f" @ {idx.revision}" if idx.revision else ""
+        lines.append(f"| {s.name} (`{s.uri}`{at}) | {s.role} | {pins} |")
     lines += ["", "## Configuration", "", "```yaml",
               OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip(), "```", "",
               f"Seed {plan.seed}, compute dtype {plan.compute_dtype}, "

@@ -35,7 +35,7 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 @dataclass
 class SourceConfig:
     name: str = MISSING  # used in the model card, manifest and DARE's random keys
-    uri: str = MISSING  # a local folder with safetensors files
+    uri: str = MISSING  # a local folder, s3://bucket/prefix or hf://org/name[@revision]
     params: dict[str, Any] = field(default_factory=dict)  # this model's per-model params
 
 
@@ -70,6 +70,12 @@ class RuntimeConfig:
 
 
 @dataclass
+class HubConfig:
+    cache_dir: Optional[str] = None  # default: huggingface_hub's own (HF_HUB_CACHE)
+    offline: bool = False  # use the cache only, never contact the hub
+
+
+@dataclass
 class JobConfig:
     sources: list[SourceConfig] = MISSING
     merge: MergeConfig = MISSING
@@ -78,6 +84,7 @@ class JobConfig:
     compute_dtype: str = "float32"
     seed: int = 0
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def parse_bytes(value: str | int) -> int:

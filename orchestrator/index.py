@@ -35,7 +35,8 @@ class CheckpointIndex:
     uri: str
     tensors: dict[str, TensorLocation]
     files: tuple[str, ...]
-    pins: dict[str, dict] = field(default_factory=dict)  # file -> {size, mtime_ns, header_sha256}
+    pins: dict[str, dict] = field(default_factory=dict)  # file -> store pin + header_sha256
+    revision: str | None = None  # the commit sha of a hub source
 
 
 def index_checkpoint(name: str, store: Store) -> CheckpointIndex:

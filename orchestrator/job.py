@@ -7,9 +7,11 @@ import sys
 import time
 from dataclasses import dataclass
 
+from orchestrator import hub
 from orchestrator.commit import MANIFEST, commit, read_manifest, read_progress, write_progress
 from orchestrator.config import JobConfig, apply_overrides, config_from_dict, load_config
 from orchestrator.errors import ConfigError, MergeError
+from orchestrator.hub import is_hub_uri
 from orchestrator.index import CheckpointIndex, index_checkpoint
 from orchestrator.plan import Plan, make_plan
 from orchestrator.schedule import run_plan
@@ -48,9 +50,16 @@ def resolve_config(config: JobConfig | dict | str, overrides: list[str] = (),
 def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[Store]]:
     """Index every source (headers only) and make the plan. Models first, then the base."""
     specs = list(cfg.sources) + ([cfg.base] if cfg.base is not None else [])
-    stores = [open_store(s.uri) for s in specs]
-    indexes = [index_checkpoint(s.name, st) for s, st in zip(specs, stores)]
-    stores = [dataclasses.replace(st, pins=idx.pins) for st, idx in zip(stores, indexes)]
+    stores, indexes = [], []
+    for spec in specs:
+        revision = None
+        if is_hub_uri(spec.uri):
+            store, revision = hub.resolve(spec.uri, cfg.hub.cache_dir, cfg.hub.offline)
+        else:
+            store = open_store(spec.uri)
+        idx = index_checkpoint(spec.name, store)
+        indexes.append(dataclasses.replace(idx, uri=spec.uri, revision=revision))
+        stores.append(dataclasses.replace(store, pins=idx.pins))
     models = indexes[:len(cfg.sources)]
     base = indexes[len(cfg.sources)] if cfg.base is not None else None
     return make_plan(cfg, models, base), indexes, stores

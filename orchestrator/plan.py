@@ -77,8 +77,15 @@ class StatsGroup:
 @dataclass(frozen=True)
 class SourceRef:
     name: str
-    uri: str
+    uri: str = dataclasses.field(metadata={"digest": False})  # how it was named, not what it is
     role: str  # "model" or "base"
+    pin: str  # JSON of the source's revision and file pins: part of the plan digest, so a
+    # changed input is never mistaken for the merge already in the output
+
+
+def source_ref(index: CheckpointIndex, role: str) -> SourceRef:
+    pin = json.dumps({"revision": index.revision, "files": index.pins}, sort_keys=True)
+    return SourceRef(index.name, index.uri, role, pin)
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,8 @@ class Plan:
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {"__type__": type(value).__name__,
-                **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+                **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                   if f.metadata.get("digest", True)}}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
@@ -137,8 +145,8 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
     spec = get_method(cfg.merge.method)
     reference = base if base is not None else models[0]
     validate_models(models + ([base] if base is not None else []), reference)
-    sources = tuple(SourceRef(m.name, m.uri, "model") for m in models) + (
-        (SourceRef(base.name, base.uri, "base"),) if base is not None else ())
+    sources = tuple(source_ref(m, "model") for m in models) + (
+        (source_ref(base, "base"),) if base is not None else ())
     base_idx = len(models) if base is not None else None
     out_code = DTYPE_NAMES[cfg.output.dtype] if cfg.output.dtype else None
     compute_size = itemsize(DTYPE_NAMES[cfg.compute_dtype])

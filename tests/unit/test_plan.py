@@ -101,3 +101,16 @@ def test_tensor_larger_than_worker_budget_is_a_plan_error():
     with pytest.raises(PlanError, match=r"tensor 'embed.weight' \[64, 64\] needs about .* "
                                         r"raise runtime.worker_memory"):
         plan(cfg(runtime={"worker_memory": "50KB"}))
+
+
+def test_changed_source_pins_change_the_digest():
+    """A source whose files changed (another header hash, size, revision) gives another plan
+    digest, so a finished output is never mistaken for the merge of changed inputs."""
+    import dataclasses
+
+    a, b, base = fake_index("a"), fake_index("b"), fake_index("base")
+    first = make_plan(cfg(), [a, b], base)
+    changed = dataclasses.replace(b, pins={"model.safetensors": {"header_sha256": "x"}})
+    assert make_plan(cfg(), [a, changed], base).digest() != first.digest()
+    moved = dataclasses.replace(b, revision="0" * 40)
+    assert make_plan(cfg(), [a, moved], base).digest() != first.digest()
