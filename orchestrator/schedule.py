@@ -95,6 +95,8 @@ class _Progress:
 
 
 def _unit_failed(unit: WorkUnit, cause: object) -> WorkerError:
+    if isinstance(cause, BaseException) and not isinstance(cause, RuntimeError):
+        cause = f"{type(cause).__name__}: {cause}"  # RuntimeErrors of tasks name the tensor
     return WorkerError(f"work unit {unit.index} (output shard {unit.shard}) failed: {cause}")
 
 

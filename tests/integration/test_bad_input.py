@@ -108,16 +108,24 @@ def test_output_inside_a_source_is_refused(job):
     assert not os.path.exists(os.path.join(job.family["ft1"], "merged"))
 
 
-def test_unwritable_output_fails_in_the_worker_without_manifest(job, tmp_path, ray_session,
-                                                                capsys):
+def test_impossible_output_fails_before_any_work(job, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    proc = raymerge("run", job(), f"output.uri={blocker}/out")
+    assert_failed(proc, f"{blocker}/out: cannot create the output folder (Not a directory)")
+
+
+def test_failing_write_on_a_ray_worker_names_unit_and_shard(job, ray_session, capsys):
     """A task that cannot write its shard fails the job with the unit, shard and cause named;
     nothing is committed."""
     from orchestrator.cli import main
+    from orchestrator.job import plan_job, resolve_config
 
-    blocker = tmp_path / "blocker"
-    blocker.write_text("a file where a folder should be")
-    code = main(["run", job(), f"output.uri={blocker}/out", "runtime.executor=ray", "--quiet"])
+    path = job()
+    first = plan_job(resolve_config(path))[0].units[0].shard
+    (job.out / first).mkdir(parents=True)
+    code = main(["run", path, "runtime.executor=ray", "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1 and "work unit 0 (output shard model-00001-of-" in err, err
-    assert "Not a directory" in err or "FileExistsError" in err, err
-    assert not os.path.exists(blocker / "out")
+    assert code == 1 and f"work unit 0 (output shard {first})" in err, err
+    assert "IsADirectoryError" in err, err
+    assert not (job.out / "raymerge-manifest.json").exists()
