@@ -19,22 +19,23 @@ from orchestrator.errors import StorageError
 from orchestrator.storage import check_relpath
 
 PART_SIZE = 8 * 2**20  # multipart part size (S3 needs >= 5 MiB for every part but the last)
-_clients: dict[int, Any] = {}
+_clients: dict[tuple, Any] = {}
 _lock = threading.Lock()
 
 
 def _client():
-    """One boto3 S3 client per process (clients are thread-safe; sessions are not)."""
-    pid = os.getpid()
+    """One boto3 S3 client per process and AWS environment (clients are thread-safe)."""
+    key = (os.getpid(), tuple(sorted((k, v) for k, v in os.environ.items()
+                                     if k.startswith("AWS_"))))
     with _lock:
-        if pid not in _clients:
+        if key not in _clients:
             import boto3
             from botocore.config import Config
 
-            _clients[pid] = boto3.session.Session().client("s3", config=Config(
+            _clients[key] = boto3.session.Session().client("s3", config=Config(
                 retries={"max_attempts": 8, "mode": "standard"},
                 connect_timeout=10, read_timeout=60))
-        return _clients[pid]
+        return _clients[key]
 
 
 @dataclass(frozen=True)

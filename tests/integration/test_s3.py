@@ -158,3 +158,83 @@ def write_job(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job(["s3://any/ft"], "s3://any/base", str(tmp_path / "o"))))
     return path
+
+
+class FlakyProxy:
+    """An HTTP proxy in front of moto that answers the first requests with 503 SlowDown and
+    drops one connection without an answer, then forwards everything: S3 throttling and a
+    dropped connection, for real, on 127.0.0.1."""
+
+    def __init__(self, target: str, failures: int):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlparse
+
+        upstream = urlparse(target)
+        proxy = self
+        self.injected = 0
+        self.failures = failures
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.injected < proxy.failures:
+                    proxy.injected += 1
+                    if proxy.injected == proxy.failures:  # the last failure: drop the line
+                        self.close_connection = True
+                        self.connection.close()
+                        return
+                    msg = b"<Error><Code>SlowDown</Code><Message>slow down</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(upstream.hostname, upstream.port)
+                conn.request(self.command, self.path, body, dict(self.headers))
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_throttling_and_dropped_connections_are_retried(s3, llama_family, tmp_path,
+                                                        monkeypatch):
+    """Reads through an endpoint that throttles and drops a connection still succeed (with
+    backoff) and give the same bytes."""
+    s3.create_bucket(Bucket="flaky")
+    uris = {k: upload(s3, "flaky", llama_family[k], k) for k in ("base", "ft1")}
+    proxy = FlakyProxy(os.environ["AWS_ENDPOINT_URL_S3"], failures=4)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        doc = job([uris["ft1"]], uris["base"], str(tmp_path / "flaky"))
+        doc["runtime"] = {"executor": "local"}
+        result = run_job(doc, quiet=True)
+    finally:
+        proxy.close()
+    assert proxy.injected == 4
+    local = job([llama_family["ft1"]], llama_family["base"], str(tmp_path / "local"))
+    local["runtime"] = {"executor": "local"}
+    assert shard_digests(result.manifest) == shard_digests(run_job(local, quiet=True).manifest)
