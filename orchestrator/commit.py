@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from orchestrator.config import JobConfig
 from orchestrator.index import INDEX_FILE, CheckpointIndex
 from orchestrator.plan import Plan
-from orchestrator.storage import TMP_SUFFIX, Store
+from orchestrator.storage import TMP_SUFFIX, Store, file_sha256
 from workers.safetensors_io import DTYPE_NAMES
 from workers.tasks import ShardRecord
 
@@ -32,7 +32,6 @@ _COPIED = re.compile(r"\.(json|txt|model|jinja|tiktoken)$")
 _NOT_COPIED = {INDEX_FILE, MANIFEST, MODEL_CARD, PROGRESS}
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _MAX_COPY_BYTES = 64 * 2**20
-_HASH_CHUNK = 16 * 2**20
 _TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -112,13 +111,6 @@ def write_progress(out: Store, plan: Plan, records: list[ShardRecord]) -> None:
     out.write_bytes(PROGRESS, _json({"plan_digest": plan.digest(),
                                      "shards": [dataclasses.asdict(r) for r in records]}))
 
-
-def file_sha256(out: Store, name: str) -> str:
-    digest = hashlib.sha256()
-    size = out.size(name)
-    for start in range(0, size, _HASH_CHUNK):
-        digest.update(out.read_range(name, start, min(size, start + _HASH_CHUNK)))
-    return digest.hexdigest()
 
 
 def _json(doc: Any) -> bytes:

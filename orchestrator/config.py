@@ -83,6 +83,7 @@ class JobConfig:
     base: Optional[SourceConfig] = None
     compute_dtype: str = "float32"
     seed: int = 0
+    pin_content: bool = False  # also pin sources by a sha256 of every byte (one more full read)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     hub: HubConfig = field(default_factory=HubConfig)
 

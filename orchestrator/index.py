@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from orchestrator.errors import PlanError, StorageError
-from orchestrator.storage import Store
+from orchestrator.storage import Store, file_sha256
 from workers.safetensors_io import TensorInfo, header_length, parse_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,8 +39,10 @@ class CheckpointIndex:
     revision: str | None = None  # the commit sha of a hub source
 
 
-def index_checkpoint(name: str, store: Store) -> CheckpointIndex:
-    """Index the safetensors files of the checkpoint in ``store`` (single file or sharded)."""
+def index_checkpoint(name: str, store: Store, *, pin_content: bool = False) -> CheckpointIndex:
+    """Index the safetensors files of the checkpoint in ``store`` (single file or sharded).
+
+    Pins cost one header read per file; ``pin_content`` adds a sha256 of each whole file."""
     names = store.list_files()
     if INDEX_FILE in names:
         files = _files_from_index(store, names)
@@ -70,6 +72,8 @@ def index_checkpoint(name: str, store: Store) -> CheckpointIndex:
                 )
             tensors[tensor_name] = TensorLocation(file, info)
         pins[file] = {**store.pin(file), "header_sha256": hashlib.sha256(raw).hexdigest()}
+        if pin_content:
+            pins[file]["sha256"] = file_sha256(store, file)
     if INDEX_FILE in names:
         _check_weight_map(name, store, tensors)
     return CheckpointIndex(name, store.uri, tensors, tuple(files), pins)

@@ -57,7 +57,7 @@ def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[Store]]:
             store, revision = hub.resolve(spec.uri, cfg.hub.cache_dir, cfg.hub.offline)
         else:
             store = open_store(spec.uri)
-        idx = index_checkpoint(spec.name, store)
+        idx = index_checkpoint(spec.name, store, pin_content=cfg.pin_content)
         indexes.append(dataclasses.replace(idx, uri=spec.uri, revision=revision))
         stores.append(dataclasses.replace(store, pins=idx.pins))
     models = indexes[:len(cfg.sources)]

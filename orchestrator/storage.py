@@ -10,6 +10,7 @@ with a clear message instead of being mistaken for local paths.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from contextlib import contextmanager
@@ -184,6 +185,15 @@ class LocalStore:
         except OSError as e:
             raise StorageError(f"{self.root}: cannot create the output folder "
                                f"({e.strerror})") from None
+
+
+def file_sha256(store: Store, name: str, chunk: int = 16 * 2**20) -> str:
+    """sha256 of a whole file, read in chunks."""
+    digest = hashlib.sha256()
+    size = store.size(name)
+    for start in range(0, size, chunk):
+        digest.update(store.read_range(name, start, min(size, start + chunk)))
+    return digest.hexdigest()
 
 
 def open_store(uri: str) -> Store:

@@ -94,3 +94,15 @@ def test_index_json_must_agree_with_headers(tmp_path):
     idx_path.write_text(json.dumps(doc))
     with pytest.raises(StorageError, match="missing-file.safetensors"):
         index_checkpoint("s", store)
+
+
+def test_pins_cost_header_reads_unless_content_is_asked_for(tmp_path):
+    """Default pins: size, mtime and the header's sha256; pin_content adds the file's sha256."""
+    import hashlib
+
+    store = checkpoint(tmp_path / "p", TENSORS)
+    pin = index_checkpoint("p", store).pins["model.safetensors"]
+    assert set(pin) == {"size", "mtime_ns", "header_sha256"}
+    full = index_checkpoint("p", store, pin_content=True).pins["model.safetensors"]
+    data = (tmp_path / "p" / "model.safetensors").read_bytes()
+    assert full["sha256"] == hashlib.sha256(data).hexdigest()
