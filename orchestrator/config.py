@@ -57,6 +57,7 @@ class OutputConfig:
     uri: str = MISSING
     shard_size: str = field(default="1GB", metadata=_BYTES)
     dtype: Optional[str] = None  # default: each tensor keeps the reference model's dtype
+    push_to_hub: Optional[str] = None  # "org/name": upload the finished local output there
 
 
 @dataclass
@@ -296,6 +297,15 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
                       f"got {out['dtype']!r}")
     if isinstance(out.get("uri"), str) and not out["uri"].strip():
         errors.append("output.uri: must not be empty")
+    if isinstance(out.get("push_to_hub"), str):
+        from orchestrator.hub import check_repo_id
+
+        if not check_repo_id(out["push_to_hub"]):
+            errors.append(f"output.push_to_hub: expected a repository id like org/name, "
+                          f"got {out['push_to_hub']!r}")
+        elif isinstance(out.get("uri"), str) and out["uri"].startswith("s3://"):
+            errors.append("output.push_to_hub: needs a local output folder (output.uri is on "
+                          "S3)")
     run = doc.get("runtime") if isinstance(doc.get("runtime"), dict) else {}
     if isinstance(run.get("executor"), str) and run["executor"] not in EXECUTORS:
         errors.append(f"runtime.executor: expected one of {', '.join(EXECUTORS)}, "

@@ -52,3 +52,28 @@ def resolve(uri: str, cache_dir: str | None, offline: bool) -> tuple[LocalStore,
     except HfHubHTTPError as e:
         raise StorageError(f"{uri}: hub error {e}") from None
     return LocalStore(str(path)), os.path.basename(os.path.normpath(path))
+
+
+_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_repo_id(repo_id: str) -> bool:
+    return bool(_REPO.match(repo_id)) and ".." not in repo_id
+
+
+def push(folder: str, repo_id: str, message: str) -> str:
+    """Upload a finished output folder (shards, index, config, tokenizer, model card,
+    manifest) as one commit to a model repository, creating it if needed; return the commit
+    URL. The token comes from HF_TOKEN or huggingface_hub's login; HF_ENDPOINT picks the hub."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                                 commit_message=message,
+                                 ignore_patterns=["raymerge-progress.json", "*.raymerge-partial"])
+    except HfHubHTTPError as e:
+        raise StorageError(f"push to hf://{repo_id} failed: {e}") from None
+    return info.commit_url

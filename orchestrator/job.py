@@ -116,6 +116,13 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     records = sorted([*kept.values(), *new], key=lambda r: order[r.shard])
     manifest = commit(plan, cfg, records, indexes, stores, out)
     timings["commit"] = time.monotonic() - committing
+    if cfg.output.push_to_hub:
+        pushing = time.monotonic()
+        url = hub.push(out.uri, cfg.output.push_to_hub,
+                       f"raymerge {plan.method} merge (plan {plan.digest()[:12]})")
+        timings["push"] = time.monotonic() - pushing
+        if not quiet:
+            print(f"pushed to {url}", file=sys.stderr)
     return JobResult(out.uri, manifest, plan, False, time.monotonic() - start, timings,
                      len(kept))
 

@@ -130,3 +130,10 @@ def test_every_example_config_loads(path):
 
 def test_example_configs_exist():
     assert len(glob.glob(os.path.join(ROOT, "configs", "**", "*.y*ml"), recursive=True)) >= 8
+
+
+def test_push_to_hub_needs_a_repo_id_and_a_local_output():
+    assert errors_of(job(output={"uri": "/o", "push_to_hub": "no-slash"})) == [
+        "output.push_to_hub: expected a repository id like org/name, got 'no-slash'"]
+    assert errors_of(job(output={"uri": "s3://b/x", "push_to_hub": "org/name"})) == [
+        "output.push_to_hub: needs a local output folder (output.uri is on S3)"]
