@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from orchestrator.errors import PlanError, StorageError
-from orchestrator.storage import Store, file_sha256
+from orchestrator.storage import Store, check_relpath, file_sha256
 from workers.safetensors_io import TensorInfo, header_length, parse_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -81,7 +81,7 @@ def index_checkpoint(name: str, store: Store, *, pin_content: bool = False) -> C
 
 def _files_from_index(store: Store, names: list[str]) -> list[str]:
     weight_map = _load_weight_map(store)
-    files = sorted(set(weight_map.values()))
+    files = sorted(check_relpath(f) for f in set(weight_map.values()))
     missing = [f for f in files if f not in names]
     if missing:
         raise StorageError(

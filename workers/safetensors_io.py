@@ -110,6 +110,10 @@ def parse_header(raw: bytes, file_size: int) -> tuple[dict[str, TensorInfo], dic
     data_start = 8 + len(raw)
     tensors: dict[str, TensorInfo] = {}
     for name, entry in doc.items():
+        if not name or name.startswith("/") or ".." in name.replace("\\", "/").split("/") or \
+                any(ord(c) < 32 for c in name):
+            raise ValueError(f"tensor name {name!r} is empty, absolute, has control characters "
+                             "or a '..' path part: refused")
         try:
             code = entry["dtype"]
             shape = tuple(int(s) for s in entry["shape"])

@@ -106,3 +106,11 @@ def test_pins_cost_header_reads_unless_content_is_asked_for(tmp_path):
     full = index_checkpoint("p", store, pin_content=True).pins["model.safetensors"]
     data = (tmp_path / "p" / "model.safetensors").read_bytes()
     assert full["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_index_json_naming_a_file_outside_the_folder_is_refused(tmp_path):
+    store = checkpoint(tmp_path / "t", TENSORS, shards=2)
+    (tmp_path / "t" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"b": "../../outside.safetensors"}}))
+    with pytest.raises(StorageError, match="unsafe file name '../../outside.safetensors'"):
+        index_checkpoint("t", store)

@@ -93,3 +93,11 @@ def test_header_length_rejects_garbage():
         header_length(struct.pack("<Q", 10**6), 1000)
     with pytest.raises(ValueError, match="too short"):
         header_length(b"abc", 3)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "a/../b", "/abs", "", "bad\x00name",
+                                  "a\\..\\b"])
+def test_tensor_names_with_path_traversal_are_refused(name):
+    doc = header({name: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    with pytest.raises(ValueError, match="refused"):
+        parse_header(doc, 1000)
