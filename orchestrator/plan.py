@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from orchestrator.config import JobConfig, parse_bytes, tensor_matcher
 from orchestrator.errors import PlanError
@@ -24,6 +24,7 @@ from orchestrator.index import CheckpointIndex, validate_models
 from workers.merge import get_method
 from workers.merge.registry import MethodSpec, per_model_fields
 from workers.safetensors_io import DTYPE_NAMES, FLOAT_CODES, TensorInfo, itemsize
+from workers.tasks import CHUNK, READ_WINDOW
 
 _LAYER = re.compile(r"^(.*?\.)(\d+)\.")
 _DIGITS = re.compile(r"(\d+)")
@@ -183,7 +184,8 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
                               out_code or ref_info.dtype, group))
 
     units = _pack_units(items, parse_bytes(cfg.output.shard_size),
-                        parse_bytes(cfg.runtime.worker_memory), compute_size, len(sources))
+                        parse_bytes(cfg.runtime.worker_memory), compute_size, len(sources),
+                        lambda it: it.method is None or spec.is_elementwise(it.params))
     groups = tuple(StatsGroup(spec.name, p, n) for p, n in zip(stats_params, stats_counts))
     return Plan(sources, units, groups, spec.name, cfg.compute_dtype, cfg.seed,
                 cfg.runtime.threads_per_worker)
@@ -214,7 +216,11 @@ def resolve_params(spec: MethodSpec, cfg: JobConfig, tensor_name: str,
 
 
 def _pack_units(items: list[WorkItem], shard_size: int, memory: int, compute_size: int,
-                n_sources: int) -> tuple[WorkUnit, ...]:
+                n_sources: int, chunked: Callable[[WorkItem], bool]) -> tuple[WorkUnit, ...]:
+    """Units of whole layers (a layer is split at tensor boundaries only when it alone exceeds
+    a unit): at most ``shard_size`` of output and ``memory`` of input each, and at most 1/16 of
+    all input (not below MIN_UNIT_INPUT), so that up to 16 workers have units to share whatever
+    the model size. The layout depends on sizes only, never on the number of workers."""
     layers: dict[tuple, list[WorkItem]] = {}
     for item in items:
         layers.setdefault(layer_key(item.tensor_name), []).append(item)
@@ -224,9 +230,14 @@ def _pack_units(items: list[WorkItem], shard_size: int, memory: int, compute_siz
                                                          else 0)
 
     def peak(item: WorkItem) -> int:
-        # stored inputs + their compute-dtype copies + stacked task vectors + output (+ cast)
-        n = item.inputs[0].info.numel
+        # stored inputs + their compute-dtype copies + stacked task vectors + output (+ cast);
+        # chunked items hold one read window and the working set of one chunk
         k = len(item.inputs) + (1 if item.base else 0)
+        if chunked(item):
+            elements = min(item.inputs[0].info.numel, CHUNK)
+            return min(in_bytes(item), READ_WINDOW + k * CHUNK * 8) + \
+                k * elements * compute_size * 4
+        n = item.inputs[0].info.numel
         return in_bytes(item) + n * compute_size * (2 * k + 2) + item.out_bytes
 
     for item in items:
@@ -237,6 +248,7 @@ def _pack_units(items: list[WorkItem], shard_size: int, memory: int, compute_siz
                 f"runtime.worker_memory={format_bytes(memory)}; raise runtime.worker_memory"
             )
 
+    memory = min(memory, max(MIN_UNIT_INPUT, _total(items, in_bytes) // 16))
     chunks: list[list[WorkItem]] = []
     current: list[WorkItem] = []
     for layer in layers.values():
@@ -259,6 +271,9 @@ def _pack_units(items: list[WorkItem], shard_size: int, memory: int, compute_siz
                  max(peak(it) for it in chunk))
         for i, chunk in enumerate(chunks)
     )
+
+
+MIN_UNIT_INPUT = 64 << 20
 
 
 def _total(items: list[WorkItem], size) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -62,3 +64,23 @@ def ray_session():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+MERGEKIT = "mergekit==0.1.5"
+
+
+@pytest.fixture(scope="session")
+def mergekit_yaml() -> str:
+    """``mergekit-yaml`` of mergekit 0.1.5 in its own virtual environment, built on first use
+    under ~/.cache/raymerge-tests (or $RAYMERGE_MERGEKIT_VENV) with this interpreter's torch,
+    so that both tools do the same float arithmetic and nothing large is downloaded."""
+    venv = os.environ.get("RAYMERGE_MERGEKIT_VENV") or os.path.expanduser(
+        "~/.cache/raymerge-tests/mergekit-0.1.5")
+    exe = os.path.join(venv, "bin", "mergekit-yaml")
+    if not os.path.exists(exe):
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv],
+                       check=True)
+        torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", MERGEKIT, torch_pin],
+                       check=True, timeout=1200)
+    return exe

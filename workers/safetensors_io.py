@@ -16,7 +16,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Iterable, Protocol
 
 import torch
 
@@ -175,6 +175,18 @@ def read_tensor(store: RangeReader, path: str, info: TensorInfo) -> torch.Tensor
     return raw.view(DTYPES[info.dtype]).reshape(info.shape)
 
 
+def read_elements(store: RangeReader, path: str, info: TensorInfo, start: int, stop: int,
+                  buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Read elements ``[start, stop)`` of one tensor (row-major, flattened) from ``store``,
+    into the front of ``buffer`` (a uint8 tensor, reused across reads) if given."""
+    size = itemsize(info.dtype)
+    n = (stop - start) * size
+    raw = torch.empty(n, dtype=torch.uint8) if buffer is None else buffer[:n]
+    if stop > start:
+        store.readinto(path, info.start + start * size, memoryview(raw.numpy()))
+    return raw.view(DTYPES[info.dtype])
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without a copy when it is contiguous."""
     flat = tensor.detach().contiguous().reshape(-1)
@@ -186,7 +198,8 @@ class ShardWriter:
 
     ``sink`` is any binary file-like object; the writer hashes what it writes (sha256), so the
     checksum of a shard costs no second read. Tensors must arrive in order, with exactly the
-    declared dtype and shape.
+    declared dtype and shape; a tensor may arrive whole (``write``) or as consecutive flat
+    pieces (``write_pieces``).
     """
 
     def __init__(
@@ -208,18 +221,34 @@ class ShardWriter:
         self.bytes_written += len(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        code, shape = self._expect(name)
+        if tensor.dtype != DTYPES[code] or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r}: declared {code}{list(shape)}, "
+                             f"got {tensor.dtype}{list(tensor.shape)}")
+        self.write_pieces(name, [tensor])
+
+    def write_pieces(self, name: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Write tensor ``name`` from consecutive pieces of its flattened values."""
+        code, shape = self._expect(name)
+        want, got = math.prod(shape), 0
+        for piece in pieces:
+            if piece.dtype != DTYPES[code]:
+                raise ValueError(f"tensor {name!r}: declared {code}, got {piece.dtype}")
+            got += piece.numel()
+            if got > want:
+                break
+            self._write(tensor_bytes(piece))
+        if got != want:
+            raise ValueError(f"tensor {name!r}: declared {want} elements, got {got}")
+        self._next += 1
+
+    def _expect(self, name: str) -> tuple[str, tuple[int, ...]]:
         if self._next >= len(self._entries):
             raise ValueError(f"tensor {name!r}: all declared tensors were already written")
         want_name, code, shape = self._entries[self._next]
         if name != want_name:
             raise ValueError(f"tensor {name!r} written out of order: expected {want_name!r}")
-        if tensor.dtype != DTYPES[code] or tuple(tensor.shape) != tuple(shape):
-            raise ValueError(
-                f"tensor {name!r}: declared {code}{list(shape)}, "
-                f"got {tensor.dtype}{list(tensor.shape)}"
-            )
-        self._write(tensor_bytes(tensor))
-        self._next += 1
+        return code, shape
 
     def finish(self) -> str:
         """Check that every declared tensor was written; return the file's sha256 hex digest."""

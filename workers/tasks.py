@@ -2,23 +2,38 @@
 ``orchestrator/schedule.py`` wraps them in ``ray.remote`` (or calls them in-process).
 
 A unit reads its own input byte ranges from the source stores, computes tensor by tensor in the
-compute dtype and streams each result into its output shard, so a worker holds the inputs of one
-tensor at a time and the driver never sees tensor bytes.
+compute dtype and streams each result into its output shard; the driver never sees tensor bytes.
+Elementwise methods run on fixed chunks of CHUNK elements, read a window of chunks at a time, so a
+worker's memory does not grow with tensor size or model count; the others hold one tensor's
+inputs at a time.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from workers.merge import get_method
-from workers.safetensors_io import ShardWriter, read_tensor, torch_dtype
+from workers.safetensors_io import (
+    ShardWriter,
+    itemsize,
+    read_elements,
+    read_tensor,
+    torch_dtype,
+)
 
 SHARD_METADATA = {"format": "pt"}  # transformers expects it in every safetensors file
+CHUNK = 1 << 18  # elements per compute chunk; fixed, since DARE masks are keyed by chunk
+READ_WINDOW = 64 << 20  # bytes read at once per tensor, all its inputs together
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 
 
 @dataclass(frozen=True)
@@ -41,15 +56,31 @@ class ShardRecord:
     tensors: int
 
 
-def keyed_generator(seed: int, model: str, tensor_name: str) -> torch.Generator:
-    """A generator seeded from (seed, model, tensor) alone, never from a worker's RNG stream."""
-    digest = hashlib.sha256(f"{seed}\x00{model}\x00{tensor_name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+def keyed_generator(seed: int, model: str, tensor_name: str,
+                    chunk: int = 0) -> np.random.SFC64:
+    """A bit generator seeded from (seed, model, tensor, chunk) alone, never from a worker's RNG
+    stream: chunk ``c`` covers flat elements ``[c * CHUNK, (c + 1) * CHUNK)`` of the tensor."""
+    key = f"{seed}\x00{model}\x00{tensor_name}\x00{chunk}"
+    return np.random.SFC64(int.from_bytes(hashlib.sha256(key.encode()).digest(), "little"))
+
+
+@functools.cache
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed blocks up to 256 MiB in the heap instead of returning them to the
+    kernel: every chunk allocates fresh tensors, and with the default dynamic mmap threshold
+    each of them costs page faults and zeroing, which more than doubled the merge time."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
 
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Pin torch's intra-op threads: reductions round differently with other thread counts."""
+    _keep_freed_memory()
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -64,18 +95,22 @@ def merge_unit(unit: Any, ctx: TaskContext, stats: dict[int, Any]) -> ShardRecor
     with torch_threads(ctx.threads), ctx.output.open_writer(unit.shard) as sink:
         writer = ShardWriter(sink, entries, SHARD_METADATA)
         for item in unit.items:
-            writer.write(item.tensor_name, _guarded(item, unit, _merge_item, item, ctx, stats))
+            _guarded(item, unit, writer.write_pieces, item.tensor_name,
+                     _merge_item(item, ctx, stats))
         sha = writer.finish()
     return ShardRecord(unit.shard, writer.bytes_written, sha, len(unit.items))
 
 
 def collect_unit(unit: Any, ctx: TaskContext, pass_index: int,
                  states: dict[int, Any]) -> dict[int, torch.Tensor]:
-    """One statistics pass over ``unit``: the summed partials of each global-statistics group."""
+    """One statistics pass over ``unit``: the summed partials of each global-statistics group.
+
+    Global statistics are integer counts, so they are collected chunk by chunk whatever the
+    method: summing them in any order is exact."""
     sums: dict[int, torch.Tensor] = {}
     with torch_threads(ctx.threads):
         for item in unit.items:
-            if item.stats_group < 0:
+            if item.stats_group < 0 or item.inputs[0].info.numel == 0:
                 continue
             partial = _guarded(item, unit, _collect_item, item, ctx, pass_index,
                                states.get(item.stats_group))
@@ -92,35 +127,108 @@ def _guarded(item: Any, unit: Any, fn, *args):
                            f"{type(e).__name__}: {e}") from e
 
 
-def _read(ctx: TaskContext, ref: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
-    t = read_tensor(ctx.stores[ref.source], ref.file, ref.info)
-    return t if dtype is None else t.to(dtype)
+def _refs(item: Any) -> list[Any]:
+    return list(item.inputs) + ([item.base] if item.base is not None else [])
 
 
-def _inputs(item: Any, ctx: TaskContext) -> tuple[Sequence[torch.Tensor], torch.Tensor | None]:
-    dtype = torch_dtype(ctx.compute_dtype)
-    tensors = [_read(ctx, ref, dtype) for ref in item.inputs]
-    base = _read(ctx, item.base, dtype) if item.base is not None else None
-    return tensors, base
+def _chunks(item: Any, ctx: TaskContext,
+            whole_windows: bool = False) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """``(chunk index, flat stored values of every input)`` for each CHUNK elements of the
+    item's tensor; inputs are read a window of several chunks at a time, READ_WINDOW bytes for
+    all inputs together (fewer, larger reads from object storage). With ``whole_windows`` the
+    pieces are whole windows (copies, which do no arithmetic)."""
+    refs = _refs(item)
+    numel = refs[0].info.numel
+    per_element = sum(itemsize(r.info.dtype) for r in refs)
+    window = max(1, READ_WINDOW // (per_element * CHUNK)) * CHUNK
+    buffers = [_buffer(i, min(window, numel) * itemsize(r.info.dtype))
+               for i, r in enumerate(refs)]
+    for w0 in range(0, numel, window):
+        w1 = min(w0 + window, numel)
+        views = [read_elements(ctx.stores[r.source], r.file, r.info, w0, w1, buf)
+                 for r, buf in zip(refs, buffers)]
+        if whole_windows:
+            yield w0 // CHUNK, views
+            continue
+        for c0 in range(w0, w1, CHUNK):
+            yield c0 // CHUNK, [v[c0 - w0:c0 - w0 + CHUNK] for v in views]
 
 
-def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> torch.Tensor:
-    if item.method is None:
-        return _read(ctx, item.inputs[0])
+_BUFFERS: list[torch.Tensor] = []  # read windows, reused: fresh pages cost more than the copy
+
+
+def _buffer(slot: int, nbytes: int) -> torch.Tensor:
+    """This process's read buffer ``slot``, at least ``nbytes`` long. A worker runs one task at
+    a time and consumes a window's chunks before the next read, so one set of buffers serves."""
+    while len(_BUFFERS) <= slot:
+        _BUFFERS.append(torch.empty(0, dtype=torch.uint8))
+    if _BUFFERS[slot].numel() < nbytes:
+        _BUFFERS[slot] = torch.empty(nbytes, dtype=torch.uint8)
+    return _BUFFERS[slot]
+
+
+def _split(item: Any, values: list[torch.Tensor],
+           dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    cast = [v.to(dtype) for v in values]
+    return (cast[:-1], cast[-1]) if item.base is not None else (cast, None)
+
+
+def _read(ctx: TaskContext, ref: Any, dtype: torch.dtype) -> torch.Tensor:
+    return read_tensor(ctx.stores[ref.source], ref.file, ref.info).to(dtype)
+
+
+def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[torch.Tensor]:
+    """The item's output values, as consecutive flat pieces in the output dtype."""
+    if item.method is None:  # a copied (integer) tensor
+        yield from (values[0] for _, values in _chunks(item, ctx, whole_windows=True))
+        return
     spec = get_method(item.method)
-    tensors, base = _inputs(item, ctx)
+    dtype, out_dtype = torch_dtype(ctx.compute_dtype), torch_dtype(item.out_dtype)
     kwargs: dict[str, Any] = {}
-    if spec.needs_base:
-        kwargs["base"] = base
-    if spec.uses_rng:
-        kwargs["rng"] = [keyed_generator(ctx.seed, m, item.tensor_name) for m in ctx.model_names]
     if spec.stats is not None:
         kwargs["stats"] = stats.get(item.stats_group)
-    out = spec.fn(tensors, item.params, **kwargs)
-    return out.to(torch_dtype(item.out_dtype))
+    if not spec.is_elementwise(item.params):  # needs the whole tensor at once
+        tensors = [_read(ctx, r, dtype) for r in item.inputs]
+        if spec.needs_base:
+            kwargs["base"] = _read(ctx, item.base, dtype)
+        yield spec.fn(tensors, item.params, **kwargs).to(out_dtype).reshape(-1)
+        return
+    tensor_stats = spec.tensor_stats_for(item.params)
+    if tensor_stats is not None and item.inputs[0].info.numel:
+        kwargs["tensor_stats"] = _tensor_stats(tensor_stats, item, ctx, dtype)
+    for chunk, values in _chunks(item, ctx):
+        tensors, base = _split(item, values, dtype)
+        if spec.needs_base:
+            kwargs["base"] = base
+        if spec.uses_rng:
+            kwargs["rng"] = _generators(ctx, item, chunk)
+        yield spec.fn(tensors, item.params, **kwargs).to(out_dtype)
+
+
+def _tensor_stats(stats: Any, item: Any, ctx: TaskContext, dtype: torch.dtype) -> Any:
+    state = None
+    keyed = get_method(item.method).uses_rng
+    for p in range(stats.passes):
+        total = None
+        for chunk, values in _chunks(item, ctx):
+            tensors, base = _split(item, values, dtype)
+            part = stats.collect(p, tensors, item.params, base=base, state=state,
+                                 rng=_generators(ctx, item, chunk) if keyed else None)
+            total = part if total is None else total + part
+        state = stats.reduce(p, total, item.params, state)
+    return state
+
+
+def _generators(ctx: TaskContext, item: Any, chunk: int) -> list[np.random.SFC64]:
+    return [keyed_generator(ctx.seed, m, item.tensor_name, chunk) for m in ctx.model_names]
 
 
 def _collect_item(item: Any, ctx: TaskContext, pass_index: int, state: Any) -> torch.Tensor:
     spec = get_method(item.method)
-    tensors, base = _inputs(item, ctx)
-    return spec.stats.collect(pass_index, tensors, item.params, base=base, state=state)
+    dtype = torch_dtype(ctx.compute_dtype)
+    total = None
+    for _, values in _chunks(item, ctx):  # cache-sized chunks: casts are 10x faster than windows
+        tensors, base = _split(item, values, dtype)
+        part = spec.stats.collect(pass_index, tensors, item.params, base=base, state=state)
+        total = part if total is None else total + part
+    return total

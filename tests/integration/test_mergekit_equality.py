@@ -8,9 +8,7 @@ same float arithmetic and nothing large is downloaded.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,22 +18,6 @@ from orchestrator.cli import main
 from tests.conftest import load_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.mergekit]
-
-MERGEKIT = "mergekit==0.1.5"
-
-
-@pytest.fixture(scope="session")
-def mergekit_yaml() -> str:
-    venv = os.environ.get("RAYMERGE_MERGEKIT_VENV") or os.path.expanduser(
-        "~/.cache/raymerge-tests/mergekit-0.1.5")
-    exe = os.path.join(venv, "bin", "mergekit-yaml")
-    if not os.path.exists(exe):
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv],
-                       check=True)
-        torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", MERGEKIT, torch_pin],
-                       check=True, timeout=1200)
-    return exe
 
 
 def configs(f):

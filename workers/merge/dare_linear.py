@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from workers.merge.registry import merge_method, param, per_model
-from workers.merge.task_vectors import combine, keep_random, task_vectors
+from workers.merge.task_vectors import combine, task_vectors
 
 RESCALES = ("density", "l1", "none")
+_L1_EPS = 1e-7
 
 
 @dataclass(frozen=True)
@@ -22,23 +25,84 @@ class DareParams:
     normalize: bool = param(False)
 
 
+def keep_mask(shape: torch.Size, density: float, rng: np.random.BitGenerator,
+              dtype: torch.dtype) -> torch.Tensor:
+    """1 where an entry survives, else 0: one 16-bit draw per entry, kept when below
+    ``round(density * 2^16)``, so the keep probability is the density to within 2^-17
+    (integer draws are several times faster than ``torch.rand``)."""
+    n = math.prod(shape)
+    draws = rng.random_raw((n + 3) // 4).view(np.uint16)[:n]
+    keep = draws < np.uint32(round(density * 2**16))
+    return torch.from_numpy(keep).view(torch.uint8).to(dtype).reshape(shape)
+
+
+def keep_masks(shape: torch.Size, p: DareParams, rng: Sequence[np.random.BitGenerator],
+               dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """Per model, its keep mask; None where density >= 1 keeps every entry."""
+    return [None if d >= 1 else keep_mask(shape, d, g, dtype) for d, g in zip(p.density, rng)]
+
+
+class L1Rescale:
+    """``rescale: l1`` (mergekit's ``rescale: true``): per model, Σ|τ| and Σ|kept τ| over the
+    whole tensor, summed in float64 chunk by chunk; the state is each model's factor."""
+
+    passes = 1
+
+    def needed(self, p: DareParams) -> bool:
+        return p.rescale == "l1"
+
+    def collect(self, pass_index: int, tensors: Sequence[torch.Tensor], p: DareParams, *,
+                base: torch.Tensor, state: Any,
+                rng: Sequence[np.random.BitGenerator]) -> torch.Tensor:
+        return _l1_sums(task_vectors(tensors, base), keep_masks(base.shape, p, rng, base.dtype))
+
+    def reduce(self, pass_index: int, total: torch.Tensor, p: DareParams,
+               state: Any) -> list[float]:
+        return [1.0 if before < _L1_EPS or after < _L1_EPS else float(before / after)
+                for before, after in total.tolist()]
+
+
+def _l1_sums(deltas: torch.Tensor, masks: list[torch.Tensor | None]) -> torch.Tensor:
+    sums = torch.zeros(len(masks), 2, dtype=torch.float64)
+    for i, keep in enumerate(masks):
+        if keep is not None:
+            magnitude = deltas[i].abs().reshape(-1)
+            sums[i, 0] = magnitude.sum(dtype=torch.float64)
+            sums[i, 1] = torch.dot(magnitude, keep.reshape(-1)).double()
+    return sums
+
+
 def drop_and_rescale(tensors: Sequence[torch.Tensor], p: DareParams, base: torch.Tensor,
-                     rng: Sequence[torch.Generator]) -> torch.Tensor:
-    """Stacked task vectors, each with entries dropped with probability 1 − density."""
+                     rng: Sequence[np.random.BitGenerator],
+                     l1_factors: list[float] | None = None) -> torch.Tensor:
+    """Stacked task vectors, each with entries dropped with probability 1 − density, then
+    rescaled: by 1/density (``density``, unbiased), to the L1 norm before dropping (``l1``),
+    or not at all (``none``). density = 1 leaves a task vector untouched."""
     deltas = task_vectors(tensors, base)
-    for i in range(len(tensors)):
-        deltas[i] = keep_random(deltas[i], p.density[i], p.rescale, rng[i])
+    masks = keep_masks(base.shape, p, rng, base.dtype)
+    if p.rescale == "l1" and l1_factors is None:
+        l1_factors = L1Rescale().reduce(0, _l1_sums(deltas, masks), p, None)
+    for i, keep in enumerate(masks):
+        if keep is None:
+            continue
+        deltas[i] *= keep
+        if p.rescale == "density" and p.density[i] > 0:
+            deltas[i] /= p.density[i]
+        elif p.rescale == "l1":
+            deltas[i] *= l1_factors[i]
     return deltas
 
 
-@merge_method("dare_linear", params=DareParams, needs_base=True, uses_rng=True)
+@merge_method("dare_linear", params=DareParams, needs_base=True, uses_rng=True,
+              elementwise=True, tensor_stats=L1Rescale())
 def dare_linear(tensors: Sequence[torch.Tensor], p: DareParams, *, base: torch.Tensor,
-                rng: Sequence[torch.Generator]) -> torch.Tensor:
+                rng: Sequence[np.random.BitGenerator],
+                tensor_stats: list[float] | None = None) -> torch.Tensor:
     """Task arithmetic on DARE-sparsified task vectors.
 
     Each entry of τ_i is kept with probability ``density`` and rescaled (by 1/density by
-    default, so E[τ̃_i] = τ_i). Masks come from one generator per (seed, model, tensor), so
-    the result does not depend on how many workers ran. density = 1 is task arithmetic.
+    default, so E[τ̃_i] = τ_i). Masks come from one generator per (seed, model, tensor, chunk),
+    so the result does not depend on how many workers ran. density = 1 is task arithmetic.
     """
-    return combine(drop_and_rescale(tensors, p, base, rng), p.weight, base=base,
+    return combine(drop_and_rescale(tensors, p, base, rng, tensor_stats), p.weight, base=base,
                    sign_consensus=False, normalize=p.normalize, scale=p.scale)

@@ -16,7 +16,7 @@ class LinearParams:
     normalize: bool = param(True)
 
 
-@merge_method("linear", params=LinearParams, needs_base=False)
+@merge_method("linear", params=LinearParams, needs_base=False, elementwise=True)
 def linear(tensors: Sequence[torch.Tensor], p: LinearParams) -> torch.Tensor:
     """Weighted average Σ w_i θ_i, divided by Σ w_i when ``normalize`` (uniform soup by default).
 

@@ -26,7 +26,10 @@ def high_histogram(bits: torch.Tensor) -> torch.Tensor:
 
 
 def low_histogram(bits: torch.Tensor, high: int) -> torch.Tensor:
-    return torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=BINS)
+    # clamping values outside the bin to two spare bins is cheaper than selecting those inside
+    low = bits - (high << 16)
+    low.clamp_(-1, BINS).add_(1)
+    return torch.bincount(low, minlength=BINS + 2)[1:BINS + 1]
 
 
 def select(hist: torch.Tensor, rank: int) -> tuple[int, int]:

@@ -3,9 +3,16 @@
 Kernel contract: ``fn(tensors, p, **kw) -> Tensor`` where ``tensors`` are the K models' values of
 one parameter in the compute dtype, ``p`` is the method's frozen params dataclass with per-model
 fields already resolved to one value per model, and ``kw`` holds only what the spec asks for:
-``base`` (the base model's tensor), ``rng`` (one ``torch.Generator`` per model, keyed by seed,
-model and tensor so results never depend on scheduling) and ``stats`` (the reduced global
-statistics of an R stage). The result has the inputs' shape and the compute dtype.
+``base`` (the base model's tensor), ``rng`` (one numpy bit generator per model, keyed by seed,
+model, tensor and chunk so results never depend on scheduling), ``stats`` (the reduced global
+statistics of an R stage) and ``tensor_stats`` (the reduced statistics of this one tensor).
+The result has the inputs' shape and the compute dtype.
+
+An ``elementwise`` kernel computes each output entry from the same entry of its inputs (given
+``stats`` and ``tensor_stats``), so workers run it on fixed-size chunks of a tensor's flattened
+values and never hold a whole tensor: memory stays flat in model size and count. Its
+``tensor_stats`` (if any) are collected over the chunks first. Called on whole tensors (tests,
+references) with ``tensor_stats=None``, a kernel computes them from the tensors it is given.
 """
 
 from __future__ import annotations
@@ -64,6 +71,33 @@ class GlobalStats(Protocol):
     def reduce(self, pass_index: int, total: torch.Tensor, p: Any, state: Any) -> Any: ...
 
 
+class TensorStats(Protocol):
+    """Per-tensor statistics of an elementwise kernel (per-tensor TIES trim, DARE's L1 rescale):
+    ``passes`` rounds of ``collect`` on each chunk of the tensor (partials summed in chunk
+    order) and ``reduce`` on the sum. ``needed(p)`` says whether these params use them."""
+
+    passes: int
+
+    def needed(self, p: Any) -> bool: ...
+
+    def collect(
+        self, pass_index: int, tensors: Sequence[torch.Tensor], p: Any, *, base: torch.Tensor,
+        state: Any, rng: Sequence[Any] | None,
+    ) -> torch.Tensor: ...
+
+    def reduce(self, pass_index: int, total: torch.Tensor, p: Any, state: Any) -> Any: ...
+
+
+def single_pass_stats(stats: TensorStats, tensors: Sequence[torch.Tensor], p: Any,
+                      base: torch.Tensor) -> Any:
+    """Tensor statistics of whole tensors: every pass over one chunk, the tensors themselves."""
+    state = None
+    for i in range(stats.passes):
+        part = stats.collect(i, tensors, p, base=base, state=state, rng=None)
+        state = stats.reduce(i, part, p, state)
+    return state
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -74,6 +108,14 @@ class MethodSpec:
     max_models: int | None = None
     uses_rng: bool = False
     stats: GlobalStats | None = None
+    elementwise: bool | Callable[[Any], bool] = False
+    tensor_stats: TensorStats | None = None
+
+    def is_elementwise(self, p: Any) -> bool:
+        return self.elementwise(p) if callable(self.elementwise) else self.elementwise
+
+    def tensor_stats_for(self, p: Any) -> TensorStats | None:
+        return self.tensor_stats if self.tensor_stats and self.tensor_stats.needed(p) else None
 
     @property
     def summary(self) -> str:
@@ -85,14 +127,16 @@ METHODS: dict[str, MethodSpec] = {}
 
 def merge_method(name: str, *, params: type, needs_base: bool, min_models: int = 1,
                  max_models: int | None = None, uses_rng: bool = False,
-                 stats: GlobalStats | None = None):
+                 stats: GlobalStats | None = None,
+                 elementwise: bool | Callable[[Any], bool] = False,
+                 tensor_stats: TensorStats | None = None):
     """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
 
     def register(fn):
         if name in METHODS:
             raise RuntimeError(f"merge method {name!r} registered twice")
         METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
-                                   uses_rng, stats)
+                                   uses_rng, stats, elementwise, tensor_stats)
         return fn
 
     return register

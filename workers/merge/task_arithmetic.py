@@ -18,7 +18,8 @@ class TaskArithmeticParams:
     normalize: bool = param(False)
 
 
-@merge_method("task_arithmetic", params=TaskArithmeticParams, needs_base=True)
+@merge_method("task_arithmetic", params=TaskArithmeticParams, needs_base=True,
+              elementwise=True)
 def task_arithmetic(tensors: Sequence[torch.Tensor], p: TaskArithmeticParams, *,
                     base: torch.Tensor) -> torch.Tensor:
     """θ0 + λ Σ w_i (θ_i − θ0); with ``normalize`` the sum is divided by Σ w_i.

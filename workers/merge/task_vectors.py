@@ -11,8 +11,6 @@ from typing import Sequence
 
 import torch
 
-_L1_EPS = 1e-7
-
 
 def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """Stacked deltas ``[K, *shape]`` of each model from the base."""
@@ -38,12 +36,14 @@ def combine(
     the positive sign. ``deltas`` is modified in place.
     """
     w = torch.tensor(list(weights), dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
-    deltas.mul_(w)
+    unit = all(x == 1 for x in weights)  # x * 1 == x: skip the multiplications
+    if not unit:
+        deltas.mul_(w)
     if sign_consensus:
-        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-        agree = deltas.sign() == majority
-        mixed = (deltas * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
+        majority = as_float(deltas.sum(dim=0) >= 0, deltas.dtype) * 2 - 1
+        agree = as_float(deltas * majority > 0, deltas.dtype)  # zeros never agree
+        mixed = deltas.mul_(agree).sum(dim=0)
+        divisor = agree.sum(dim=0, dtype=deltas.dtype) if unit else (w * agree).sum(dim=0)
         divisor[divisor == 0] = 1
     else:
         mixed = deltas.sum(dim=0)
@@ -54,6 +54,12 @@ def combine(
     if scale != 1:
         mixed *= scale
     return base + mixed
+
+
+def as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as 0/1 in ``dtype``, through uint8: torch converts bool (and multiplies by
+    it) several times slower than uint8."""
+    return mask.view(torch.uint8).to(dtype)
 
 
 def keep_largest(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -82,22 +88,3 @@ def keep_middle(delta: torch.Tensor, density: float, gamma: float) -> torch.Tens
     mask = torch.zeros(n, dtype=delta.dtype)
     mask[order[drop_small:drop_small + keep]] = 1
     return delta * mask.reshape(delta.shape)
-
-
-def keep_random(delta: torch.Tensor, density: float, rescale: str,
-                generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density`` (drop rate p = 1 - density), then
-    rescale: ``"density"`` divides by the density (unbiased, the paper), ``"l1"`` restores the
-    L1 norm (mergekit's ``rescale: true``), ``"none"`` does not rescale."""
-    if density >= 1:
-        return delta
-    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
-    masked = delta * keep
-    if rescale == "density":
-        return masked / density if density > 0 else masked
-    if rescale == "l1":
-        before, after = delta.abs().sum(), masked.abs().sum()
-        if before < _L1_EPS or after < _L1_EPS:
-            return masked
-        return masked * (before / after)
-    return masked

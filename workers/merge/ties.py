@@ -8,10 +8,11 @@ from typing import Any, Hashable, Sequence
 import torch
 
 from workers.merge import quantile
-from workers.merge.registry import merge_method, param, per_model
-from workers.merge.task_vectors import combine, keep_largest, task_vectors
+from workers.merge.registry import merge_method, param, per_model, single_pass_stats
+from workers.merge.task_vectors import as_float, combine, keep_largest, task_vectors
 
 TRIM_SCOPES = ("global", "tensor")
+TRIM_TIES = ("index", "sort")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class TiesParams:
     weight: tuple[float, ...] = per_model(1.0)
     density: tuple[float, ...] = per_model(0.2, ge=0, le=1)  # fraction of τ_i kept (k)
     trim_scope: str = param("global", choices=TRIM_SCOPES)
+    # per-tensor trim keeps exactly k entries; entries tied with the k-th largest |τ| are taken
+    # in index order (O(n), chunked) or as a full argsort orders them (mergekit's, bit for bit)
+    trim_ties: str = param("index", choices=TRIM_TIES)
     scale: float = param(1.0)  # λ; mergekit's `lambda`
     normalize: bool = param(True)  # disjoint mean (True) or disjoint sum (False)
 
@@ -26,7 +30,8 @@ class TiesParams:
 class GlobalTrim:
     """R stage of global trimming: per model, the exact magnitude of its k-th largest task-vector
     entry over every tensor of the group, k = int(density * entries). State after the last pass:
-    one threshold per model (None keeps nothing)."""
+    one threshold per model (None keeps nothing). ``TensorTrim`` runs the same two passes over
+    the chunks of one tensor for the per-tensor trim."""
 
     passes = 2
 
@@ -34,7 +39,7 @@ class GlobalTrim:
         return p.density if p.trim_scope == "global" else None
 
     def collect(self, pass_index: int, tensors: Sequence[torch.Tensor], p: TiesParams, *,
-                base: torch.Tensor, state: Any) -> torch.Tensor:
+                base: torch.Tensor, state: Any, rng: Any = None) -> torch.Tensor:
         hists = []
         for i, t in enumerate(tensors):
             bits = quantile.magnitude_bits(t - base)
@@ -52,10 +57,36 @@ class GlobalTrim:
         return [_threshold(hist, s) for hist, s in zip(total, state)]
 
 
-def _locate(hist: torch.Tensor, density: float) -> str | tuple[int, int]:
+class TensorTrim(GlobalTrim):
+    """Per-tensor trim to exactly k = max(1, int(density * n)) entries per model, as mergekit
+    counts them. State: per model None (keep nothing), or ``[threshold, quota]``: keep every
+    entry above the threshold and the first ``quota`` entries equal to it, in index order.
+    The kernel consumes the quota chunk by chunk, so chunks must come in order."""
+
+    def needed(self, p: TiesParams) -> bool:
+        return p.trim_scope == "tensor" and p.trim_ties == "index"
+
+    def reduce(self, pass_index: int, total: torch.Tensor, p: TiesParams, state: Any) -> Any:
+        if pass_index == 0:
+            return [_locate(h, d, at_least=1 if d > 0 else 0) for h, d in zip(total, p.density)]
+        out = []
+        for hist, located in zip(total, state):
+            if located in ("none", "all"):
+                out.append(None if located == "none" else [0.0, int(hist.sum())])
+            else:
+                low, quota = quantile.select(hist, located[1])
+                out.append([quantile.bits_to_float(located[0], low), quota])
+        return out
+
+
+def _sorted_trim(p: TiesParams) -> bool:
+    return p.trim_scope == "tensor" and p.trim_ties == "sort"
+
+
+def _locate(hist: torch.Tensor, density: float, at_least: int = 0) -> str | tuple[int, int]:
     """"none", "all", or (high bin, rank inside it) of the k-th largest magnitude."""
     n = int(hist.sum())
-    keep = int(density * n)
+    keep = max(at_least, int(density * n)) if n else 0
     if keep <= 0:
         return "none"
     if keep >= n:
@@ -72,9 +103,29 @@ def _threshold(hist: torch.Tensor, located: str | tuple[int, int]) -> float | No
     return quantile.bits_to_float(high, quantile.select(hist, rank)[0])
 
 
-@merge_method("ties", params=TiesParams, needs_base=True, stats=GlobalTrim())
+def _keep_quota(delta: torch.Tensor, state: list | None) -> None:
+    """Zero ``delta`` (a chunk) below the threshold, and past the quota of tied entries."""
+    if state is None:
+        delta.zero_()
+        return
+    threshold, quota = state
+    magnitude = delta.abs().float()
+    keep = magnitude > threshold
+    tied = magnitude == threshold
+    n_tied = int(tied.sum())
+    if n_tied <= quota:
+        keep |= tied
+    elif quota > 0:
+        keep.view(-1)[tied.view(-1).nonzero()[:quota, 0]] = True
+    state[1] = max(0, quota - n_tied)
+    delta *= as_float(keep, delta.dtype)
+
+
+@merge_method("ties", params=TiesParams, needs_base=True, stats=GlobalTrim(),
+              elementwise=lambda p: not _sorted_trim(p), tensor_stats=TensorTrim())
 def ties(tensors: Sequence[torch.Tensor], p: TiesParams, *, base: torch.Tensor,
-         stats: list[float | None] | None) -> torch.Tensor:
+         stats: list[float | None] | None,
+         tensor_stats: list[float | None] | None = None) -> torch.Tensor:
     """Trim each task vector, elect a sign per entry, merge only the entries that agree.
 
     Keeps the top-``density`` entries of each task vector by magnitude, elects the sign of the
@@ -82,16 +133,22 @@ def ties(tensors: Sequence[torch.Tensor], p: TiesParams, *, base: torch.Tensor,
 
     ``trim_scope: global`` (default, the paper and FusionBench) trims with one threshold per model
     over the whole model (``stats`` holds it; entries with |τ| >= threshold survive, so ties at
-    the threshold are kept); ``trim_scope: tensor`` trims each tensor on its own (mergekit).
+    the threshold are kept); ``trim_scope: tensor`` trims each tensor on its own (mergekit) to
+    exactly k entries, ties at the threshold taken in index order (``trim_ties: index``, a
+    linear-time selection) or in mergekit's argsort order (``sort``, bit for bit mergekit).
     A zero weighted sum elects the positive sign (the paper's code uses the model-wide majority).
     """
     deltas = task_vectors(tensors, base)
+    if p.trim_scope == "tensor" and not _sorted_trim(p) and tensor_stats is None:
+        tensor_stats = single_pass_stats(TensorTrim(), tensors, p, base)
     for i in range(len(tensors)):
-        if p.trim_scope == "tensor":
+        if _sorted_trim(p):
             deltas[i] = keep_largest(deltas[i], p.density[i])
+        elif p.trim_scope == "tensor":
+            _keep_quota(deltas[i], tensor_stats[i])
         elif stats[i] is None:
             deltas[i].zero_()
-        else:
-            deltas[i] *= deltas[i].abs().float() >= stats[i]
+        elif stats[i] > 0:
+            deltas[i] *= as_float(deltas[i].abs().float() >= stats[i], deltas.dtype)
     return combine(deltas, p.weight, base=base, sign_consensus=True, normalize=p.normalize,
                    scale=p.scale)

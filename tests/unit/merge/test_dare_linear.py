@@ -42,7 +42,7 @@ def test_masks_are_keyed_not_streamed():
     *xs, base = tensors(3)
     p = params(DareParams, 2, density=0.5)
     a = dare_linear(xs, p, base=base, rng=rngs(2))
-    torch.rand(10, generator=keyed_generator(0, "m0", "w"))  # unrelated draws in between
+    keyed_generator(0, "m0", "w").random_raw(10)  # unrelated draws in between
     assert torch.equal(a, dare_linear(xs, p, base=base, rng=rngs(2)))
     assert not torch.equal(a, dare_linear(xs, p, base=base, rng=rngs(2, tensor="v")))
     assert not torch.equal(a, dare_linear(xs, p, base=base, rng=rngs(2, seed=1)))

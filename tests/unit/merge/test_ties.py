@@ -1,8 +1,9 @@
 import torch
 
 from tests.unit.merge.helpers import params, tensors
+from workers.merge.registry import single_pass_stats
 from workers.merge.task_arithmetic import TaskArithmeticParams, task_arithmetic
-from workers.merge.ties import GlobalTrim, TiesParams, ties
+from workers.merge.ties import GlobalTrim, TensorTrim, TiesParams, ties
 
 
 def naive_ties(xs, base, density, w, scale, normalize, thresholds=None):
@@ -128,3 +129,33 @@ def test_zero_density_keeps_nothing():
     p, thresholds = run_global([(xs, base)], 0.0, 2)
     assert thresholds == [None, None]
     assert torch.equal(ties(xs, p, base=base, stats=thresholds), base)
+
+
+def test_per_tensor_trim_ties_index_and_sort():
+    """With many tied magnitudes (a coarse grid, like bf16 deltas), both tie rules keep exactly
+    k entries: everything above the k-th largest |τ|, and tied ones in index order (``index``)
+    or in argsort order (``sort``); chunk by chunk gives the same as whole."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.zeros(50, 40)
+    x = (torch.randn(50, 40, generator=g) * 4).round() / 4
+    k = int(0.3 * x.numel())
+    out = {}
+    for mode in ("index", "sort"):
+        p = params(TiesParams, 1, density=0.3, trim_scope="tensor", trim_ties=mode)
+        out[mode] = ties([x], p, base=base, stats=None)
+    threshold = x.abs().reshape(-1).sort(descending=True).values[k - 1]
+    for got in out.values():
+        assert int((got != 0).sum()) == k
+        assert ((got != 0) >= (x.abs() > threshold)).all()
+    tied = (x.abs() == threshold).reshape(-1).nonzero()[:, 0]
+    quota = k - int((x.abs() > threshold).sum())
+    want = (x.abs() > threshold).reshape(-1)
+    want[tied[:quota]] = True
+    assert torch.equal(out["index"].reshape(-1) != 0, want)
+
+    p = params(TiesParams, 1, density=0.3, trim_scope="tensor")
+    state = single_pass_stats(TensorTrim(), [x], p, base)
+    flat, b = x.reshape(-1), base.reshape(-1)
+    pieces = [ties([flat[c:c + 128]], p, base=b[c:c + 128], stats=None, tensor_stats=state)
+              for c in range(0, flat.numel(), 128)]
+    assert torch.equal(torch.cat(pieces), out["index"].reshape(-1))
