@@ -126,6 +126,10 @@ class _RayExecutor:
         self.started = False
 
     def __enter__(self):
+        if not self.runtime.address:
+            # An embedded cluster binds every service to 127.0.0.1 only in Ray's local-only mode
+            # (its default on macOS and Windows); Ray reads the switch when it is first imported.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         if not ray.is_initialized():

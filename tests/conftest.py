@@ -10,6 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# Ray binds its services to loopback only in local-only mode, read when ray is first imported
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 LLAMA = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
              tie_word_embeddings=False)
