@@ -120,10 +120,11 @@ def measure(cmd: list[str]) -> dict:
     out, err = proc.communicate()
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    ray_start = re.search(r"ray_start ([\d.]+)s", out)
+    phases = dict(re.findall(r"(ray_start|statistics|merge) ([\d.]+)s", out))
     return {"wall": wall, "cpu": sum(watch.cpu.values()),
             "max_rss": max(watch.hwm.values(), default=0), "sum_rss": watch.peak_sum,
-            "processes": len(watch.hwm), "ray_start": float(ray_start[1]) if ray_start else 0.0}
+            "processes": len(watch.hwm), "ray_start": float(phases.get("ray_start", 0)),
+            "merge_phase": float(phases.get("merge", 0)) + float(phases.get("statistics", 0))}
 
 
 def files_of(folders: list[str]) -> list[str]:
@@ -132,7 +133,8 @@ def files_of(folders: list[str]) -> list[str]:
 
 
 def io_floor(files: list[str]) -> dict:
-    """Seconds to read every input once (warm, second read) and to load them with safetensors."""
+    """Seconds to read every input once (warm, second read) and to load them with safetensors
+    (``load_file`` maps the file; cloning every tensor makes the load a copy into memory)."""
     def read_all() -> float:
         start = time.perf_counter()
         buf = bytearray(64 << 20)
@@ -145,8 +147,9 @@ def io_floor(files: list[str]) -> dict:
 
     read_all()
     cat = min(read_all() for _ in range(2))
-    code = ("import sys,time,safetensors.torch as s;t=time.perf_counter()\n"
-            "for p in sys.argv[1:]: s.load_file(p)\nprint(time.perf_counter()-t)")
+    code = ("import sys,time,safetensors.torch as s;t=time.perf_counter()\n"  # load + copy
+            "for p in sys.argv[1:]: [v.clone() for v in s.load_file(p).values()]\n"
+            "print(time.perf_counter()-t)")
     load = min(float(subprocess.run([sys.executable, "-c", code, *files], check=True,
                                     capture_output=True, text=True).stdout) for _ in range(2))
     return {"read": cat, "safetensors_load": load}
@@ -247,17 +250,18 @@ def main() -> None:
 
 
 def median(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs) if runs else float("nan")
+    return statistics.median(r.get(key, float("nan")) for r in runs) if runs else float("nan")
 
 
 def row(cell: dict) -> str:
-    """| K | method | mergekit s | raymerge s | minus Ray start | speed-up | speed-up minus start |
-    raymerge GB/s | CPU s mk/rm | max RSS mk/rm | sum RSS rm |"""
+    """| K | method | mergekit s | raymerge s | minus Ray start | merge phase | speed-up |
+    speed-up minus start | raymerge GB/s | CPU s mk/rm | max RSS GiB mk/rm | sum RSS GiB rm |"""
     mk, rm = cell["runs"]["mergekit"], cell["runs"]["raymerge"]
     mk_wall, rm_wall = median(mk, "wall"), median(rm, "wall")
     rm_ns = statistics.median(r["wall"] - r["ray_start"] for r in rm)
     gb = cell["input_bytes"] / 1e9
     return (f"| {cell['k']} | {cell['method']} | {mk_wall:.1f} | {rm_wall:.1f} | {rm_ns:.1f} | "
+            f"{median(rm, 'merge_phase'):.1f} | "
             f"{mk_wall / rm_wall:.1f}x | {mk_wall / rm_ns:.1f}x | {gb / rm_wall:.2f} | "
             f"{median(mk, 'cpu'):.0f} / {median(rm, 'cpu'):.0f} | "
             f"{median(mk, 'max_rss') / 2**30:.2f} / {median(rm, 'max_rss') / 2**30:.2f} | "
