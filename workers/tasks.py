@@ -16,7 +16,7 @@ import functools
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -195,7 +195,7 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         return
     tensor_stats = spec.tensor_stats_for(item.params)
     if tensor_stats is not None and item.inputs[0].info.numel:
-        kwargs["tensor_stats"] = _tensor_stats(tensor_stats, item, ctx, dtype)
+        kwargs["tensor_stats"] = _tensor_stats(tensor_stats, item, ctx)
     for chunk, values in _chunks(item, ctx):
         tensors, base = _split(item, values, dtype)
         if spec.needs_base:
@@ -205,30 +205,34 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         yield spec.fn(tensors, item.params, **kwargs).to(out_dtype)
 
 
-def _tensor_stats(stats: Any, item: Any, ctx: TaskContext, dtype: torch.dtype) -> Any:
+def _tensor_stats(stats: Any, item: Any, ctx: TaskContext) -> Any:
     state = None
     keyed = get_method(item.method).uses_rng
     for p in range(stats.passes):
-        total = None
-        for chunk, values in _chunks(item, ctx):
-            tensors, base = _split(item, values, dtype)
-            part = stats.collect(p, tensors, item.params, base=base, state=state,
-                                 rng=_generators(ctx, item, chunk) if keyed else None)
-            total = part if total is None else total + part
+        total = _sum_over_chunks(item, ctx, keyed, lambda tensors, base, rng: stats.collect(
+            p, tensors, item.params, base=base, state=state, rng=rng))
         state = stats.reduce(p, total, item.params, state)
     return state
 
 
-def _generators(ctx: TaskContext, item: Any, chunk: int) -> list[np.random.SFC64]:
-    return [keyed_generator(ctx.seed, m, item.tensor_name, chunk) for m in ctx.model_names]
-
-
 def _collect_item(item: Any, ctx: TaskContext, pass_index: int, state: Any) -> torch.Tensor:
-    spec = get_method(item.method)
+    stats = get_method(item.method).stats
+    return _sum_over_chunks(item, ctx, False, lambda tensors, base, _: stats.collect(
+        pass_index, tensors, item.params, base=base, state=state))
+
+
+def _sum_over_chunks(item: Any, ctx: TaskContext, keyed: bool,
+                     collect: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``collect(tensors, base, rng)`` on every chunk (cache-sized: casts there are ten times
+    cheaper than on whole windows), partials summed in chunk order."""
     dtype = torch_dtype(ctx.compute_dtype)
     total = None
-    for _, values in _chunks(item, ctx):  # cache-sized chunks: casts are 10x faster than windows
+    for chunk, values in _chunks(item, ctx):
         tensors, base = _split(item, values, dtype)
-        part = spec.stats.collect(pass_index, tensors, item.params, base=base, state=state)
+        part = collect(tensors, base, _generators(ctx, item, chunk) if keyed else None)
         total = part if total is None else total + part
     return total
+
+
+def _generators(ctx: TaskContext, item: Any, chunk: int) -> list[np.random.SFC64]:
+    return [keyed_generator(ctx.seed, m, item.tensor_name, chunk) for m in ctx.model_names]
