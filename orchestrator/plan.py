@@ -300,7 +300,8 @@ def describe(plan: Plan) -> str:
         lines.append(f"global statistics pass ({g.method}): {g.n_tensors} tensors, "
                      f"params {g.params}")
     peak = max((u.peak_bytes for u in plan.units), default=0)
-    lines.append(f"estimated peak memory per worker: {format_bytes(peak)}")
+    lines.append(f"estimated peak memory per worker: {format_bytes(peak)} (working set, on top "
+                 "of the ~0.3 GiB a Python process with torch holds)")
     lines.append(f"{'unit':>5}  {'shard':<32} {'tensors':>7} {'input':>11} {'output':>11} "
                  f"{'peak':>11}  first .. last tensor")
     for u in plan.units:
