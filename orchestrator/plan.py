@@ -50,6 +50,7 @@ class WorkItem:
     params: Any
     out_dtype: str
     stats_group: int = -1  # index into Plan.stats_groups, -1 when no global statistics
+    stats_slot: int = -1  # this tensor's position among its group's tensors
 
     @property
     def out_bytes(self) -> int:
@@ -171,7 +172,7 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
         if not spec.needs_base:
             base_ref = None  # a base given to a base-free method is the reference, not an input
         params = resolve_params(spec, cfg, name, matchers)
-        group = -1
+        group = slot = -1
         key = spec.stats.key(params) if spec.stats is not None else None
         if key is not None:
             if key not in stats_keys:
@@ -179,9 +180,10 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
                 stats_params.append(params)
                 stats_counts.append(0)
             group = stats_keys[key]
+            slot = stats_counts[group]
             stats_counts[group] += 1
         items.append(WorkItem(name, refs, base_ref, spec.name, params,
-                              out_code or ref_info.dtype, group))
+                              out_code or ref_info.dtype, group, slot))
 
     units = _pack_units(items, parse_bytes(cfg.output.shard_size),
                         parse_bytes(cfg.runtime.worker_memory), compute_size, len(sources),

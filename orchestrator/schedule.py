@@ -48,10 +48,16 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
             for p in range(spec.stats.passes):
                 label = f"statistics {p + 1}/{spec.stats.passes}"
                 totals: dict[int, Any] = {}
+                per_tensor: dict[int, dict[int, Any]] = {}
                 for _, part in executor.imap(collect_unit, stat_units, (ctx, p, states),
                                              _Progress(label, stat_units, quiet)):
-                    for g, value in part.items():  # integer counts: any order sums exactly
-                        totals[g] = value if g not in totals else totals[g] + value
+                    for (g, slot), value in part.items():  # integer counts: any order is exact
+                        if slot >= 0:
+                            per_tensor.setdefault(g, {})[slot] = value
+                        else:
+                            totals[g] = value if g not in totals else totals[g] + value
+                for g, parts in per_tensor.items():  # one partial per tensor, in plan order
+                    totals[g] = [parts[s] for s in range(plan.stats_groups[g].n_tensors)]
                 states = {g: spec.stats.reduce(p, totals[g], plan.stats_groups[g].params,
                                                states.get(g))
                           for g in totals}

@@ -102,20 +102,28 @@ def merge_unit(unit: Any, ctx: TaskContext, stats: dict[int, Any]) -> ShardRecor
 
 
 def collect_unit(unit: Any, ctx: TaskContext, pass_index: int,
-                 states: dict[int, Any]) -> dict[int, torch.Tensor]:
-    """One statistics pass over ``unit``: the summed partials of each global-statistics group.
+                 states: dict[int, Any]) -> dict[tuple[int, int], torch.Tensor]:
+    """One statistics pass over ``unit``: partials keyed by (group, slot). In summed passes all
+    of a group's partials are added under slot -1; in the method's ``tensor_passes`` each
+    tensor's partial stays under its own slot.
 
     Global statistics are integer counts, so they are collected chunk by chunk whatever the
     method: summing them in any order is exact."""
-    sums: dict[int, torch.Tensor] = {}
+    sums: dict[tuple[int, int], torch.Tensor] = {}
     with torch_threads(ctx.threads):
         for item in unit.items:
-            if item.stats_group < 0 or item.inputs[0].info.numel == 0:
+            if item.stats_group < 0:
+                continue
+            stats = get_method(item.method).stats
+            key = (item.stats_group,
+                   item.stats_slot if pass_index in stats.tensor_passes else -1)
+            if item.inputs[0].info.numel == 0:
+                if key[1] >= 0:  # an empty tensor still holds its place
+                    sums[key] = torch.zeros(len(item.inputs), dtype=torch.int64)
                 continue
             partial = _guarded(item, unit, _collect_item, item, ctx, pass_index,
                                states.get(item.stats_group))
-            group = item.stats_group
-            sums[group] = partial if group not in sums else sums[group] + partial
+            sums[key] = partial if key not in sums else sums[key] + partial
     return sums
 
 
@@ -186,7 +194,8 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
     dtype, out_dtype = torch_dtype(ctx.compute_dtype), torch_dtype(item.out_dtype)
     kwargs: dict[str, Any] = {}
     if spec.stats is not None:
-        kwargs["stats"] = stats.get(item.stats_group)
+        kwargs["stats"] = (spec.stats.for_tensor(stats[item.stats_group], item.stats_slot)
+                           if item.stats_group >= 0 else None)
     if not spec.is_elementwise(item.params):  # needs the whole tensor at once
         tensors = [_read(ctx, r, dtype) for r in item.inputs]
         if spec.needs_base:

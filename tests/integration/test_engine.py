@@ -11,6 +11,7 @@ import yaml
 from safetensors import safe_open
 
 from orchestrator.cli import main
+from orchestrator.plan import natural_key
 from tests.conftest import load_state, tiny_llama
 from tests.unit.merge.helpers import params
 from workers.merge import METHODS
@@ -62,13 +63,22 @@ def reference(doc, family):
         default = values.get(f, default)
         values[f] = [s["params"].get(f, default) for s in doc["sources"]]
     p = params(spec.params, len(names), **values)
-    stats = None
+    stats = {}
     if spec.stats is not None and p.trim_scope == "global":
-        stats = []
+        # exactly k entries per model: largest |τ| first, ties in plan (tensor, index) order
+        order = sorted(base, key=natural_key)
         for i in range(len(names)):
-            flat = torch.cat([(states[i][n] - base[n]).abs().reshape(-1) for n in base])
+            taus = [(states[i][n] - base[n]).abs().reshape(-1) for n in order]
+            flat = torch.cat(taus)
             k = int(p.density[i] * flat.numel())
-            stats.append(float(torch.sort(flat, descending=True).values[k - 1]))
+            ranked = torch.sort(flat, descending=True, stable=True)
+            threshold = float(ranked.values[k - 1])
+            kept = torch.zeros(flat.numel(), dtype=torch.bool)
+            kept[ranked.indices[:k]] = True
+            for n, piece in zip(order, kept.split([t.numel() for t in taus])):
+                tied = int((piece & (flat.split([t.numel() for t in taus])[order.index(n)]
+                                     == threshold)).sum())
+                stats.setdefault(n, []).append([threshold, tied])
     out = {}
     for name in states[0]:
         kw = {}
@@ -77,7 +87,7 @@ def reference(doc, family):
         if spec.uses_rng:
             kw["rng"] = [keyed_generator(doc["seed"], n, name) for n in names]
         if spec.stats is not None:
-            kw["stats"] = stats
+            kw["stats"] = stats.get(name)
         out[name] = spec.fn([s[name] for s in states], p, **kw)
     return out
 

@@ -56,10 +56,14 @@ class GlobalStats(Protocol):
 
     ``key(p)`` groups tensors that share one set of global statistics (None: the tensor needs
     none). Each of ``passes`` rounds runs ``collect`` on every tensor of a group (partials are
-    summed exactly, so they must be integer-valued tensors) and ``reduce`` on the sum.
+    summed exactly, so they must be integer-valued tensors) and ``reduce`` on the sum; in the
+    ``tensor_passes`` the partials are not summed and ``reduce`` gets the list of them, one per
+    tensor of the group in plan order. ``for_tensor(state, slot)`` is what the kernel of the
+    group's ``slot``-th tensor gets as ``stats``.
     """
 
     passes: int
+    tensor_passes: frozenset[int]
 
     def key(self, p: Any) -> Hashable | None: ...
 
@@ -68,7 +72,9 @@ class GlobalStats(Protocol):
         state: Any,
     ) -> torch.Tensor: ...
 
-    def reduce(self, pass_index: int, total: torch.Tensor, p: Any, state: Any) -> Any: ...
+    def reduce(self, pass_index: int, total: Any, p: Any, state: Any) -> Any: ...
+
+    def for_tensor(self, state: Any, slot: int) -> Any: ...
 
 
 class TensorStats(Protocol):

@@ -28,18 +28,24 @@ class TiesParams:
 
 
 class GlobalTrim:
-    """R stage of global trimming: per model, the exact magnitude of its k-th largest task-vector
-    entry over every tensor of the group, k = int(density * entries). State after the last pass:
-    one threshold per model (None keeps nothing). ``TensorTrim`` runs the same two passes over
-    the chunks of one tensor for the per-tensor trim."""
+    """R stage of global trimming to exactly k = int(density * entries) per model over every
+    tensor of the group. Passes 0 and 1 find each model's k-th largest |τ| exactly (radix
+    histograms) and how many entries equal to it are kept (the quota); pass 2 counts, per tensor,
+    the entries equal to the threshold, and the quota goes to them in tensor order, then index
+    order. ``for_tensor`` gives one tensor's ``[threshold, quota]`` per model (None keeps
+    nothing). ``TensorTrim`` runs passes 0 and 1 over the chunks of one tensor instead."""
 
-    passes = 2
+    passes = 3
+    tensor_passes = frozenset({2})
 
     def key(self, p: TiesParams) -> Hashable | None:
         return p.density if p.trim_scope == "global" else None
 
     def collect(self, pass_index: int, tensors: Sequence[torch.Tensor], p: TiesParams, *,
                 base: torch.Tensor, state: Any, rng: Any = None) -> torch.Tensor:
+        if pass_index == 2:
+            return torch.tensor([0 if s is None else int(((t - base).abs().float() == s[0]).sum())
+                                 for t, s in zip(tensors, state)], dtype=torch.int64)
         hists = []
         for i, t in enumerate(tensors):
             bits = quantile.magnitude_bits(t - base)
@@ -51,10 +57,21 @@ class GlobalTrim:
                 hists.append(torch.zeros(quantile.BINS, dtype=torch.int64))
         return torch.stack(hists)
 
-    def reduce(self, pass_index: int, total: torch.Tensor, p: TiesParams, state: Any) -> Any:
+    def reduce(self, pass_index: int, total: Any, p: TiesParams, state: Any) -> Any:
         if pass_index == 0:
             return [_locate(hist, density) for hist, density in zip(total, p.density)]
-        return [_threshold(hist, s) for hist, s in zip(total, state)]
+        if pass_index == 1:
+            return [_threshold(hist, s) for hist, s in zip(total, state)]
+        quotas, left = [], [0 if s is None else s[1] for s in state]
+        for counts in total:  # one tensor after the other, in plan order
+            taken = [min(q, int(c)) for q, c in zip(left, counts)]
+            quotas.append(taken)
+            left = [q - t for q, t in zip(left, taken)]
+        return state, quotas
+
+    def for_tensor(self, state: Any, slot: int) -> list[list | None]:
+        thresholds, quotas = state
+        return [None if t is None else [t[0], q] for t, q in zip(thresholds, quotas[slot])]
 
 
 class TensorTrim(GlobalTrim):
@@ -63,20 +80,15 @@ class TensorTrim(GlobalTrim):
     entry above the threshold and the first ``quota`` entries equal to it, in index order.
     The kernel consumes the quota chunk by chunk, so chunks must come in order."""
 
+    passes = 2
+
     def needed(self, p: TiesParams) -> bool:
         return p.trim_scope == "tensor" and p.trim_ties == "index"
 
     def reduce(self, pass_index: int, total: torch.Tensor, p: TiesParams, state: Any) -> Any:
-        if pass_index == 0:
+        if pass_index == 0:  # like mergekit, a positive density keeps at least one entry
             return [_locate(h, d, at_least=1 if d > 0 else 0) for h, d in zip(total, p.density)]
-        out = []
-        for hist, located in zip(total, state):
-            if located in ("none", "all"):
-                out.append(None if located == "none" else [0.0, int(hist.sum())])
-            else:
-                low, quota = quantile.select(hist, located[1])
-                out.append([quantile.bits_to_float(located[0], low), quota])
-        return out
+        return super().reduce(pass_index, total, p, state)
 
 
 def _sorted_trim(p: TiesParams) -> bool:
@@ -94,13 +106,14 @@ def _locate(hist: torch.Tensor, density: float, at_least: int = 0) -> str | tupl
     return quantile.select(hist, keep)
 
 
-def _threshold(hist: torch.Tensor, located: str | tuple[int, int]) -> float | None:
+def _threshold(hist: torch.Tensor, located: str | tuple[int, int]) -> list | None:
+    """``[threshold, entries equal to it to keep]``, or None to keep nothing."""
     if located == "none":
         return None
     if located == "all":
-        return 0.0
-    high, rank = located
-    return quantile.bits_to_float(high, quantile.select(hist, rank)[0])
+        return [0.0, int(hist.sum())]
+    low, quota = quantile.select(hist, located[1])
+    return [quantile.bits_to_float(located[0], low), quota]
 
 
 def _keep_quota(delta: torch.Tensor, state: list | None) -> None:
@@ -124,18 +137,18 @@ def _keep_quota(delta: torch.Tensor, state: list | None) -> None:
 @merge_method("ties", params=TiesParams, needs_base=True, stats=GlobalTrim(),
               elementwise=lambda p: not _sorted_trim(p), tensor_stats=TensorTrim())
 def ties(tensors: Sequence[torch.Tensor], p: TiesParams, *, base: torch.Tensor,
-         stats: list[float | None] | None,
-         tensor_stats: list[float | None] | None = None) -> torch.Tensor:
+         stats: list[list | None] | None,
+         tensor_stats: list[list | None] | None = None) -> torch.Tensor:
     """Trim each task vector, elect a sign per entry, merge only the entries that agree.
 
     Keeps the top-``density`` entries of each task vector by magnitude, elects the sign of the
     weighted sum per entry, and averages (``normalize``) or sums only the agreeing entries.
 
-    ``trim_scope: global`` (default, the paper and FusionBench) trims with one threshold per model
-    over the whole model (``stats`` holds it; entries with |τ| >= threshold survive, so ties at
-    the threshold are kept); ``trim_scope: tensor`` trims each tensor on its own (mergekit) to
-    exactly k entries, ties at the threshold taken in index order (``trim_ties: index``, a
-    linear-time selection) or in mergekit's argsort order (``sort``, bit for bit mergekit).
+    ``trim_scope: global`` (default, the paper and FusionBench) keeps exactly k entries per model
+    over the whole model (``stats``: this tensor's threshold and share of the tied entries);
+    ``trim_scope: tensor`` trims each tensor on its own (mergekit) to exactly k entries, ties at
+    the threshold taken in index order (``trim_ties: index``, a linear-time selection) or in
+    mergekit's argsort order (``sort``, bit for bit mergekit).
     A zero weighted sum elects the positive sign (the paper's code uses the model-wide majority).
     """
     deltas = task_vectors(tensors, base)
@@ -144,11 +157,7 @@ def ties(tensors: Sequence[torch.Tensor], p: TiesParams, *, base: torch.Tensor,
     for i in range(len(tensors)):
         if _sorted_trim(p):
             deltas[i] = keep_largest(deltas[i], p.density[i])
-        elif p.trim_scope == "tensor":
-            _keep_quota(deltas[i], tensor_stats[i])
-        elif stats[i] is None:
-            deltas[i].zero_()
-        elif stats[i] > 0:
-            deltas[i] *= as_float(deltas[i].abs().float() >= stats[i], deltas.dtype)
+        else:
+            _keep_quota(deltas[i], (tensor_stats if p.trim_scope == "tensor" else stats)[i])
     return combine(deltas, p.weight, base=base, sign_consensus=True, normalize=p.normalize,
                    scale=p.scale)

@@ -71,20 +71,23 @@ def test_per_tensor_trim_keeps_exactly_k():
     assert int((ties([x], p, base=base, stats=None) != base).sum()) == 37
 
 
-def run_global(units, density, k):
-    """Collect/reduce over units (lists of (tensors, base)), as the driver does."""
+def run_global(tensors, density, k):
+    """Collect/reduce over the tensors of a group ((tensors, base) each, in plan order) as the
+    driver does; returns the params, the thresholds and each tensor's stats."""
     stats = GlobalTrim()
     p = params(TiesParams, k, density=density)
     state = None
     for pass_index in range(stats.passes):
-        total = sum(stats.collect(pass_index, xs, p, base=b, state=state) for xs, b in units)
+        parts = [stats.collect(pass_index, xs, p, base=b, state=state) for xs, b in tensors]
+        total = parts if pass_index in stats.tensor_passes else sum(parts)
         state = stats.reduce(pass_index, total, p, state)
-    return p, state
+    thresholds = [None if t is None else t[0] for t in state[0]]
+    return p, thresholds, [stats.for_tensor(state, slot) for slot in range(len(tensors))]
 
 
 def test_global_threshold_is_exact_kth_largest_for_any_split():
-    """The global threshold equals the k-th largest |τ| of the whole model, however the
-    tensors are split into units."""
+    """The global threshold equals the k-th largest |τ| of the whole model, whatever the order
+    in which the tensors' partials are summed."""
     shapes = [(7, 5), (13,), (3, 4, 2), (50,)]
     base = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in
             enumerate(shapes)]
@@ -94,7 +97,7 @@ def test_global_threshold_is_exact_kth_largest_for_any_split():
     for split in ([tensors_per], [tensors_per[:1], tensors_per[1:]],
                   [[t] for t in tensors_per]):
         units = [u for part in split for u in part]
-        _, thresholds = run_global(units, 0.3, 2)
+        _, thresholds, _ = run_global(units, 0.3, 2)
         for i in range(2):
             flat = torch.cat([(m - b).abs().reshape(-1) for m, b in
                               zip([mm[i] for mm, _ in tensors_per], base)])
@@ -105,8 +108,8 @@ def test_global_threshold_is_exact_kth_largest_for_any_split():
 def test_global_merge_matches_naive_reference():
     """Global trim with the reduced thresholds against the loop reference."""
     *xs, base = tensors(3, shape=(6, 6))
-    p, thresholds = run_global([(xs, base)], 0.25, 2)
-    torch.testing.assert_close(ties(xs, p, base=base, stats=thresholds),
+    p, thresholds, (stats,) = run_global([(xs, base)], 0.25, 2)
+    torch.testing.assert_close(ties(xs, p, base=base, stats=stats),
                                naive_ties(xs, base, None, [1, 1], 1.0, True, thresholds))
 
 
@@ -116,8 +119,8 @@ def test_global_and_per_tensor_trim_differ_on_scaled_tensors():
     small, big = torch.zeros(20), torch.zeros(20)
     g = torch.Generator().manual_seed(3)
     xs_small, xs_big = [torch.randn(20, generator=g)], [100 * torch.randn(20, generator=g)]
-    p, thresholds = run_global([(xs_small, small), (xs_big, big)], 0.5, 1)
-    global_small = ties(xs_small, p, base=small, stats=thresholds)
+    p, _, (stats_small, _) = run_global([(xs_small, small), (xs_big, big)], 0.5, 1)
+    global_small = ties(xs_small, p, base=small, stats=stats_small)
     per_tensor = params(TiesParams, 1, density=0.5, trim_scope="tensor")
     assert int((global_small != 0).sum()) == 0
     assert int((ties(xs_small, per_tensor, base=small, stats=None) != 0).sum()) == 10
@@ -126,9 +129,9 @@ def test_global_and_per_tensor_trim_differ_on_scaled_tensors():
 def test_zero_density_keeps_nothing():
     """density 0 trims every entry: the result is the base."""
     *xs, base = tensors(3)
-    p, thresholds = run_global([(xs, base)], 0.0, 2)
-    assert thresholds == [None, None]
-    assert torch.equal(ties(xs, p, base=base, stats=thresholds), base)
+    p, thresholds, (stats,) = run_global([(xs, base)], 0.0, 2)
+    assert thresholds == [None, None] and stats == [None, None]
+    assert torch.equal(ties(xs, p, base=base, stats=stats), base)
 
 
 def test_per_tensor_trim_ties_index_and_sort():
@@ -159,3 +162,20 @@ def test_per_tensor_trim_ties_index_and_sort():
     pieces = [ties([flat[c:c + 128]], p, base=b[c:c + 128], stats=None, tensor_stats=state)
               for c in range(0, flat.numel(), 128)]
     assert torch.equal(torch.cat(pieces), out["index"].reshape(-1))
+
+
+def test_global_trim_keeps_exactly_k_with_ties_across_tensors():
+    """Magnitudes on a coarse grid tie across tensors: global trim keeps exactly k entries of
+    the model, the tied ones taken in tensor order, then index order."""
+    g = torch.Generator().manual_seed(5)
+    xs = [(torch.randn(s, generator=g) * 4).round() / 4 for s in ((30, 20), (400,), (9, 9))]
+    bases = [torch.zeros_like(x) for x in xs]
+    p, thresholds, stats = run_global([([x], b) for x, b in zip(xs, bases)], 0.3, 1)
+    flat = torch.cat([x.reshape(-1) for x in xs]).abs()
+    k = int(0.3 * flat.numel())
+    want = torch.zeros(flat.numel(), dtype=torch.bool)
+    want[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    got = torch.cat([(ties([x], p, base=b, stats=s) != 0).reshape(-1)
+                     for x, b, s in zip(xs, bases, stats)])
+    assert int((flat == thresholds[0]).sum()) > int(want[flat == thresholds[0]].sum())  # ties
+    assert torch.equal(got, want)
