@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
+from orchestrator.config import parse_bytes
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SHARD_BYTES = 400 * 2**20
 
@@ -111,14 +113,6 @@ def make_inputs(root: str, size_bytes: int, dtype: str, models: int) -> tuple[st
     return base, tunes
 
 
-def parse_size(text: str) -> int:
-    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[:-2]) * factor)
-    return int(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", help="folder for base/ and finetune-<i>/")
@@ -126,7 +120,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
     ap.add_argument("--models", type=int, default=2, help="number of fine-tunes")
     args = ap.parse_args()
-    base, tunes = make_inputs(args.root, parse_size(args.size), args.dtype, args.models)
+    base, tunes = make_inputs(args.root, parse_bytes(args.size), args.dtype, args.models)
     print("\n".join([base, *tunes]))
 
 

@@ -32,7 +32,9 @@ import time
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from checkpoints import make_inputs, parse_size  # noqa: E402
+from checkpoints import make_inputs  # noqa: E402
+
+from orchestrator.config import parse_bytes  # noqa: E402
 
 METHODS = {  # mergekit parameters; weights 1 and the papers' usual densities
     "linear": {"weight": 1.0},
@@ -200,7 +202,7 @@ def main() -> None:
 
     ks = [int(k) for k in args.models.split(",")]
     inputs = os.path.join(args.workdir, f"{args.dtype}-{args.size}")
-    base, tunes = make_inputs(inputs, parse_size(args.size), args.dtype, max(ks))
+    base, tunes = make_inputs(inputs, parse_bytes(args.size), args.dtype, max(ks))
     mergekit_yaml = os.path.join(args.mergekit, "bin", "mergekit-yaml")
     results = {"size": args.size, "dtype": args.dtype, "runs": args.runs, "cells": []}
 

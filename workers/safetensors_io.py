@@ -169,10 +169,7 @@ class RangeReader(Protocol):
 
 def read_tensor(store: RangeReader, path: str, info: TensorInfo) -> torch.Tensor:
     """Read one tensor's bytes from ``store`` into a fresh tensor (no whole-file load)."""
-    raw = torch.empty(info.nbytes, dtype=torch.uint8)
-    if info.nbytes:
-        store.readinto(path, info.start, memoryview(raw.numpy()))
-    return raw.view(DTYPES[info.dtype]).reshape(info.shape)
+    return read_elements(store, path, info, 0, info.numel).reshape(info.shape)
 
 
 def read_elements(store: RangeReader, path: str, info: TensorInfo, start: int, stop: int,
