@@ -93,7 +93,8 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
             + (" (per model)" if "per_model" in f.metadata else "")
             for f in dataclasses.fields(spec.params)
         )
-        base = "base required" if spec.needs_base else "no base"
+        base = ("base required" if spec.needs_base else "base optional" if spec.takes_base
+                else "no base")
         print(f"{name:16} {spec.summary}\n{'':16} [{base}] {params}")
     return 0
 

@@ -32,6 +32,8 @@ _COPIED = re.compile(r"\.(json|txt|model|jinja|tiktoken)$")
 _NOT_COPIED = {INDEX_FILE, MANIFEST, MODEL_CARD, PROGRESS}
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _MAX_COPY_BYTES = 64 * 2**20
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_PER_LAYER_KEYS = ("layer_types",)
 _TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -59,8 +61,7 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
     weight_map = {it.tensor_name: u.shard for u in plan.units for it in u.items}
     files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
                                "weight_map": weight_map})
-    ref = len(plan.model_names) if any(s.role == "base" for s in plan.sources) else 0
-    files.update(_copied_files(stores[ref], cfg))
+    files.update(_copied_files(stores[plan.reference], cfg, plan.layer_map))
     files[MODEL_CARD] = model_card(plan, cfg, indexes).encode()
     for name, data in files.items():
         out.write_bytes(name, data)
@@ -117,28 +118,39 @@ def _json(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
 
 
-def _copied_files(src: Store, cfg: JobConfig) -> dict[str, bytes]:
+def _copied_files(src: Store, cfg: JobConfig, layer_map: tuple[int, ...]) -> dict[str, bytes]:
     """Config, tokenizer and other small metadata files of the reference model."""
     out = {}
     for name in src.list_files():
         if not _COPIED.search(name) or name in _NOT_COPIED or src.size(name) > _MAX_COPY_BYTES:
             continue
         data = src.read_bytes(name)
-        if name == "config.json" and cfg.output.dtype:
-            data = _with_dtype(data, cfg.output.dtype)
+        if name == "config.json" and (cfg.output.dtype or layer_map):
+            data = _output_config(data, cfg.output.dtype, layer_map)
         out[name] = data
     return out
 
 
-def _with_dtype(config_json: bytes, dtype: str) -> bytes:
+def _output_config(config_json: bytes, dtype: str | None, layer_map: tuple[int, ...]) -> bytes:
+    """The reference's config.json with the output dtype and, after slicing, the output's
+    number of layers (and per-layer lists such as ``layer_types`` re-indexed to match)."""
     try:
         doc = json.loads(config_json)
     except ValueError:
         return config_json
-    name = _TORCH_DTYPE_NAMES.get(DTYPE_NAMES[dtype], dtype)
-    for key in ("torch_dtype", "dtype"):
-        if key in doc:
-            doc[key] = name
+    if dtype:
+        name = _TORCH_DTYPE_NAMES.get(DTYPE_NAMES[dtype], dtype)
+        for key in ("torch_dtype", "dtype"):
+            if key in doc:
+                doc[key] = name
+    if layer_map:
+        for key in _LAYER_KEYS:
+            if key in doc:
+                doc[key] = len(layer_map)
+        for key in _PER_LAYER_KEYS:
+            value = doc.get(key)
+            if isinstance(value, list) and all(i < len(value) for i in layer_map):
+                doc[key] = [value[i] for i in layer_map]
     return _json(doc)
 
 

@@ -9,7 +9,6 @@ onto ``OmegaConf.structured(JobConfig)`` and turned into typed objects.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import re
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Optional
 import yaml
 from omegaconf import MISSING, OmegaConf
 
+from orchestrator import settings
 from orchestrator.errors import ConfigError
 from workers.merge import METHODS
 from workers.merge.registry import PER_MODEL, MethodSpec
@@ -42,6 +42,21 @@ class SourceConfig:
 @dataclass
 class OverrideConfig:
     tensors: str = MISSING  # glob on tensor names, or "re:<regex>" (re.search)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSourceConfig:
+    source: str = MISSING  # the name of a model in `sources` (or of the base)
+    layers: list[int] = MISSING  # [start, end): that model's layers start .. end-1
+    params: dict[str, Any] = field(default_factory=dict)  # per-model params in this slice
+
+
+@dataclass
+class SliceConfig:
+    """A run of output layers, each merged from one layer of every listed source."""
+
+    sources: list[SliceSourceConfig] = MISSING
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,6 +97,7 @@ class JobConfig:
     merge: MergeConfig = MISSING
     output: OutputConfig = MISSING
     base: Optional[SourceConfig] = None
+    slices: list[SliceConfig] = field(default_factory=list)  # empty: whole models, layer by layer
     compute_dtype: str = "float32"
     seed: int = 0
     pin_content: bool = False  # also pin sources by a sha256 of every byte (one more full read)
@@ -326,11 +342,11 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
     spec = METHODS[method]
     if spec.needs_base and doc.get("base") is None:
         errors.append(f"base: method {method!r} needs a base model (the common ancestor)")
-    n = len(sources)
-    if n and (n < spec.min_models or (spec.max_models and n > spec.max_models)):
-        want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
-                else f"at least {spec.min_models}")
-        errors.append(f"sources: method {method!r} merges {want} models, got {n}")
+    slices = doc.get("slices") if isinstance(doc.get("slices"), list) else []
+    if slices:
+        _check_slices(spec, slices, names, base, errors)
+    elif sources:
+        _check_count(spec, len(sources), "sources", errors)
     if isinstance(merge.get("params"), dict):
         _check_params(spec, merge["params"], "merge.params", errors, per_model_only=False)
     for i, src in enumerate(sources):
@@ -343,13 +359,70 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
             continue
         if isinstance(ov.get("tensors"), str):
             try:
-                tensor_matcher(ov["tensors"])
+                settings.tensor_matcher(ov["tensors"])
             except re.error as e:
                 errors.append(f"merge.overrides[{i}].tensors: invalid regex ({e})")
         if isinstance(ov.get("params"), dict):
             _check_params(spec, ov["params"], f"merge.overrides[{i}].params", errors,
                           per_model_only=False)
     _check_weights_sum(spec, merge, sources, errors)
+
+
+def _check_count(spec: MethodSpec, n: int, path: str, errors: list[str]) -> None:
+    if n < spec.min_models or (spec.max_models and n > spec.max_models):
+        want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
+                else f"at least {spec.min_models}")
+        if spec.max_models and spec.min_models != spec.max_models:
+            want = f"{spec.min_models} to {spec.max_models}"
+        errors.append(f"{path}: method {spec.name!r} merges {want} models, got {n}")
+
+
+def _check_slices(spec: MethodSpec, slices: list, names: dict[str, str], base: dict | None,
+                  errors: list[str]) -> None:
+    """Each slice names known sources with equally long layer ranges; the base appears in a
+    slice exactly when the method needs it."""
+    base_name = base.get("name") if base else None
+    for i, sl in enumerate(slices):
+        entries = sl.get("sources") if isinstance(sl, dict) else None
+        if not isinstance(entries, list):
+            continue
+        where = f"slices[{i}]"
+        if isinstance(sl.get("params"), dict):
+            _check_params(spec, sl["params"], f"{where}.params", errors, per_model_only=False)
+        lengths, models, has_base = set(), 0, False
+        for j, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                continue
+            at = f"{where}.sources[{j}]"
+            name = entry.get("source")
+            if isinstance(name, str):
+                if name not in names:
+                    errors.append(f"{at}.source: {name!r} is not the name of a source or the "
+                                  f"base; known: {', '.join(names) or '(none)'}")
+                elif name == base_name:
+                    has_base = True
+                    if not spec.uses_base:
+                        errors.append(f"{at}.source: {name!r} is the base, which method "
+                                      f"{spec.name!r} does not take; list it under sources")
+                else:
+                    models += 1
+            layers = entry.get("layers")
+            if isinstance(layers, list) and all(isinstance(v, int) for v in layers):
+                if len(layers) != 2 or not 0 <= layers[0] < layers[1]:
+                    errors.append(f"{at}.layers: expected [start, end) with 0 <= start < end, "
+                                  f"got {layers}")
+                else:
+                    lengths.add(layers[1] - layers[0])
+            if isinstance(entry.get("params"), dict):
+                _check_params(spec, entry["params"], f"{at}.params", errors,
+                              per_model_only=True)
+        if len(lengths) > 1:
+            errors.append(f"{where}.sources: every source of a slice gives the same number of "
+                          f"layers, got ranges of {sorted(lengths)} layers")
+        if spec.uses_base and base_name is not None and not has_base:
+            errors.append(f"{where}.sources: method {spec.name!r} needs the base "
+                          f"{base_name!r} in every slice, with its layer range")
+        _check_count(spec, models, f"{where}.sources", errors)
 
 
 def _check_params(spec: MethodSpec, params: dict, path: str, errors: list[str], *,
@@ -366,21 +439,25 @@ def _check_params(spec: MethodSpec, params: dict, path: str, errors: list[str], 
             continue
         meta = fields[key].metadata
         tp = float if PER_MODEL in meta else hints[key]
-        if not _check_scalar(value, tp, where, errors):
-            continue
-        if meta.get("choices") and value not in meta["choices"]:
-            errors.append(f"{where}: expected one of {', '.join(meta['choices'])}, "
-                          f"got {value!r}")
-        if meta.get("ge") is not None and value < meta["ge"]:
-            errors.append(f"{where}: expected >= {meta['ge']}, got {value}")
-        if meta.get("le") is not None and value > meta["le"]:
-            errors.append(f"{where}: expected <= {meta['le']}, got {value}")
+
+        def check_value(v: Any, at: str, tp=tp, meta=meta) -> bool:
+            if not _check_scalar(v, tp, at, errors):
+                return False
+            if meta.get("choices") and v not in meta["choices"]:
+                errors.append(f"{at}: expected one of {', '.join(meta['choices'])}, got {v!r}")
+            if meta.get("ge") is not None and v < meta["ge"]:
+                errors.append(f"{at}: expected >= {meta['ge']}, got {v}")
+            if meta.get("le") is not None and v > meta["le"]:
+                errors.append(f"{at}: expected <= {meta['le']}, got {v}")
+            return True
+
+        settings.check(value, where, check_value, errors)
 
 
 def _check_weights_sum(spec: MethodSpec, merge: dict, sources: list, errors: list[str]) -> None:
     """A normalized weighted sum with weights that add up to zero has no meaning."""
     params = merge.get("params") if isinstance(merge.get("params"), dict) else {}
-    if "weight" not in {f.name for f in dataclasses.fields(spec.params)}:
+    if not {"weight", "normalize"} <= {f.name for f in dataclasses.fields(spec.params)}:
         return
     normalize = params.get("normalize", spec.params().normalize)
     default = params.get("weight", 1.0)
@@ -393,12 +470,3 @@ def _check_weights_sum(spec: MethodSpec, merge: dict, sources: list, errors: lis
             and abs(sum(weights)) < 1e-12):
         errors.append(f"merge.params.weight: the model weights {weights} add up to zero, "
                       "which normalize: true cannot divide by")
-
-
-def tensor_matcher(pattern: str) -> typing.Callable[[str], bool]:
-    """Matcher for an override pattern: ``re:<regex>`` searches, anything else is a glob."""
-    if pattern.startswith("re:"):
-        rx = re.compile(pattern[3:])
-        return lambda name: rx.search(name) is not None
-    return lambda name: fnmatch.fnmatchcase(name, pattern)
-

@@ -105,7 +105,7 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
         write_progress(out, plan, finished)
 
     ctx = TaskContext(
-        stores=tuple(stores), output=out, model_names=plan.model_names,
+        stores=tuple(stores), output=out, source_names=plan.source_names,
         compute_dtype=cfg.compute_dtype, seed=cfg.seed, threads=cfg.runtime.threads_per_worker,
     )
     new, run_timings = run_plan(plan, ctx, cfg.runtime, done=frozenset(kept),

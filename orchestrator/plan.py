@@ -18,15 +18,16 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from orchestrator.config import JobConfig, parse_bytes, tensor_matcher
+from orchestrator.config import JobConfig, parse_bytes
 from orchestrator.errors import PlanError
 from orchestrator.index import CheckpointIndex, validate_models
+from orchestrator.layout import Input, Placement, layer_of, sliced, whole_models
+from orchestrator.settings import evaluate, tensor_matcher
 from workers.merge import get_method
 from workers.merge.registry import MethodSpec, per_model_fields
 from workers.safetensors_io import DTYPE_NAMES, FLOAT_CODES, TensorInfo, itemsize
 from workers.tasks import CHUNK, READ_WINDOW
 
-_LAYER = re.compile(r"^(.*?\.)(\d+)\.")
 _DIGITS = re.compile(r"(\d+)")
 
 
@@ -99,10 +100,12 @@ class Plan:
     compute_dtype: str
     seed: int
     threads: int
+    reference: int  # the source whose config and tokenizer files the output copies
+    layer_map: tuple[int, ...] = ()  # with slices: the input layer behind each output layer
 
     @property
-    def model_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.sources if s.role == "model")
+    def source_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sources)
 
     @property
     def input_bytes(self) -> int:
@@ -138,40 +141,62 @@ def natural_key(name: str) -> tuple:
 
 def layer_key(name: str) -> tuple:
     """Tensors with the same key belong to one layer (``model.layers.3.*``)."""
-    m = _LAYER.match(name)
-    return (m[1], int(m[2])) if m else (name,)
+    hit = layer_of(name)
+    return hit[:2] if hit else (name,)
 
 
 def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
               base: CheckpointIndex | None) -> Plan:
     spec = get_method(cfg.merge.method)
-    reference = base if base is not None else models[0]
-    validate_models(models + ([base] if base is not None else []), reference)
+    indexes = models + ([base] if base is not None else [])
     sources = tuple(source_ref(m, "model") for m in models) + (
         (source_ref(base, "base"),) if base is not None else ())
-    base_idx = len(models) if base is not None else None
+    if cfg.slices:
+        placements, layer_map = sliced(cfg, indexes)
+        reference = (len(models) if base is not None
+                     else next(i for i, s in enumerate(cfg.sources)
+                               if s.name == cfg.slices[0].sources[0].source))
+    else:
+        reference = len(models) if base is not None else 0
+        validate_models(indexes, indexes[reference])
+        order = sorted(indexes[reference].tensors, key=natural_key)
+        placements = whole_models(indexes[reference], len(models),
+                                  len(models) if base is not None else None, order)
+        layer_map = ()
     out_code = DTYPE_NAMES[cfg.output.dtype] if cfg.output.dtype else None
     compute_size = itemsize(DTYPE_NAMES[cfg.compute_dtype])
     matchers = [(tensor_matcher(o.tensors), o.params) for o in cfg.merge.overrides]
 
+    def ref(inp: Input) -> TensorRef:
+        loc = indexes[inp.member].tensors.get(inp.name)
+        if loc is None:
+            raise PlanError(f"source {indexes[inp.member].name!r} has no tensor {inp.name!r}")
+        return TensorRef(inp.member, loc.file, loc.info)
+
     stats_keys: dict[Any, int] = {}
     stats_params: list[Any] = []
     stats_counts: list[int] = []
-    items = []
-    for name in sorted(reference.tensors, key=natural_key):
-        ref_info = reference.tensors[name].info
-        refs = tuple(TensorRef(i, m.tensors[name].file, m.tensors[name].info)
-                     for i, m in enumerate(models))
-        base_ref = (TensorRef(base_idx, base.tensors[name].file, base.tensors[name].info)
-                    if base is not None else None)
-        if ref_info.dtype not in FLOAT_CODES:
+    items, problems = [], []
+    for place in sorted(placements, key=lambda p: natural_key(p.name)):
+        refs = tuple(ref(i) for i in place.models)
+        base_ref = ref(place.base) if place.base is not None else None
+        first = (refs + ((base_ref,) if base_ref else ()))[0]
+        mismatched = [f"{indexes[r.source].name}: {r.info.dtype} {list(r.info.shape)}"
+                      for r in refs + ((base_ref,) if base_ref else ())
+                      if (r.info.shape, r.info.dtype) != (first.info.shape, first.info.dtype)]
+        if mismatched:
+            problems.append(f"{place.name} (from {indexes[first.source].name}: "
+                            f"{first.info.dtype} {list(first.info.shape)}; "
+                            + ", ".join(mismatched) + ")")
+            continue
+        if first.info.dtype not in FLOAT_CODES:
             # integer buffers (position ids, counters) are copied from the reference model
             copy_from = base_ref if base_ref is not None else refs[0]
-            items.append(WorkItem(name, (copy_from,), None, None, None, ref_info.dtype))
+            items.append(WorkItem(place.name, (copy_from,), None, None, None, first.info.dtype))
             continue
-        if not spec.needs_base:
+        if not spec.uses_base:
             base_ref = None  # a base given to a base-free method is the reference, not an input
-        params = resolve_params(spec, cfg, name, matchers)
+        params = resolve_params(spec, cfg, place, matchers)
         group = slot = -1
         key = spec.stats.key(params) if spec.stats is not None else None
         if key is not None:
@@ -182,38 +207,54 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
             group = stats_keys[key]
             slot = stats_counts[group]
             stats_counts[group] += 1
-        items.append(WorkItem(name, refs, base_ref, spec.name, params,
-                              out_code or ref_info.dtype, group, slot))
+        items.append(WorkItem(place.name, refs, base_ref, spec.name, params,
+                              out_code or first.info.dtype, group, slot))
+    if problems:
+        raise PlanError("inputs of one output tensor differ in shape or dtype:\n  "
+                        + "\n  ".join(problems[:20]))
 
     units = _pack_units(items, parse_bytes(cfg.output.shard_size),
                         parse_bytes(cfg.runtime.worker_memory), compute_size, len(sources),
                         lambda it: it.method is None or spec.is_elementwise(it.params))
     groups = tuple(StatsGroup(spec.name, p, n) for p, n in zip(stats_params, stats_counts))
     return Plan(sources, units, groups, spec.name, cfg.compute_dtype, cfg.seed,
-                cfg.runtime.threads_per_worker)
+                cfg.runtime.threads_per_worker, reference, layer_map)
 
 
-def resolve_params(spec: MethodSpec, cfg: JobConfig, tensor_name: str,
+def resolve_params(spec: MethodSpec, cfg: JobConfig, place: Placement,
                    matchers: list) -> Any:
-    """The method's params for one tensor. Precedence: matching overrides (later wins) >
-    the model's own ``sources[i].params`` > ``merge.params`` > the dataclass default."""
-    values = dict(cfg.merge.params)
-    for match, params in matchers:
-        if match(tensor_name):
-            values.update(params)
+    """The method's params for one output tensor. Each value comes from the first scope that
+    sets it for this tensor (see ``orchestrator.settings`` for gradients and conditions):
+    matching ``merge.overrides`` (later first) > the slice source's params > the model's own
+    ``sources[i].params`` > the slice's params > ``merge.params`` > the dataclass default."""
+    name, t = place.name, place.t
+    overrides = [params for match, params in reversed(matchers) if match(name)]
+    sl = cfg.slices[place.slice] if place.slice >= 0 else None
+    shared = overrides + ([sl.params] if sl else []) + [cfg.merge.params]
+
+    def pick(scopes: list[dict], key: str) -> Any:
+        for scope in scopes:
+            if key in scope:
+                value = evaluate(scope[key], name, t)
+                if value is not None:
+                    return value
+        return None
+
     per_model = per_model_fields(spec.params)
     resolved = {}
     for field_name, default in per_model.items():
-        overridden = any(match(tensor_name) and field_name in params
-                         for match, params in matchers)
-        resolved[field_name] = tuple(
-            float(values[field_name]) if overridden
-            else float(src.params.get(field_name, values.get(field_name, default)))
-            for src in cfg.sources
-        )
-    for key, value in values.items():
-        if key not in per_model:
-            resolved[key] = value
+        values = []
+        for inp in place.models:
+            own = ([sl.sources[inp.slice_source].params] if sl else []) + \
+                [cfg.sources[inp.member].params]
+            value = pick(overrides + own + shared[len(overrides):], field_name)
+            values.append(float(default if value is None else value))
+        resolved[field_name] = tuple(values)
+    for f in dataclasses.fields(spec.params):
+        if f.name not in per_model:
+            value = pick(shared, f.name)
+            if value is not None:
+                resolved[f.name] = value
     return spec.params(**resolved)
 
 

@@ -42,7 +42,7 @@ class TaskContext:
 
     stores: tuple[Any, ...]  # one per Plan.sources entry
     output: Any
-    model_names: tuple[str, ...]
+    source_names: tuple[str, ...]  # of Plan.sources: what keys each model's random draws
     compute_dtype: str
     seed: int
     threads: int
@@ -198,8 +198,10 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
                            if item.stats_group >= 0 else None)
     if not spec.is_elementwise(item.params):  # needs the whole tensor at once
         tensors = [_read(ctx, r, dtype) for r in item.inputs]
-        if spec.needs_base:
-            kwargs["base"] = _read(ctx, item.base, dtype)
+        if spec.uses_rng:
+            kwargs["rng"] = _generators(ctx, item, 0)
+        if spec.uses_base:
+            kwargs["base"] = _read(ctx, item.base, dtype) if item.base is not None else None
         yield spec.fn(tensors, item.params, **kwargs).to(out_dtype).reshape(-1)
         return
     tensor_stats = spec.tensor_stats_for(item.params)
@@ -207,7 +209,7 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         kwargs["tensor_stats"] = _tensor_stats(tensor_stats, item, ctx)
     for chunk, values in _chunks(item, ctx):
         tensors, base = _split(item, values, dtype)
-        if spec.needs_base:
+        if spec.uses_base:
             kwargs["base"] = base
         if spec.uses_rng:
             kwargs["rng"] = _generators(ctx, item, chunk)
@@ -244,4 +246,5 @@ def _sum_over_chunks(item: Any, ctx: TaskContext, keyed: bool,
 
 
 def _generators(ctx: TaskContext, item: Any, chunk: int) -> list[np.random.SFC64]:
-    return [keyed_generator(ctx.seed, m, item.tensor_name, chunk) for m in ctx.model_names]
+    return [keyed_generator(ctx.seed, ctx.source_names[r.source], item.tensor_name, chunk)
+            for r in item.inputs]

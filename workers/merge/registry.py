@@ -3,8 +3,9 @@
 Kernel contract: ``fn(tensors, p, **kw) -> Tensor`` where ``tensors`` are the K models' values of
 one parameter in the compute dtype, ``p`` is the method's frozen params dataclass with per-model
 fields already resolved to one value per model, and ``kw`` holds only what the spec asks for:
-``base`` (the base model's tensor), ``rng`` (one numpy bit generator per model, keyed by seed,
-model, tensor and chunk so results never depend on scheduling), ``stats`` (the reduced global
+``base`` (the base model's tensor; None for a ``takes_base`` method run without one), ``rng``
+(one numpy bit generator per model, keyed by seed, model, tensor and chunk so results never
+depend on scheduling), ``stats`` (the reduced global
 statistics of an R stage) and ``tensor_stats`` (the reduced statistics of this one tensor).
 The result has the inputs' shape and the compute dtype.
 
@@ -116,6 +117,11 @@ class MethodSpec:
     stats: GlobalStats | None = None
     elementwise: bool | Callable[[Any], bool] = False
     tensor_stats: TensorStats | None = None
+    takes_base: bool = False  # uses the base when one is given (``base`` is None otherwise)
+
+    @property
+    def uses_base(self) -> bool:
+        return self.needs_base or self.takes_base
 
     def is_elementwise(self, p: Any) -> bool:
         return self.elementwise(p) if callable(self.elementwise) else self.elementwise
@@ -135,14 +141,14 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
                  max_models: int | None = None, uses_rng: bool = False,
                  stats: GlobalStats | None = None,
                  elementwise: bool | Callable[[Any], bool] = False,
-                 tensor_stats: TensorStats | None = None):
+                 tensor_stats: TensorStats | None = None, takes_base: bool = False):
     """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
 
     def register(fn):
         if name in METHODS:
             raise RuntimeError(f"merge method {name!r} registered twice")
         METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
-                                   uses_rng, stats, elementwise, tensor_stats)
+                                   uses_rng, stats, elementwise, tensor_stats, takes_base)
         return fn
 
     return register
