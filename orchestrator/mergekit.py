@@ -30,6 +30,7 @@ _MERGEKIT_DEFAULTS = {
     "dare_linear": {"density": 1.0, "rescale": "l1"},
     "dare_ties": {"density": 1.0, "rescale": "l1"},
     "breadcrumbs": {"density": 1.0},
+    "breadcrumbs_ties": {"density": 1.0},
     "della": {"density": 1.0, "rescale": "l1", "normalize": True},
     "della_linear": {"density": 1.0, "rescale": "l1"},
 }

@@ -31,13 +31,33 @@ CASES = {
     "breadcrumbs": ({"density": 0.8, "gamma": 0.05}, {}),
     "slerp": ({"t": 0.3}, {}),
     "model_stock": ({}, {}),
+    "della": ({"density": 0.6, "epsilon": 0.2}, {"ft2": {"density": 0.8}}),
+    "della_linear": ({"density": 0.5, "rescale": "l1"}, {}),
+    "sce": ({"select_topk": 0.5}, {}),
+    "nuslerp": ({}, {"ft1": {"weight": 0.3}}),
+    "nuslerp_base": ({"flatten": False}, {}),
+    "multislerp": ({}, {"ft3": {"weight": 2.0}}),
+    "multislerp_base": ({"normalize": False}, {"ft1": {"weight": 0.5}}),
+    "karcher": ({"max_iter": 4}, {}),
+    "nearswap": ({"t": 0.002}, {}),
+    "arcee_fusion": ({}, {}),
+    "passthrough": ({}, {"ft1": {"scale": 0.5}}),
+    "breadcrumbs_ties": ({"density": 0.7, "gamma": 0.05, "normalize": True}, {}),
+    "ram": ({"epsilon": 0.002}, {}),
+    "ramplus_tl": ({"epsilon": 0.002, "r": 0.5}, {}),
 }
 
 
+def method_of(case):
+    """The method a case runs: ``ties_tensor`` is ties; ``<method>_base`` gives an optional
+    base."""
+    return {"ties_tensor": "ties"}.get(case, case.removesuffix("_base"))
+
+
 def write_job(tmp_path, family, case, out, **runtime):
-    method = "ties" if case == "ties_tensor" else case
+    method = method_of(case)
     global_params, per_model = CASES[case]
-    names = ["ft1", "ft2"] if method == "slerp" else ["ft1", "ft2", "ft3"]
+    names = ["ft1", "ft2", "ft3"][:METHODS[method].max_models or 3]
     doc = {
         "sources": [{"name": n, "uri": family[n], "params": per_model.get(n, {})} for n in names],
         "merge": {"method": method, "params": global_params},
@@ -45,7 +65,7 @@ def write_job(tmp_path, family, case, out, **runtime):
         "seed": 5,
         "runtime": runtime,
     }
-    if METHODS[method].needs_base:
+    if METHODS[method].needs_base or case.endswith("_base"):
         doc["base"] = {"name": "base", "uri": family["base"]}
     path = tmp_path / f"{case}.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -82,8 +102,8 @@ def reference(doc, family):
     out = {}
     for name in states[0]:
         kw = {}
-        if spec.needs_base:
-            kw["base"] = base[name]
+        if spec.uses_base:
+            kw["base"] = base[name] if base is not None else None
         if spec.uses_rng:
             kw["rng"] = [keyed_generator(doc["seed"], n, name) for n in names]
         if spec.stats is not None:
@@ -219,8 +239,10 @@ def chunked_reference(doc, family, chunk):
     return out
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c not in ("slerp", "model_stock",
-                                                                 "breadcrumbs")])
+@pytest.mark.parametrize("case", [c for c in CASES
+                                  if METHODS[method_of(c)].is_elementwise(
+                                      params(METHODS[method_of(c)].params, 1,
+                                             **CASES[c][0]))])
 def test_chunked_tensors_equal_whole_tensor_reference(case, llama_family, tmp_path,
                                                       monkeypatch):
     """Elementwise methods run on chunks of a tensor, read a window of chunks at a time: with

@@ -52,9 +52,95 @@ def configs(f):
                                    {"model": ft2, "parameters": {"weight": 0.5, "density": 0.6,
                                                                  "gamma": 0.02}}],
                         "base_model": base, "merge_method": "breadcrumbs", "dtype": "float32"},
+        "breadcrumbs_ties": {"models": [{"model": ft1, "parameters": {"weight": 0.7}},
+                                        {"model": ft2, "parameters": {"weight": 0.5}}],
+                             "base_model": base, "merge_method": "breadcrumbs_ties",
+                             "parameters": {"density": 0.7, "gamma": 0.03, "normalize": True},
+                             "dtype": "float32"},
         "slerp": {"models": [{"model": ft1}, {"model": ft2}], "base_model": ft1,
                   "merge_method": "slerp", "parameters": {"t": 0.35}, "dtype": "float32"},
+        # mergekit's own example config: slices, filters, gradients over the layers
+        "slerp_filters_gradients": {
+            "slices": [{"sources": [{"model": ft1, "layer_range": [0, 3]},
+                                    {"model": ft2, "layer_range": [0, 3]}]}],
+            "merge_method": "slerp", "base_model": ft1,
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                                 {"value": 0.5}]},
+            "dtype": "bfloat16"},
+        "linear_model_gradients": {
+            "models": [{"model": ft1, "parameters": {"weight": [0.2, 1.0, 0.4]}},
+                       {"model": ft2, "parameters": {"weight": [{"filter": "mlp",
+                                                                  "value": [1.0, 0.1]},
+                                                                 {"value": 0.7}]}},
+                       {"model": ft3}],
+            "merge_method": "linear", "parameters": {"weight": 0.3}, "dtype": "float32"},
+        "ties_filtered_density": {
+            "models": [{"model": ft1, "parameters": {"weight": 1.0}},
+                       {"model": ft2, "parameters": {"weight": 0.5,
+                                                     "density": {"filter": "down_proj",
+                                                                 "value": 0.9}}}],
+            "base_model": base, "merge_method": "ties",
+            "parameters": {"density": [{"filter": "self_attn", "value": 0.3},
+                                       {"filter": "mlp", "value": [0.2, 0.8]},
+                                       {"value": 0.6}]},
+            "dtype": "float32"},
+        "nearswap": {"models": [{"model": ft1}], "base_model": base, "merge_method": "nearswap",
+                     "parameters": {"t": 0.002}, "dtype": "float32"},
+        "multislerp": {"models": [{"model": ft1, "parameters": {"weight": 0.5}},
+                                  {"model": ft2, "parameters": {"weight": 0.3}},
+                                  {"model": ft3, "parameters": {"weight": 0.2}}],
+                       "merge_method": "multislerp", "dtype": "float32"},
+        "multislerp_base": {"models": [{"model": ft1, "parameters": {"weight": 1.0}},
+                                       {"model": ft2, "parameters": {"weight": 2.0}}],
+                            "base_model": base, "merge_method": "multislerp",
+                            "parameters": {"normalize_weights": False}, "dtype": "float32"},
+        "karcher": {"models": [{"model": ft1}, {"model": ft2}, {"model": ft3}],
+                    "merge_method": "karcher", "parameters": {"max_iter": 5},
+                    "dtype": "bfloat16"},
+        "nuslerp_base": {"models": [{"model": ft1, "parameters": {"weight": 0.3}},
+                                    {"model": ft2, "parameters": {"weight": 0.7}}],
+                         "base_model": base, "merge_method": "nuslerp", "dtype": "float32"},
+        "nuslerp_rows": {"models": [{"model": ft1, "parameters": {"weight": 2.0}},
+                                    {"model": ft2, "parameters": {"weight": 1.0}}],
+                         "merge_method": "nuslerp",
+                         "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                         "dtype": "float32"},
+        "sce": {"models": [{"model": ft1}, {"model": ft2}, {"model": ft3}], "base_model": base,
+                "merge_method": "sce", "parameters": {"select_topk": 0.4, "int8_mask": True},
+                "dtype": "float32"},
+        "arcee_fusion": {"models": [{"model": ft2}], "base_model": base,
+                         "merge_method": "arcee_fusion", "dtype": "float32"},
+        "ram": {"models": [{"model": ft1}, {"model": ft2}, {"model": ft3}], "base_model": base,
+                "merge_method": "ram", "parameters": {"epsilon": 0.002}, "dtype": "float32"},
+        "ramplus_tl": {"models": [{"model": ft1}, {"model": ft2}], "base_model": base,
+                       "merge_method": "ramplus_tl",
+                       "parameters": {"epsilon": 0.003, "r": 0.5, "alpha": 0.4},
+                       "dtype": "float32"},
+        # layer ranges per slice, parameters at slice and slice-source level
+        "task_arithmetic_slices": {
+            "slices": [{"sources": [{"model": ft1, "layer_range": [0, 2],
+                                     "parameters": {"weight": 0.9}},
+                                    {"model": ft2, "layer_range": [0, 2]},
+                                    {"model": base, "layer_range": [0, 2]}],
+                        "parameters": {"weight": 0.4}},
+                       {"sources": [{"model": ft1, "layer_range": [2, 3]},
+                                    {"model": ft2, "layer_range": [2, 3]},
+                                    {"model": base, "layer_range": [2, 3]}],
+                        "parameters": {"weight": [0.1, 0.6]}}],
+            "base_model": base, "merge_method": "task_arithmetic", "dtype": "float32"},
+        # a frankenmerge: 2 layers of ft1 then 2 of ft2 (one repeated), 4 layers in all
+        "passthrough_frankenmerge": {
+            "slices": [{"sources": [{"model": ft1, "layer_range": [0, 2]}]},
+                       {"sources": [{"model": ft2, "layer_range": [1, 3]}]}],
+            "merge_method": "passthrough", "dtype": "float32"},
     }
+
+
+def _last_input(cfg: dict) -> str:
+    if "models" in cfg:
+        return cfg["models"][-1]["model"]
+    return cfg["slices"][-1]["sources"][-1]["model"]
 
 
 @pytest.mark.parametrize("name", list(configs({k: k for k in ("base", "ft1", "ft2", "ft3")})))
@@ -83,10 +169,74 @@ def test_same_yaml_same_tensors(name, mergekit_yaml, llama_family, ray_session, 
     differing = [n for n in theirs
                  if theirs[n].dtype != ours[n].dtype or not torch.equal(theirs[n], ours[n])]
     assert not differing, differing
-    first = load_state(configs(llama_family)[name]["models"][-1]["model"])
-    assert any(not torch.equal(ours[n], first[n]) for n in ours)  # a real merge happened
+    last = load_state(_last_input(configs(llama_family)[name]))
+    assert any(n not in last or not torch.equal(ours[n], last[n]) for n in ours)  # merged
 
     from transformers import AutoConfig
 
-    assert AutoConfig.from_pretrained(str(tmp_path / "rm")).hidden_size == \
-        AutoConfig.from_pretrained(str(tmp_path / "mk")).hidden_size
+    theirs_cfg = AutoConfig.from_pretrained(str(tmp_path / "mk"))
+    ours_cfg = AutoConfig.from_pretrained(str(tmp_path / "rm"))
+    assert (ours_cfg.hidden_size, ours_cfg.num_hidden_layers) == \
+        (theirs_cfg.hidden_size, theirs_cfg.num_hidden_layers)
+
+
+def test_frankenmerge_runs_in_transformers(mergekit_yaml, llama_family, ray_session, tmp_path):
+    """The stacked model loads with transformers (4 layers from two 3-layer models) and
+    computes the same logits as mergekit's output; its layer 2 is ft2's layer 1."""
+    from transformers import LlamaForCausalLM
+
+    path = tmp_path / "franken.yml"
+    path.write_text(yaml.safe_dump(configs(llama_family)["passthrough_frankenmerge"]))
+    assert main(["run", str(path), str(tmp_path / "rm"), "runtime.num_workers=2",
+                 "--quiet"]) == 0
+    proc = subprocess.run([mergekit_yaml, str(path), str(tmp_path / "mk"), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for out in ("rm", "mk"):
+        model = LlamaForCausalLM.from_pretrained(str(tmp_path / out)).eval()
+        assert len(model.model.layers) == 4
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    assert torch.equal(logits[0], logits[1]) and torch.isfinite(logits[0]).all()
+    ours, ft2 = load_state(str(tmp_path / "rm")), load_state(llama_family["ft2"])
+    assert torch.equal(ours["model.layers.2.mlp.up_proj.weight"],
+                       ft2["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_della_keeps_the_same_entries_statistically(mergekit_yaml, llama_family, ray_session,
+                                                    tmp_path):
+    """DELLA draws random masks (mergekit: torch's global RNG, raymerge: keys per seed, model
+    and tensor), so the bits cannot agree; what both must agree on is the sampling law. With
+    one model, no rescale and weight 1 the output is base + mask * τ: the kept fraction of
+    the smaller and larger halves of every row must be density ∓ ε/2 for both tools."""
+    base, ft = llama_family["base"], llama_family["ft1"]
+    path = tmp_path / "della.yml"
+    path.write_text(yaml.safe_dump({
+        "models": [{"model": ft, "parameters": {"weight": 1.0, "density": 0.5,
+                                                "epsilon": 0.2}}],
+        "base_model": base, "merge_method": "della_linear",
+        "parameters": {"rescale": False}, "dtype": "float32"}))
+    proc = subprocess.run([mergekit_yaml, str(path), str(tmp_path / "mk"), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["run", str(path), str(tmp_path / "rm"), "runtime.num_workers=2",
+                 "--quiet"]) == 0
+    b, f = load_state(base), load_state(ft)
+    rates = {}
+    for tool in ("mk", "rm"):
+        out = load_state(str(tmp_path / tool))
+        low, high = [], []
+        for name, tau in ((n, f[n] - b[n]) for n in b if b[n].dim() == 2):
+            kept = out[name] != b[name]
+            assert torch.equal(out[name][kept], f[name][kept])  # kept entries unscaled
+            rank = tau.abs().argsort(dim=1).argsort(dim=1)
+            half = tau.shape[1] // 2
+            low.append(kept[rank < half])
+            high.append(kept[rank >= tau.shape[1] - half])
+        rates[tool] = (float(torch.cat(low).float().mean()),
+                       float(torch.cat(high).float().mean()))
+        assert sum(len(x) for x in low) > 4000  # 4480: 0.03 is 4 standard deviations
+    for tool, (low, high) in rates.items():
+        assert abs(low - 0.4) < 0.03 and abs(high - 0.6) < 0.03, (tool, rates)

@@ -66,3 +66,42 @@ def test_readme_demo_command_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "verified" in proc.stdout and "loads with transformers" in proc.stdout
     assert os.path.exists(tmp_path / "merged" / "raymerge-manifest.json")
+
+
+def test_minilm_frankenmerge_and_layer_gradient_examples(ray_session, tmp_path, monkeypatch):
+    """The example configs for slices run on real BERT-family weights: an 8-layer stack of two
+    6-layer MiniLMs loads and runs in transformers (its layers are the named input layers),
+    and the mergekit SLERP config with filters and gradients keeps layer 0's attention from
+    the first model (t = 0 there) and the last layer's from the second (t = 1)."""
+    import yaml
+    from transformers import AutoModel, AutoTokenizer
+
+    base = minilm_dir()
+    ft1, ft2 = make_finetunes(base, str(tmp_path / "raymerge-demo" / "inputs"), 2, scale=0.02)
+    monkeypatch.chdir(tmp_path)  # the examples name their inputs relative to the working folder
+    examples = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "examples")
+    with open(os.path.join(examples, "frankenmerge.yaml")) as f:
+        doc = yaml.safe_load(f)
+    out = run_job(doc, ["runtime.num_workers=2"], quiet=True).output
+    model = AutoModel.from_pretrained(out).eval()
+    assert model.config.num_hidden_layers == 8 and len(model.encoder.layer) == 8
+    tokens = AutoTokenizer.from_pretrained(out)(SENTENCES, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.isfinite(model(**tokens).last_hidden_state).all()
+    merged, a, b = load_state(out), load_state(ft1), load_state(ft2)
+    key = "encoder.layer.{}.attention.self.query.weight"
+    assert torch.equal(merged[key.format(3)], a[key.format(3)])
+    assert torch.equal(merged[key.format(4)], b[key.format(2)])
+    assert torch.equal(merged[key.format(7)], b[key.format(5)])
+    assert torch.equal(merged["embeddings.word_embeddings.weight"],
+                       a["embeddings.word_embeddings.weight"])
+    assert torch.equal(merged["pooler.dense.weight"], b["pooler.dense.weight"])
+
+    result = run_job(os.path.join(examples, "mergekit-slerp-gradient.yml"),
+                     ["runtime.num_workers=2"], output=str(tmp_path / "slerp"), quiet=True)
+    merged = load_state(result.output)
+    assert torch.equal(merged[key.format(0)], a[key.format(0)])
+    assert torch.equal(merged[key.format(5)], b[key.format(5)])
+    mlp = "encoder.layer.{}.intermediate.dense.weight"
+    assert torch.equal(merged[mlp.format(0)], b[mlp.format(0)])
+    assert not torch.equal(merged[key.format(2)], a[key.format(2)])

@@ -1,11 +1,23 @@
 """Merge kernels: one module per method, each registered in ``registry.METHODS`` on import."""
 
 from workers.merge import (  # noqa: F401  (imported to register each method)
+    arcee_fusion,
     breadcrumbs,
+    breadcrumbs_ties,
     dare_linear,
     dare_ties,
+    della,
+    della_linear,
+    karcher,
     linear,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    ramplus_tl,
+    sce,
     slerp,
     task_arithmetic,
     ties,
