@@ -50,7 +50,7 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
 
     output, overrides = _split_targets(ns.targets)
     cfg = resolve_config(ns.config, overrides, output)
-    plan, _, _ = plan_job(cfg)
+    plan = plan_job(cfg)[0]
     print(describe(plan))
     return 0
 

@@ -21,6 +21,7 @@ from orchestrator.config import JobConfig
 from orchestrator.index import INDEX_FILE, CheckpointIndex
 from orchestrator.plan import Plan
 from orchestrator.storage import TMP_SUFFIX, Store, file_sha256
+from orchestrator.vocab import TOKENIZER_FILES
 from workers.safetensors_io import DTYPE_NAMES
 from workers.tasks import ShardRecord
 
@@ -55,13 +56,19 @@ def read_manifest(out: Store) -> dict | None:
 
 
 def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
-           indexes: list[CheckpointIndex], stores: list[Store], out: Store) -> dict:
-    """Write everything but the shards, then the manifest; return the manifest."""
+           indexes: list[CheckpointIndex], stores: list[Store], out: Store,
+           tokenizer_files: dict[str, bytes] | None = None) -> dict:
+    """Write everything but the shards, then the manifest; return the manifest.
+    ``tokenizer_files`` (a built tokenizer) replace the reference's tokenizer files."""
     files: dict[str, bytes] = {}
     weight_map = {it.tensor_name: u.shard for u in plan.units for it in u.items}
     files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
                                "weight_map": weight_map})
-    files.update(_copied_files(stores[plan.reference], cfg, plan.layer_map))
+    copied = _copied_files(stores[plan.reference], cfg, plan.layer_map, plan.vocab_rows)
+    if tokenizer_files:
+        copied = {n: d for n, d in copied.items() if n not in TOKENIZER_FILES}
+        copied.update(tokenizer_files)
+    files.update(copied)
     files[MODEL_CARD] = model_card(plan, cfg, indexes).encode()
     for name, data in files.items():
         out.write_bytes(name, data)
@@ -118,22 +125,25 @@ def _json(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
 
 
-def _copied_files(src: Store, cfg: JobConfig, layer_map: tuple[int, ...]) -> dict[str, bytes]:
+def _copied_files(src: Store, cfg: JobConfig, layer_map: tuple[int, ...],
+                  vocab_rows: int | None) -> dict[str, bytes]:
     """Config, tokenizer and other small metadata files of the reference model."""
     out = {}
     for name in src.list_files():
         if not _COPIED.search(name) or name in _NOT_COPIED or src.size(name) > _MAX_COPY_BYTES:
             continue
         data = src.read_bytes(name)
-        if name == "config.json" and (cfg.output.dtype or layer_map):
-            data = _output_config(data, cfg.output.dtype, layer_map)
+        if name == "config.json" and (cfg.output.dtype or layer_map or vocab_rows):
+            data = _output_config(data, cfg.output.dtype, layer_map, vocab_rows)
         out[name] = data
     return out
 
 
-def _output_config(config_json: bytes, dtype: str | None, layer_map: tuple[int, ...]) -> bytes:
-    """The reference's config.json with the output dtype and, after slicing, the output's
-    number of layers (and per-layer lists such as ``layer_types`` re-indexed to match)."""
+def _output_config(config_json: bytes, dtype: str | None, layer_map: tuple[int, ...],
+                   vocab_rows: int | None) -> bytes:
+    """The reference's config.json with the output dtype, the output vocabulary's size and,
+    after slicing, the output's number of layers (and per-layer lists such as ``layer_types``
+    re-indexed to match)."""
     try:
         doc = json.loads(config_json)
     except ValueError:
@@ -143,6 +153,8 @@ def _output_config(config_json: bytes, dtype: str | None, layer_map: tuple[int, 
         for key in ("torch_dtype", "dtype"):
             if key in doc:
                 doc[key] = name
+    if vocab_rows:
+        doc["vocab_size"] = vocab_rows
     if layer_map:
         for key in _LAYER_KEYS:
             if key in doc:

@@ -68,6 +68,21 @@ class MergeConfig:
 
 
 @dataclass
+class LayoutConfig:
+    """Where a model's layers are, when its tensor names do not say it unambiguously."""
+
+    layers: Optional[str] = None  # the prefix of the stack slices cut, e.g. "model.layers."
+    first: list[str] = field(default_factory=list)  # patterns of tensors outside the layers
+    # taken from the first slice (default: names holding embed, wte or wpe)
+
+
+@dataclass
+class TokenizerConfig:
+    source: str = "base"  # "base", "union", or the name of a source whose tokenizer to use
+    pad_to_multiple_of: Optional[int] = None  # pad the vocabulary (mean embedding rows)
+
+
+@dataclass
 class OutputConfig:
     uri: str = MISSING
     shard_size: str = field(default="1GB", metadata=_BYTES)
@@ -98,6 +113,9 @@ class JobConfig:
     output: OutputConfig = MISSING
     base: Optional[SourceConfig] = None
     slices: list[SliceConfig] = field(default_factory=list)  # empty: whole models, layer by layer
+    tokenizer: Optional[TokenizerConfig] = None  # None: copy the reference's tokenizer files
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    chat_template: Optional[str] = None  # "auto", "chatml" or a Jinja template
     compute_dtype: str = "float32"
     seed: int = 0
     pin_content: bool = False  # also pin sources by a sha256 of every byte (one more full read)
@@ -330,6 +348,25 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
         v = run.get(key)
         if isinstance(v, int) and not isinstance(v, bool) and v < low:
             errors.append(f"runtime.{key}: expected >= {low}, got {v}")
+
+    layout = doc.get("layout") if isinstance(doc.get("layout"), dict) else {}
+    if isinstance(layout.get("layers"), str) and not layout["layers"].endswith("."):
+        errors.append(f"layout.layers: a prefix ending in '.', like 'model.layers.', got "
+                      f"{layout['layers']!r}")
+    for i, pattern in enumerate(layout.get("first") or []):
+        if isinstance(pattern, str):
+            try:
+                settings.tensor_matcher(pattern)
+            except re.error as e:
+                errors.append(f"layout.first[{i}]: invalid regex ({e})")
+    tok = doc.get("tokenizer") if isinstance(doc.get("tokenizer"), dict) else {}
+    if isinstance(tok.get("source"), str) and tok["source"] not in ("base", "union") \
+            and tok["source"] not in names:
+        errors.append(f"tokenizer.source: expected base, union or the name of a source, "
+                      f"got {tok['source']!r}")
+    pad = tok.get("pad_to_multiple_of")
+    if isinstance(pad, int) and not isinstance(pad, bool) and pad < 1:
+        errors.append(f"tokenizer.pad_to_multiple_of: expected >= 1, got {pad}")
 
     merge = doc.get("merge") if isinstance(doc.get("merge"), dict) else {}
     method = merge.get("method")

@@ -13,9 +13,10 @@ from orchestrator.config import JobConfig, apply_overrides, config_from_dict, lo
 from orchestrator.errors import ConfigError, MergeError
 from orchestrator.hub import is_hub_uri
 from orchestrator.index import CheckpointIndex, index_checkpoint
-from orchestrator.plan import Plan, make_plan
+from orchestrator.plan import Plan, make_plan, reference_member
 from orchestrator.schedule import run_plan
 from orchestrator.storage import Store, open_store
+from orchestrator.vocab import build as build_vocabulary
 from workers.tasks import ShardRecord, TaskContext
 
 
@@ -47,8 +48,10 @@ def resolve_config(config: JobConfig | dict | str, overrides: list[str] = (),
     return config_from_dict(doc)
 
 
-def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[Store]]:
-    """Index every source (headers only) and make the plan. Models first, then the base."""
+def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[Store], dict]:
+    """Index every source (headers only), build the output tokenizer if one is asked for, and
+    make the plan. Models first, then the base. Also returns the output's tokenizer files
+    (empty: the reference's are copied)."""
     specs = list(cfg.sources) + ([cfg.base] if cfg.base is not None else [])
     stores, indexes = [], []
     for spec in specs:
@@ -62,7 +65,9 @@ def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[Store]]:
         stores.append(dataclasses.replace(store, pins=idx.pins))
     models = indexes[:len(cfg.sources)]
     base = indexes[len(cfg.sources)] if cfg.base is not None else None
-    return make_plan(cfg, models, base), indexes, stores
+    vocab = build_vocabulary(cfg, indexes, stores, reference_member(cfg))
+    return (make_plan(cfg, models, base, vocab), indexes, stores,
+            vocab.files if vocab is not None else {})
 
 
 def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
@@ -75,7 +80,7 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     """
     start = time.monotonic()
     cfg = resolve_config(config, overrides, output)
-    plan, indexes, stores = plan_job(cfg)
+    plan, indexes, stores, tokenizer_files = plan_job(cfg)
     timings = {"plan": time.monotonic() - start}
     out = open_store(cfg.output.uri)
     for src in plan.sources:
@@ -114,7 +119,7 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     committing = time.monotonic()
     order = {u.shard: u.index for u in plan.units}
     records = sorted([*kept.values(), *new], key=lambda r: order[r.shard])
-    manifest = commit(plan, cfg, records, indexes, stores, out)
+    manifest = commit(plan, cfg, records, indexes, stores, out, tokenizer_files)
     timings["commit"] = time.monotonic() - committing
     if cfg.output.push_to_hub:
         pushing = time.monotonic()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from orchestrator.errors import PlanError
 from orchestrator.index import CheckpointIndex, validate_models
 from orchestrator.layout import Input, Placement, layer_of, sliced, whole_models
 from orchestrator.settings import evaluate, tensor_matcher
+from orchestrator.vocab import RowMap, Vocabulary, is_vocab_tensor, row_maps
 from workers.merge import get_method
 from workers.merge.registry import MethodSpec, per_model_fields
 from workers.safetensors_io import DTYPE_NAMES, FLOAT_CODES, TensorInfo, itemsize
@@ -52,10 +54,21 @@ class WorkItem:
     out_dtype: str
     stats_group: int = -1  # index into Plan.stats_groups, -1 when no global statistics
     stats_slot: int = -1  # this tensor's position among its group's tensors
+    rows: tuple[RowMap, ...] | None = None  # vocabulary tensors: per input (then base), its
+    # rows in the output vocabulary
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self.inputs[0].info.shape
+        return (self.rows[0].rows, *shape[1:]) if self.rows else shape
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def out_bytes(self) -> int:
-        return self.inputs[0].info.numel * itemsize(self.out_dtype)
+        return self.numel * itemsize(self.out_dtype)
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,8 @@ class Plan:
     threads: int
     reference: int  # the source whose config and tokenizer files the output copies
     layer_map: tuple[int, ...] = ()  # with slices: the input layer behind each output layer
+    vocab_rows: int | None = None  # with a built tokenizer: the output's vocab_size
+    tokenizer_files: tuple[tuple[str, str], ...] = ()  # its files: (name, sha256)
 
     @property
     def source_names(self) -> tuple[str, ...]:
@@ -145,19 +160,16 @@ def layer_key(name: str) -> tuple:
     return hit[:2] if hit else (name,)
 
 
-def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
-              base: CheckpointIndex | None) -> Plan:
+def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointIndex | None,
+              vocab: Vocabulary | None = None) -> Plan:
     spec = get_method(cfg.merge.method)
     indexes = models + ([base] if base is not None else [])
     sources = tuple(source_ref(m, "model") for m in models) + (
         (source_ref(base, "base"),) if base is not None else ())
+    reference = reference_member(cfg)
     if cfg.slices:
         placements, layer_map = sliced(cfg, indexes)
-        reference = (len(models) if base is not None
-                     else next(i for i, s in enumerate(cfg.sources)
-                               if s.name == cfg.slices[0].sources[0].source))
     else:
-        reference = len(models) if base is not None else 0
         validate_models(indexes, indexes[reference])
         order = sorted(indexes[reference].tensors, key=natural_key)
         placements = whole_models(indexes[reference], len(models),
@@ -180,10 +192,17 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
     for place in sorted(placements, key=lambda p: natural_key(p.name)):
         refs = tuple(ref(i) for i in place.models)
         base_ref = ref(place.base) if place.base is not None else None
-        first = (refs + ((base_ref,) if base_ref else ()))[0]
+        every = refs + ((base_ref,) if base_ref else ())
+        first = every[0]
+        vocab_item = (vocab is not None and vocab.tokens and layer_of(place.name) is None
+                      and first.info.dtype in FLOAT_CODES
+                      and all(is_vocab_tensor(r.info.shape, vocab.vocab_sizes.get(r.source))
+                              for r in every))
+        skip = 1 if vocab_item else 0  # vocabulary rows may differ: they are permuted
         mismatched = [f"{indexes[r.source].name}: {r.info.dtype} {list(r.info.shape)}"
-                      for r in refs + ((base_ref,) if base_ref else ())
-                      if (r.info.shape, r.info.dtype) != (first.info.shape, first.info.dtype)]
+                      for r in every
+                      if (r.info.shape[skip:], r.info.dtype)
+                      != (first.info.shape[skip:], first.info.dtype)]
         if mismatched:
             problems.append(f"{place.name} (from {indexes[first.source].name}: "
                             f"{first.info.dtype} {list(first.info.shape)}; "
@@ -196,6 +215,10 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
             continue
         if not spec.uses_base:
             base_ref = None  # a base given to a base-free method is the reference, not an input
+        rows = None
+        if vocab_item:
+            members = [r.source for r in refs] + ([base_ref.source] if base_ref else [])
+            rows = row_maps(vocab, members, base_ref.source if base_ref else None)
         params = resolve_params(spec, cfg, place, matchers)
         group = slot = -1
         key = spec.stats.key(params) if spec.stats is not None else None
@@ -208,7 +231,7 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
             slot = stats_counts[group]
             stats_counts[group] += 1
         items.append(WorkItem(place.name, refs, base_ref, spec.name, params,
-                              out_code or first.info.dtype, group, slot))
+                              out_code or first.info.dtype, group, slot, rows))
     if problems:
         raise PlanError("inputs of one output tensor differ in shape or dtype:\n  "
                         + "\n  ".join(problems[:20]))
@@ -218,7 +241,21 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex],
                         lambda it: it.method is None or spec.is_elementwise(it.params))
     groups = tuple(StatsGroup(spec.name, p, n) for p, n in zip(stats_params, stats_counts))
     return Plan(sources, units, groups, spec.name, cfg.compute_dtype, cfg.seed,
-                cfg.runtime.threads_per_worker, reference, layer_map)
+                cfg.runtime.threads_per_worker, reference, layer_map,
+                vocab.rows if vocab is not None and vocab.tokens else None,
+                tuple((n, hashlib.sha256(d).hexdigest()) for n, d in vocab.files.items())
+                if vocab is not None else ())
+
+
+def reference_member(cfg: JobConfig) -> int:
+    """The source whose config.json and tokenizer the output starts from: the base, else the
+    first model (of the first slice)."""
+    if cfg.base is not None:
+        return len(cfg.sources)
+    if cfg.slices:
+        return next(i for i, s in enumerate(cfg.sources)
+                    if s.name == cfg.slices[0].sources[0].source)
+    return 0
 
 
 def resolve_params(spec: MethodSpec, cfg: JobConfig, place: Placement,
@@ -276,17 +313,17 @@ def _pack_units(items: list[WorkItem], shard_size: int, memory: int, compute_siz
         # stored inputs + their compute-dtype copies + stacked task vectors + output (+ cast);
         # chunked items hold one read window and the working set of one chunk
         k = len(item.inputs) + (1 if item.base else 0)
-        if chunked(item):
-            elements = min(item.inputs[0].info.numel, CHUNK)
+        if chunked(item) and not item.rows:
+            elements = min(item.numel, CHUNK)
             return min(in_bytes(item), READ_WINDOW + k * CHUNK * 8) + \
                 k * elements * compute_size * 4
-        n = item.inputs[0].info.numel
+        n = item.numel
         return in_bytes(item) + n * compute_size * (2 * k + 2) + item.out_bytes
 
     for item in items:
         if peak(item) > memory:
             raise PlanError(
-                f"tensor {item.tensor_name!r} {list(item.inputs[0].info.shape)} needs about "
+                f"tensor {item.tensor_name!r} {list(item.shape)} needs about "
                 f"{format_bytes(peak(item))} on a worker (all {n_sources} inputs of it), more than "
                 f"runtime.worker_memory={format_bytes(memory)}; raise runtime.worker_memory"
             )

@@ -38,6 +38,19 @@ def tiny_llama(folder: str, *, seed: int = 0, base: str | None = None, scale: fl
     return folder
 
 
+def tiny_tokenizer(folder: str, words: list[str]) -> str:
+    """A word-level fast tokenizer (<unk>, <s>, </s>, then ``words``) saved into ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *words])}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=model, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
 def load_state(folder: str) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder, read with the safetensors library (the reference)."""
     state = {}
@@ -56,6 +69,24 @@ def llama_family(tmp_path_factory) -> dict[str, str]:
     for i in (1, 2, 3):
         family[f"ft{i}"] = tiny_llama(str(root / f"ft{i}"), seed=i, base=base)
     return family
+
+
+@pytest.fixture(scope="session")
+def vocab_family(tmp_path_factory) -> dict[str, str]:
+    """Tiny Llamas with their own word-level tokenizers (vocab_size 64 each): ``a`` and its
+    fine-tune ``a_ft`` share a vocabulary; ``b`` (another fine-tune of ``a``) has 8 words ``a``
+    lacks and its rows in another order; ``c`` has the same words as ``a``, shuffled."""
+    root = tmp_path_factory.mktemp("vocab")
+    words = [f"w{i}" for i in range(61)]
+    a = tiny_llama(str(root / "a"), seed=0)
+    tiny_tokenizer(a, words)
+    a_ft = tiny_tokenizer(tiny_llama(str(root / "a_ft"), seed=1, base=a), words)
+    b_words = words[:53] + [f"x{i}" for i in range(8)]
+    order = torch.randperm(61, generator=torch.Generator().manual_seed(3)).tolist()
+    b = tiny_tokenizer(tiny_llama(str(root / "b"), seed=2, base=a),
+                       [b_words[i] for i in order])
+    c = tiny_tokenizer(tiny_llama(str(root / "c"), seed=4, base=a), [words[i] for i in order])
+    return {"a": a, "a_ft": a_ft, "b": b, "c": c}
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import functools
 import hashlib
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -91,7 +92,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def merge_unit(unit: Any, ctx: TaskContext, stats: dict[int, Any]) -> ShardRecord:
     """Compute every tensor of ``unit`` and write them, in order, to its output shard."""
-    entries = [(it.tensor_name, it.out_dtype, it.inputs[0].info.shape) for it in unit.items]
+    entries = [(it.tensor_name, it.out_dtype, it.shape) for it in unit.items]
     with torch_threads(ctx.threads), ctx.output.open_writer(unit.shard) as sink:
         writer = ShardWriter(sink, entries, SHARD_METADATA)
         for item in unit.items:
@@ -117,7 +118,7 @@ def collect_unit(unit: Any, ctx: TaskContext, pass_index: int,
             stats = get_method(item.method).stats
             key = (item.stats_group,
                    item.stats_slot if pass_index in stats.tensor_passes else -1)
-            if item.inputs[0].info.numel == 0:
+            if item.numel == 0:
                 if key[1] >= 0:  # an empty tensor still holds its place
                     sums[key] = torch.zeros(len(item.inputs), dtype=torch.int64)
                 continue
@@ -146,6 +147,11 @@ def _chunks(item: Any, ctx: TaskContext,
     all inputs together (fewer, larger reads from object storage). With ``whole_windows`` the
     pieces are whole windows (copies, which do no arithmetic)."""
     refs = _refs(item)
+    if item.rows:
+        gathered = _gathered(item, ctx)
+        for c0 in range(0, item.numel, CHUNK):
+            yield c0 // CHUNK, [g[c0:c0 + CHUNK] for g in gathered]
+        return
     numel = refs[0].info.numel
     per_element = sum(itemsize(r.info.dtype) for r in refs)
     window = max(1, READ_WINDOW // (per_element * CHUNK)) * CHUNK
@@ -185,6 +191,38 @@ def _read(ctx: TaskContext, ref: Any, dtype: torch.dtype) -> torch.Tensor:
     return read_tensor(ctx.stores[ref.source], ref.file, ref.info).to(dtype)
 
 
+def _gathered(item: Any, ctx: TaskContext) -> list[torch.Tensor]:
+    """A vocabulary item's inputs (then base), flat, each row-permuted into the output
+    vocabulary in the compute dtype: own rows read in runs, missing rows borrowed from the
+    other inputs (one donor's row, or the mean of several; zeros for none), padding rows the
+    mean of the real ones (mergekit's rules, in its arithmetic order)."""
+    dtype = torch_dtype(ctx.compute_dtype)
+    refs = _refs(item)
+    width = math.prod(refs[0].info.shape[1:])
+
+    def rows(ref: Any, start: int, stop: int) -> torch.Tensor:
+        return read_elements(ctx.stores[ref.source], ref.file, ref.info, start * width,
+                             stop * width).to(dtype).reshape(stop - start, width)
+
+    out = []
+    for ref, rmap in zip(refs, item.rows):
+        table = torch.zeros(rmap.rows, width, dtype=dtype)
+        for o, s, n in rmap.runs:
+            table[o:o + n] = rows(ref, s, s + n)
+        out.append(table)
+    for table, rmap in zip(out, item.rows):
+        for o, donors in rmap.borrowed:
+            row = torch.zeros(width, dtype=dtype)
+            for j, s in donors:
+                row = row + rows(refs[j], s, s + 1)[0]
+            if len(donors) > 1:
+                row /= len(donors)
+            table[o] = row
+        if rmap.rows > rmap.tokens:
+            table[rmap.tokens:] = torch.mean(table[:rmap.tokens], dim=0)
+    return [t.reshape(-1) for t in out]
+
+
 def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[torch.Tensor]:
     """The item's output values, as consecutive flat pieces in the output dtype."""
     if item.method is None:  # a copied (integer) tensor
@@ -197,15 +235,20 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         kwargs["stats"] = (spec.stats.for_tensor(stats[item.stats_group], item.stats_slot)
                            if item.stats_group >= 0 else None)
     if not spec.is_elementwise(item.params):  # needs the whole tensor at once
-        tensors = [_read(ctx, r, dtype) for r in item.inputs]
+        if item.rows:
+            whole = [g.reshape(item.shape) for g in _gathered(item, ctx)]
+            tensors, base = (whole[:-1], whole[-1]) if item.base is not None else (whole, None)
+        else:
+            tensors = [_read(ctx, r, dtype) for r in item.inputs]
+            base = _read(ctx, item.base, dtype) if item.base is not None else None
         if spec.uses_rng:
             kwargs["rng"] = _generators(ctx, item, 0)
         if spec.uses_base:
-            kwargs["base"] = _read(ctx, item.base, dtype) if item.base is not None else None
+            kwargs["base"] = base
         yield spec.fn(tensors, item.params, **kwargs).to(out_dtype).reshape(-1)
         return
     tensor_stats = spec.tensor_stats_for(item.params)
-    if tensor_stats is not None and item.inputs[0].info.numel:
+    if tensor_stats is not None and item.numel:
         kwargs["tensor_stats"] = _tensor_stats(tensor_stats, item, ctx)
     for chunk, values in _chunks(item, ctx):
         tensors, base = _split(item, values, dtype)
