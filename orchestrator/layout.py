@@ -10,8 +10,10 @@ first slice's sources if they are embeddings (the name holds ``embed``, or GPT-2
 
 Layers are found from tensor names alone: ``<prefix>.<index>.<rest>``, the first number in the
 name (``model.layers.3.mlp...``, ``encoder.layer.3...``, ``transformer.h.3...``), so no model
-family is hard-coded. Each tensor also gets its position ``t`` in its run of layers (0 first,
-1 last, 0 outside the layers) for gradient parameters.
+family is hard-coded; ``layout.layers`` names the stack to slice where a model has several
+(CLIP's towers), ``layout.first`` which outside tensors come from the first slice. Each tensor
+also gets its position ``t`` in its run of layers (0 first, 1 last, 0 outside the layers) for
+gradient parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from orchestrator.config import JobConfig
 from orchestrator.errors import PlanError
 from orchestrator.index import CheckpointIndex
+from orchestrator.settings import tensor_matcher
 
 _LAYER = re.compile(r"^(.*?\.)(\d+)\.(.*)$")
 _PRE = re.compile(r"embed|(^|\.)(wte|wpe)\.")
@@ -87,11 +90,16 @@ def sliced(cfg: JobConfig, indexes: list[CheckpointIndex]) -> tuple[list[Placeme
         member[base_name] = len(cfg.sources)
     ref = indexes[member[cfg.slices[0].sources[0].source]]
     prefixes = layer_counts(ref.tensors)
-    if len(prefixes) != 1:
+    prefix = cfg.layout.layers
+    if prefix is None and len(prefixes) == 1:
+        (prefix,) = prefixes
+    if prefix is None or prefix not in prefixes:
+        found = ", ".join(repr(p) for p in prefixes) or "none"
         raise PlanError(
-            f"slices: {ref.name!r} has {len(prefixes)} stacks of layers "
-            f"({', '.join(prefixes) or 'none'}); slices need exactly one (`<prefix>.<n>.` names)")
-    (prefix,) = prefixes
+            f"slices: cannot tell which stack of layers to slice in {ref.name!r} (stacks found: "
+            f"{found}); name it with layout.layers" if prefix is None else
+            f"layout.layers: {prefix!r} is not a stack of layers in {ref.name!r} (stacks found: "
+            f"{found})")
     problems: list[str] = []
     for i, sl in enumerate(cfg.slices):
         for j, src in enumerate(sl.sources):
@@ -114,8 +122,13 @@ def sliced(cfg: JobConfig, indexes: list[CheckpointIndex]) -> tuple[list[Placeme
         return tuple(models), base
 
     outside = [n for n in ref.tensors if layer_of(n) is None or layer_of(n)[0] != prefix]
-    pre = [n for n in outside if _PRE.search(n)]
-    post = [n for n in outside if not _PRE.search(n)]
+    matchers = [tensor_matcher(p) for p in cfg.layout.first]
+
+    def first_slice(name: str) -> bool:
+        return any(m(name) for m in matchers) if matchers else bool(_PRE.search(name))
+
+    pre = [n for n in outside if first_slice(n)]
+    post = [n for n in outside if not first_slice(n)]
     placements = []
     for name in pre:
         placements.append(Placement(name, *inputs(0, lambda src, name=name: name), 0.0, 0))
