@@ -50,12 +50,6 @@ def from_mergekit(doc: dict) -> dict:
     for key in doc:
         if key not in _KNOWN_KEYS:
             errors.append(f"{key}: unknown mergekit key")
-    for key in ("tokenizer", "chat_template"):
-        if doc.get(key) is not None:
-            errors.append(f"{key}: not supported yet (raymerge copies the base model's "
-                          "tokenizer files)")
-    if doc.get("tokenizer_source") not in (None, "base"):
-        errors.append("tokenizer_source: only 'base' is supported yet")
     if (doc.get("models") is None) == (doc.get("slices") is None):
         errors.append("models, slices: give exactly one of them")
 
@@ -86,6 +80,11 @@ def from_mergekit(doc: dict) -> dict:
         sources = _models(doc.get("models"), base_path, base_role, name_of, errors)
     if base_role == "base":
         native["base"] = {"name": name_of(base_path), "uri": base_path}
+    tokenizer = _tokenizer(doc, name_of, errors)
+    if tokenizer is not None:
+        native["tokenizer"] = tokenizer
+    if doc.get("chat_template") is not None:
+        native["chat_template"] = doc["chat_template"]
     if errors:
         raise ConfigError(errors)
     native["sources"] = sources
@@ -95,6 +94,36 @@ def from_mergekit(doc: dict) -> dict:
     if out_dtype is not None:
         native["output"] = {"dtype": out_dtype}
     return native
+
+
+def _tokenizer(doc: dict, name_of, errors: list[str]) -> dict | None:
+    """``tokenizer_source`` or ``tokenizer: {source, pad_to_multiple_of}`` -> native
+    ``tokenizer`` (a model path becomes that source's name)."""
+    if doc.get("tokenizer_source") is not None and doc.get("tokenizer") is not None:
+        errors.append("tokenizer, tokenizer_source: give one of them")
+        return None
+    block = doc.get("tokenizer")
+    if block is None:
+        source = doc.get("tokenizer_source")
+        block = {} if source is None else {"source": source}
+        if source is None:
+            return None
+    if not isinstance(block, dict):
+        errors.append("tokenizer: expected a mapping with source (and pad_to_multiple_of)")
+        return None
+    extra = set(block) - {"source", "pad_to_multiple_of"}
+    if extra:
+        errors.append(f"tokenizer: {', '.join(sorted(extra))} not supported (per-token "
+                      "embedding sources)" if "tokens" in extra
+                      else f"tokenizer: unknown keys {', '.join(sorted(extra))}")
+    source = block.get("source", "base")
+    if not isinstance(source, str):
+        errors.append("tokenizer.source: expected base, union or a model path")
+        return None
+    out = {"source": source if source in ("base", "union") else name_of(source)}
+    if block.get("pad_to_multiple_of") is not None:
+        out["pad_to_multiple_of"] = block["pad_to_multiple_of"]
+    return out
 
 
 def _model_path(entry: Any, where: str, errors: list[str]) -> str | None:

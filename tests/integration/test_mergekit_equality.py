@@ -240,3 +240,66 @@ def test_della_keeps_the_same_entries_statistically(mergekit_yaml, llama_family,
         assert sum(len(x) for x in low) > 4000  # 4480: 0.03 is 4 standard deviations
     for tool, (low, high) in rates.items():
         assert abs(low - 0.4) < 0.03 and abs(high - 0.6) < 0.03, (tool, rates)
+
+
+def vocab_configs(v):
+    """Vocabularies that differ: mergekit permutes embedding rows into the output tokenizer."""
+    return {
+        "union": {"models": [{"model": v["a"], "parameters": {"weight": 0.6}},
+                             {"model": v["b"], "parameters": {"weight": 0.4}}],
+                  "base_model": v["a"], "merge_method": "linear", "tokenizer_source": "union",
+                  "dtype": "float32"},
+        "base_permuted": {"models": [{"model": v["c"], "parameters": {"weight": 0.5}},
+                                     {"model": v["a_ft"], "parameters": {"weight": 0.8}}],
+                          "base_model": v["a"], "merge_method": "task_arithmetic",
+                          "tokenizer_source": "base", "dtype": "float32"},
+        "model_padded": {"models": [{"model": v["a_ft"], "parameters": {"weight": 1.0}},
+                                    {"model": v["b"], "parameters": {"weight": 0.7}}],
+                         "base_model": v["a"], "merge_method": "ties",
+                         "parameters": {"density": 0.5},
+                         "tokenizer": {"source": v["b"], "pad_to_multiple_of": 48},
+                         "dtype": "float32"},
+    }
+
+
+@pytest.mark.parametrize("name", list(vocab_configs({k: k for k in ("a", "a_ft", "b", "c")})))
+def test_vocabulary_merges_equal_mergekit(name, mergekit_yaml, vocab_family, ray_session,
+                                          tmp_path):
+    """Tokenizer union / base / another model's, with rows permuted and padded: the same
+    tensors as mergekit bit for bit, the same vocabulary and vocab_size, and the output runs
+    in transformers on tokens only some inputs had."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(vocab_configs(vocab_family)[name]))
+    proc = subprocess.run([mergekit_yaml, str(path), str(tmp_path / "mk"), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # padding rows are equal copies: their magnitudes tie at TIES' trim threshold, so ask for
+    # mergekit's way of breaking ties
+    sort = ["merge.params.trim_ties=sort"] if name == "model_padded" else []
+    assert main(["run", str(path), str(tmp_path / "rm"), "runtime.num_workers=2", *sort,
+                 "--quiet"]) == 0
+    theirs, ours = load_state(str(tmp_path / "mk")), load_state(str(tmp_path / "rm"))
+    tok_mk = AutoTokenizer.from_pretrained(str(tmp_path / "mk"))
+    tok_rm = AutoTokenizer.from_pretrained(str(tmp_path / "rm"))
+    if name == "union":
+        # mergekit numbers the appended tokens in hash order (different on every run); the
+        # same tokens, and the same row for every token
+        assert set(tok_rm.get_vocab()) == set(tok_mk.get_vocab())
+        order = [tok_mk.get_vocab()[t] for t, _ in sorted(tok_rm.get_vocab().items(),
+                                                           key=lambda kv: kv[1])]
+        for n in ("model.embed_tokens.weight", "lm_head.weight"):
+            theirs[n] = theirs[n][order]
+    else:
+        assert tok_rm.get_vocab() == tok_mk.get_vocab()
+    assert set(theirs) == set(ours)
+    differing = [n for n in theirs
+                 if theirs[n].dtype != ours[n].dtype or not torch.equal(theirs[n], ours[n])]
+    assert not differing, differing
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path / "rm")).eval()
+    assert model.config.vocab_size == ours["model.embed_tokens.weight"].shape[0] == \
+        LlamaForCausalLM.from_pretrained(str(tmp_path / "mk")).config.vocab_size
+    ids = tok_rm("w1 x3 w60 x7", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

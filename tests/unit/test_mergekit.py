@@ -48,14 +48,18 @@ def test_dare_rescale_maps_to_l1():
 def test_unsupported_features_are_refused_not_ignored():
     with pytest.raises(ConfigError) as e:
         from_mergekit({"slices": [], "merge_method": "slerp", "tokenizer_source": "union",
+                       "tokenizer": {"source": "base", "tokens": {"<x>": {}}},
                        "foo": 1, "models": [{"model": "a+lora"}]})
     text = str(e.value)
     for want in ("foo: unknown mergekit key", "models, slices: give exactly one of them",
-                 "tokenizer_source: only 'base'"):
+                 "tokenizer, tokenizer_source: give one of them"):
         assert want in text
     with pytest.raises(ConfigError) as e:
         from_mergekit({"merge_method": "linear", "models": [{"model": "a+lora"}]})
     assert "models[0].model: LoRA adapters" in str(e.value)
+    with pytest.raises(ConfigError, match="tokenizer: tokens not supported"):
+        from_mergekit({"merge_method": "linear", "models": ["a"],
+                       "tokenizer": {"source": "union", "tokens": {"<x>": {}}}})
     with pytest.raises(ConfigError) as e:
         from_mergekit({"merge_method": "linear", "slices": [
             {"sources": [{"model": "a", "layer_range": [0, 2]}], "residual_weight": 0.1,
