@@ -17,6 +17,8 @@ examples:
   raymerge plan job.yaml                          # dry run: units, bytes, memory; no tensor read
   raymerge verify ./merged                        # re-check every checksum in the manifest
   raymerge import-mergekit mergekit.yml           # print the native equivalent
+  raymerge submit job.yaml --address http://head:8265 --wait   # on a running Ray cluster
+  raymerge status JOB_ID / logs JOB_ID --follow / stop JOB_ID  # (--address or $RAY_ADDRESS)
 """
 
 
@@ -99,6 +101,54 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(ns: argparse.Namespace) -> int:
+    from orchestrator import submit
+    from orchestrator.job import resolve_config
+
+    output, overrides = _split_targets(ns.targets)
+    cfg = resolve_config(ns.config, overrides, output)
+    job_id = submit.submit(cfg, ns.address, forward_env=not ns.no_env, job_id=ns.job_id)
+    print(job_id, flush=True)
+    if not ns.wait:
+        print(f"submitted; follow it with: raymerge logs {job_id} --follow", file=sys.stderr)
+        return 0
+    for piece in submit.logs(ns.address, job_id, follow=True):
+        sys.stderr.write(piece)
+    return _report(submit.wait(ns.address, job_id))
+
+
+def _report(info: dict) -> int:
+    print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})"
+                                                   if info.get("message") else ""))
+    return 0 if info["status"] in ("SUCCEEDED", "PENDING", "RUNNING") else 1
+
+
+def _cmd_status(ns: argparse.Namespace) -> int:
+    from orchestrator import submit
+
+    info = submit.status(ns.address, ns.job_id)
+    if info.get("output"):
+        print(f"output: {info['output']}")
+    return _report(info)
+
+
+def _cmd_logs(ns: argparse.Namespace) -> int:
+    from orchestrator import submit
+
+    for piece in submit.logs(ns.address, ns.job_id, follow=ns.follow):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    return 0
+
+
+def _cmd_stop(ns: argparse.Namespace) -> int:
+    from orchestrator import submit
+
+    stopped = submit.stop(ns.address, ns.job_id)
+    print(f"{ns.job_id}: " + ("stop requested" if stopped else "had already ended"))
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
@@ -141,6 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list merge methods and their parameters").set_defaults(
         fn=_cmd_methods)
+
+    address_help = "the cluster's Jobs API, http://HEAD:8265 (default: $RAY_ADDRESS)"
+    submit = job_parser("submit", "submit a merge job to a running Ray cluster (Ray Jobs API); "
+                                  "prints the job id")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--job-id", help="the job id to use (default: Ray picks one)")
+    submit.add_argument("--wait", action="store_true",
+                        help="stream the job's log and exit with its outcome")
+    submit.add_argument("--no-env", action="store_true",
+                        help="do not forward this shell's AWS_* / HF_* settings and credentials "
+                             "(the cluster's own credential chain is used)")
+    submit.set_defaults(fn=_cmd_submit)
+    for name, help_, fn in (("status", "show a submitted job's status", _cmd_status),
+                            ("logs", "print a submitted job's log", _cmd_logs),
+                            ("stop", "stop a submitted job", _cmd_stop)):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("job_id")
+        p.add_argument("--address", help=address_help)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing until it ends")
+        p.set_defaults(fn=fn)
 
     demo = sub.add_parser("demo", help="merge the bundled all-MiniLM-L6-v2 with perturbed "
                                        "copies of itself on a local Ray, then verify and load it")

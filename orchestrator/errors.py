@@ -40,3 +40,7 @@ class StorageError(MergeError):
 
 class WorkerError(MergeError):
     """A work unit failed on a worker; the message names the unit, its shard and the cause."""
+
+
+class ClusterError(MergeError):
+    """A Ray cluster could not be reached, refused a request, or reports a failed job."""

@@ -205,24 +205,47 @@ def test_frankenmerge_runs_in_transformers(mergekit_yaml, llama_family, ray_sess
                        ft2["model.layers.1.mlp.up_proj.weight"])
 
 
-def test_della_keeps_the_same_entries_statistically(mergekit_yaml, llama_family, ray_session,
-                                                    tmp_path):
-    """DELLA draws random masks (mergekit: torch's global RNG, raymerge: keys per seed, model
-    and tensor), so the bits cannot agree; what both must agree on is the sampling law. With
-    one model, no rescale and weight 1 the output is base + mask * τ: the kept fraction of
-    the smaller and larger halves of every row must be density ∓ ε/2 for both tools."""
-    base, ft = llama_family["base"], llama_family["ft1"]
-    path = tmp_path / "della.yml"
-    path.write_text(yaml.safe_dump({
-        "models": [{"model": ft, "parameters": {"weight": 1.0, "density": 0.5,
-                                                "epsilon": 0.2}}],
-        "base_model": base, "merge_method": "della_linear",
-        "parameters": {"rescale": False}, "dtype": "float32"}))
+def _run_both(mergekit_yaml, tmp_path, config):
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
     proc = subprocess.run([mergekit_yaml, str(path), str(tmp_path / "mk"), "--quiet"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(["run", str(path), str(tmp_path / "rm"), "runtime.num_workers=2",
                  "--quiet"]) == 0
+
+
+def test_dare_keeps_the_same_fraction(mergekit_yaml, llama_family, ray_session, tmp_path):
+    """DARE's masks are random in both tools (mergekit: torch's global RNG, raymerge: keyed
+    per seed, model, tensor and chunk), so only the sampling law can agree: with one model, no
+    rescale and weight 1 the output is base + mask * τ, kept entries unchanged, and the kept
+    fraction is the density for both (8 000 entries: 0.03 is over 4 standard deviations)."""
+    base, ft = llama_family["base"], llama_family["ft1"]
+    _run_both(mergekit_yaml, tmp_path, {
+        "models": [{"model": ft, "parameters": {"weight": 1.0, "density": 0.3}}],
+        "base_model": base, "merge_method": "dare_linear",
+        "parameters": {"rescale": False}, "dtype": "float32"})
+    b, f = load_state(base), load_state(ft)
+    for tool in ("mk", "rm"):
+        out = load_state(str(tmp_path / tool))
+        kept = [out[n] != b[n] for n in b if b[n].dim() == 2]
+        for n, k in zip([n for n in b if b[n].dim() == 2], kept):
+            assert torch.equal(out[n][k], f[n][k])
+        fraction = torch.cat([k.reshape(-1) for k in kept]).float()
+        assert fraction.numel() > 8000 and abs(float(fraction.mean()) - 0.3) < 0.03, tool
+
+
+def test_della_keeps_the_same_entries_statistically(mergekit_yaml, llama_family, ray_session,
+                                                    tmp_path):
+    """DELLA draws random masks too; what both tools must agree on is the sampling law. With
+    one model, no rescale and weight 1 the output is base + mask * τ: the kept fraction of
+    the smaller and larger halves of every row must be density ∓ ε/2 for both tools."""
+    base, ft = llama_family["base"], llama_family["ft1"]
+    _run_both(mergekit_yaml, tmp_path, {
+        "models": [{"model": ft, "parameters": {"weight": 1.0, "density": 0.5,
+                                                "epsilon": 0.2}}],
+        "base_model": base, "merge_method": "della_linear",
+        "parameters": {"rescale": False}, "dtype": "float32"})
     b, f = load_state(base), load_state(ft)
     rates = {}
     for tool in ("mk", "rm"):
