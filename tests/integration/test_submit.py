@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
+from tests.integration.test_loopback import _is_loopback, _listen_addresses, _tree_socket_inodes
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,10 @@ def ray_head(tmp_path_factory):
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
          "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--temp-dir={temp}"],
+         f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+         # fixed default ports would collide with the session's own local Ray
+         f"--dashboard-agent-listen-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -56,7 +60,7 @@ def ray_head(tmp_path_factory):
                     raise RuntimeError("ray head did not start: "
                                        + (temp / "head.log").read_text()[-2000:])
                 time.sleep(1)
-        yield address, token
+        yield address, token, str(temp)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -68,23 +72,38 @@ def ray_head(tmp_path_factory):
         log.close()
 
 
-def _kill_session(temp: str) -> None:
-    """GCS, raylet and agents outlive `ray start --block` in their own process groups: kill
-    every process whose command line names this head's temp folder (and nothing else)."""
+def _session_pids(temp: str) -> list[int]:
+    pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if temp.encode() in f.read():
-                    os.kill(int(pid), signal.SIGKILL)
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def _kill_session(temp: str) -> None:
+    """GCS, raylet and agents outlive `ray start --block` in their own process groups: kill
+    every process whose command line names this head's temp folder (and nothing else)."""
+    for pid in _session_pids(temp):
+        try:
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             continue
 
 
-def test_submitted_job_succeeds_and_its_output_verifies(ray_head, llama_family, tmp_path,
-                                                        monkeypatch, capsys):
-    address, token = ray_head
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+def cli(*args: str, token: str, cwd=None) -> subprocess.CompletedProcess:
+    """`raymerge ...` in a fresh process: Ray's client caches the first token a process reads,
+    so each call gets its own environment."""
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args],
+                          env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_submitted_job_succeeds_and_its_output_verifies(ray_head, llama_family, tmp_path):
+    address, token, temp = ray_head
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({
         "base": {"name": "base", "uri": llama_family["base"]},
@@ -92,54 +111,58 @@ def test_submitted_job_succeeds_and_its_output_verifies(ray_head, llama_family, 
                     {"name": "ft2", "uri": llama_family["ft2"]}],
         "merge": {"method": "ties", "params": {"density": 0.5}},
         "output": {"uri": "merged"}}))  # relative: made absolute at submission
-    monkeypatch.chdir(tmp_path)
-    assert main(["submit", str(job), "--address", address, "--job-id", "merge-1",
-                 "--wait"]) == 0
-    out = capsys.readouterr()
-    assert "merge-1: SUCCEEDED" in out.out and "merged 30 tensors" in out.err
+    proc = cli("submit", str(job), "--address", address, "--job-id", "merge-1", "--wait",
+               token=token, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "merge-1: SUCCEEDED" in proc.stdout and "merged 30 tensors" in proc.stderr
     assert main(["verify", str(tmp_path / "merged")]) == 0
-    assert main(["status", "merge-1", "--address", address]) == 0
-    assert f"output: {tmp_path / 'merged'}" in capsys.readouterr().out
-    assert main(["logs", "merge-1", "--address", address]) == 0
-    assert "merged 30 tensors" in capsys.readouterr().out
-    assert main(["stop", "merge-1", "--address", address]) == 0
-    assert "had already ended" in capsys.readouterr().out
+    proc = cli("status", "merge-1", "--address", address, token=token)
+    assert proc.returncode == 0 and f"output: {tmp_path / 'merged'}" in proc.stdout
+    proc = cli("logs", "merge-1", "--address", address, token=token)
+    assert proc.returncode == 0 and "merged 30 tensors" in proc.stdout
+    proc = cli("stop", "merge-1", "--address", address, token=token)
+    assert proc.returncode == 0 and "had already ended" in proc.stdout
+    proc = cli("status", "merge-1", "--address", address, token="0" * 32)
+    assert proc.returncode == 1 and "Invalid authentication token" in proc.stderr, proc.stderr
 
-    # a wrong token is refused with a message, in a fresh process (Ray caches the token)
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", "merge-1",
-                           "--address", address],
-                          env={**os.environ, "RAY_AUTH_MODE": "token",
-                               "RAY_AUTH_TOKEN": "0" * 32},
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "raymerge: error:" in proc.stderr, proc.stderr[-2000:]
+    # every socket the head's processes listen on is on 127.0.0.1
+    listening = _listen_addresses()
+    inodes = set()
+    for pid in _session_pids(temp):
+        inodes |= _tree_socket_inodes(pid)
+    addresses = {listening[i] for i in inodes if i in listening}
+    assert addresses and all(_is_loopback(a) for a in addresses), addresses
 
 
 def test_bad_config_never_reaches_the_cluster_and_stop_works(ray_head, llama_family,
-                                                             tmp_path, monkeypatch, capsys):
-    address, token = ray_head
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+                                                             tmp_path):
+    address, token, _ = ray_head
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({
         "sources": [{"name": "a", "uri": llama_family["ft1"]}],
         "merge": {"method": "tiess"}, "output": {"uri": str(tmp_path / "o")}}))
-    assert main(["submit", str(job), "--address", address]) == 2
-    assert "unknown method 'tiess'" in capsys.readouterr().err
-    assert main(["status", "no-such-job", "--address", address]) == 1
-    assert "no-such-job" in capsys.readouterr().err
-    assert main(["status", "x", "--address", "http://127.0.0.1:9"]) == 1
-    assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
+    proc = cli("submit", str(job), "--address", address, token=token)
+    assert proc.returncode == 2 and "unknown method 'tiess'" in proc.stderr
+    proc = cli("status", "no-such-job", "--address", address, token=token)
+    assert proc.returncode == 1 and "no-such-job" in proc.stderr
+    proc = cli("status", "x", "--address", "http://127.0.0.1:9", token=token)
+    assert proc.returncode == 1 and "cannot reach the Ray Jobs API" in proc.stderr
 
     # a job stopped at once ends STOPPED with no manifest (or, if it won the race, SUCCEEDED
     # with one): never a partial output that looks finished
-    from orchestrator import submit
-
     job.write_text(yaml.safe_dump({
         "sources": [{"name": "a", "uri": llama_family["ft1"]},
                     {"name": "b", "uri": llama_family["ft2"]}],
         "merge": {"method": "linear"}, "output": {"uri": str(tmp_path / "stopped")}}))
-    assert main(["submit", str(job), "--address", address, "--job-id", "to-stop"]) == 0
-    assert main(["stop", "to-stop", "--address", address]) == 0
-    final = submit.wait(address, "to-stop", timeout=120)
+    assert cli("submit", str(job), "--address", address, "--job-id", "to-stop",
+               token=token).returncode == 0
+    assert cli("stop", "to-stop", "--address", address, token=token).returncode == 0
+    deadline = time.monotonic() + 120
+    while True:
+        status = cli("status", "to-stop", "--address", address, token=token).stdout
+        if "STOPPED" in status or "SUCCEEDED" in status or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     manifest = tmp_path / "stopped" / "raymerge-manifest.json"
-    assert (final["status"], manifest.exists()) in (("STOPPED", False), ("SUCCEEDED", True))
+    assert ("STOPPED" in status and not manifest.exists()) or \
+        ("SUCCEEDED" in status and manifest.exists()), status

@@ -131,7 +131,10 @@ class MethodSpec:
 
     @property
     def summary(self) -> str:
-        return (self.fn.__doc__ or "").strip().splitlines()[0]
+        """The docstring's first sentence (which may wrap over several lines)."""
+        paragraph = " ".join((self.fn.__doc__ or "").strip().split("\n\n")[0].split())
+        end = paragraph.find(". ")
+        return paragraph if end < 0 else paragraph[:end + 1]
 
 
 METHODS: dict[str, MethodSpec] = {}
