@@ -194,7 +194,7 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointInd
         base_ref = ref(place.base) if place.base is not None else None
         every = refs + ((base_ref,) if base_ref else ())
         first = every[0]
-        vocab_item = (vocab is not None and vocab.tokens and layer_of(place.name) is None
+        vocab_item = (vocab is not None and vocab.permutes and layer_of(place.name) is None
                       and first.info.dtype in FLOAT_CODES
                       and all(is_vocab_tensor(r.info.shape, vocab.vocab_sizes.get(r.source))
                               for r in every))
@@ -242,7 +242,7 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointInd
     groups = tuple(StatsGroup(spec.name, p, n) for p, n in zip(stats_params, stats_counts))
     return Plan(sources, units, groups, spec.name, cfg.compute_dtype, cfg.seed,
                 cfg.runtime.threads_per_worker, reference, layer_map,
-                vocab.rows if vocab is not None and vocab.tokens else None,
+                vocab.rows if vocab is not None and vocab.permutes else None,
                 tuple((n, hashlib.sha256(d).hexdigest()) for n, d in vocab.files.items())
                 if vocab is not None else ())
 
@@ -267,7 +267,7 @@ def resolve_params(spec: MethodSpec, cfg: JobConfig, place: Placement,
     name, t = place.name, place.t
     overrides = [params for match, params in reversed(matchers) if match(name)]
     sl = cfg.slices[place.slice] if place.slice >= 0 else None
-    shared = overrides + ([sl.params] if sl else []) + [cfg.merge.params]
+    general = ([sl.params] if sl else []) + [cfg.merge.params]  # below any model's own params
 
     def pick(scopes: list[dict], key: str) -> Any:
         for scope in scopes:
@@ -284,12 +284,12 @@ def resolve_params(spec: MethodSpec, cfg: JobConfig, place: Placement,
         for inp in place.models:
             own = ([sl.sources[inp.slice_source].params] if sl else []) + \
                 [cfg.sources[inp.member].params]
-            value = pick(overrides + own + shared[len(overrides):], field_name)
+            value = pick(overrides + own + general, field_name)
             values.append(float(default if value is None else value))
         resolved[field_name] = tuple(values)
     for f in dataclasses.fields(spec.params):
         if f.name not in per_model:
-            value = pick(shared, f.name)
+            value = pick(overrides + general, f.name)
             if value is not None:
                 resolved[f.name] = value
     return spec.params(**resolved)

@@ -56,25 +56,29 @@ class Vocabulary:
     sources: dict[int, list[int]]  # member -> per output token, its row there or -1
     vocab_sizes: dict[int, int]  # member -> its config's vocab_size
 
+    @property
+    def permutes(self) -> bool:
+        """Whether vocabulary tensors are read row-permuted (a tokenizer merge)."""
+        return bool(self.sources)
+
 
 def build(cfg: JobConfig, indexes: list[CheckpointIndex], stores: list[Store],
           reference: int) -> Vocabulary | None:
     """The output tokenizer for ``cfg.tokenizer`` / ``cfg.chat_template`` (None: copy the
-    reference's files unchanged). Members are ``cfg.sources`` then the base."""
+    reference's files unchanged). Members are ``cfg.sources`` then the base; ``reference`` is
+    the base, else the first model. A chat template alone changes the tokenizer's files only:
+    no tensor row moves (``permutes`` is false)."""
     if cfg.tokenizer is None and cfg.chat_template is None:
         return None
-    members = list(range(len(indexes)))
+    members = list(range(len(indexes))) if cfg.tokenizer is not None else [reference]
     tokenizers = {m: _load(stores[m], indexes[m].name) for m in members}
     sizes = {m: _vocab_size(stores[m], indexes[m].name) or len(tokenizers[m].get_vocab())
              for m in members}
-    first = len(cfg.sources) if cfg.base is not None else reference
-    if cfg.tokenizer is None:
-        out = tokenizers[first]
-    elif cfg.tokenizer.source == "base":
-        out = tokenizers[first]
+    if cfg.tokenizer is None or cfg.tokenizer.source == "base":
+        out = tokenizers[reference]
     elif cfg.tokenizer.source == "union":
-        out = _union([(tokenizers[m], sizes[m]) for m in [first] + [m for m in members
-                                                                   if m != first]])
+        out = _union([(tokenizers[m], sizes[m])
+                      for m in [reference] + [m for m in members if m != reference]])
     else:
         named = [i for i, s in enumerate(cfg.sources) if s.name == cfg.tokenizer.source]
         out = tokenizers[named[0] if named else len(cfg.sources)]
@@ -86,10 +90,12 @@ def build(cfg: JobConfig, indexes: list[CheckpointIndex], stores: list[Store],
         for name in sorted(os.listdir(tmp)):
             with open(os.path.join(tmp, name), "rb") as f:
                 files[name] = f.read()
+    if cfg.tokenizer is None:
+        return Vocabulary(files, 0, 0, {}, {})
     vocab = out.get_vocab()
     tokens = len(vocab)
     rows = tokens
-    pad = cfg.tokenizer.pad_to_multiple_of if cfg.tokenizer is not None else None
+    pad = cfg.tokenizer.pad_to_multiple_of
     if pad and rows % pad:
         rows += pad - rows % pad
     sources = {}

@@ -21,12 +21,20 @@ def job(family, out, **extra):
 
 
 def test_chat_template_by_name_and_auto(vocab_family, tmp_path):
-    """chatml writes a ChatML template into the output tokenizer; the copied tokenizer keeps
-    its vocabulary; auto without any input template is an error naming the key."""
+    """chatml writes a ChatML template into the output tokenizer and changes no tensor (the
+    shuffled vocabulary of c is not permuted without a tokenizer block); the copied tokenizer
+    keeps its vocabulary; auto without any input template is an error naming the key."""
+    import torch
     from transformers import AutoTokenizer
+
+    from tests.conftest import load_state
 
     out = run_job(job(vocab_family, tmp_path / "chat", chat_template="chatml"),
                   quiet=True).output
+    plain = run_job(job(vocab_family, tmp_path / "plain"), quiet=True).output
+    merged, unchanged = load_state(out), load_state(plain)  # no row moved: c keeps its order
+    assert merged.keys() == unchanged.keys()
+    assert all(torch.equal(merged[n], unchanged[n]) for n in merged)
     tok = AutoTokenizer.from_pretrained(out)
     text = tok.apply_chat_template([{"role": "user", "content": "w1 w2"}], tokenize=False,
                                    add_generation_prompt=True)
