@@ -121,7 +121,8 @@ def sliced(cfg: JobConfig, indexes: list[CheckpointIndex]) -> tuple[list[Placeme
                 models.append(item)
         return tuple(models), base
 
-    outside = [n for n in ref.tensors if layer_of(n) is None or layer_of(n)[0] != prefix]
+    hits = {n: layer_of(n) for n in ref.tensors}
+    outside = [n for n, hit in hits.items() if hit is None or hit[0] != prefix]
     matchers = [tensor_matcher(p) for p in cfg.layout.first]
 
     def first_slice(name: str) -> bool:
@@ -134,8 +135,7 @@ def sliced(cfg: JobConfig, indexes: list[CheckpointIndex]) -> tuple[list[Placeme
         placements.append(Placement(name, *inputs(0, lambda src, name=name: name), 0.0, 0))
     layer_map = []
     first = cfg.slices[0].sources[0]
-    rests = [layer_of(n)[2] for n in ref.tensors
-             if layer_of(n) and layer_of(n)[:2] == (prefix, first.layers[0])]
+    rests = [hit[2] for hit in hits.values() if hit and hit[:2] == (prefix, first.layers[0])]
     for i, sl in enumerate(cfg.slices):
         length = sl.sources[0].layers[1] - sl.sources[0].layers[0]
         for offset in range(length):

@@ -18,6 +18,7 @@ import asyncio
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from typing import Iterator
 
 import yaml
@@ -78,12 +79,9 @@ def submit(cfg: JobConfig, address: str | None, *, forward_env: bool = True,
 
 def status(address: str | None, job_id: str) -> dict:
     """The job's status, message, entry point and times, as the Jobs API reports them."""
-    try:
-        info = client(address).get_job_info(job_id)
-    except ClusterError:
-        raise
-    except Exception as e:
-        raise ClusterError(f"job {job_id!r}: {_reason(e)}") from None
+    jobs = client(address)
+    with _about(job_id):
+        info = jobs.get_job_info(job_id)
     return {"job_id": job_id, "status": str(info.status.value if hasattr(info.status, "value")
                                             else info.status),
             "message": info.message, "entrypoint": info.entrypoint,
@@ -94,7 +92,7 @@ def status(address: str | None, job_id: str) -> dict:
 def logs(address: str | None, job_id: str, *, follow: bool = False) -> Iterator[str]:
     """The job's log so far, or (``follow``) every new piece until the job ends."""
     jobs = client(address)
-    try:
+    with _about(job_id):
         if not follow:
             yield jobs.get_job_logs(job_id)
             return
@@ -108,20 +106,13 @@ def logs(address: str | None, job_id: str, *, follow: bool = False) -> Iterator[
                     return
         finally:
             loop.close()
-    except ClusterError:
-        raise
-    except Exception as e:
-        raise ClusterError(f"job {job_id!r}: {_reason(e)}") from None
 
 
 def stop(address: str | None, job_id: str) -> bool:
     """Ask the cluster to stop the job; False if it had already ended."""
-    try:
-        return client(address).stop_job(job_id)
-    except ClusterError:
-        raise
-    except Exception as e:
-        raise ClusterError(f"job {job_id!r}: {_reason(e)}") from None
+    jobs = client(address)
+    with _about(job_id):
+        return jobs.stop_job(job_id)
 
 
 def wait(address: str | None, job_id: str, timeout: float | None = None,
@@ -135,6 +126,15 @@ def wait(address: str | None, job_id: str, timeout: float | None = None,
         if deadline is not None and time.monotonic() > deadline:
             raise ClusterError(f"job {job_id!r} still {info['status']} after {timeout:.0f} s")
         time.sleep(poll)
+
+
+@contextmanager
+def _about(job_id: str) -> Iterator[None]:
+    """Jobs API failures about one job (unknown id, refused) as ClusterError naming it."""
+    try:
+        yield
+    except Exception as e:  # the SDK raises RuntimeError, HTTP and auth errors alike
+        raise ClusterError(f"job {job_id!r}: {_reason(e)}") from None
 
 
 def _absolute(uri: str) -> str:

@@ -146,12 +146,12 @@ def _chunks(item: Any, ctx: TaskContext,
     item's tensor; inputs are read a window of several chunks at a time, READ_WINDOW bytes for
     all inputs together (fewer, larger reads from object storage). With ``whole_windows`` the
     pieces are whole windows (copies, which do no arithmetic)."""
-    refs = _refs(item)
     if item.rows:
         gathered = _gathered(item, ctx)
         for c0 in range(0, item.numel, CHUNK):
             yield c0 // CHUNK, [g[c0:c0 + CHUNK] for g in gathered]
         return
+    refs = _refs(item)
     numel = refs[0].info.numel
     per_element = sum(itemsize(r.info.dtype) for r in refs)
     window = max(1, READ_WINDOW // (per_element * CHUNK)) * CHUNK
@@ -185,10 +185,6 @@ def _split(item: Any, values: list[torch.Tensor],
            dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     cast = [v.to(dtype) for v in values]
     return (cast[:-1], cast[-1]) if item.base is not None else (cast, None)
-
-
-def _read(ctx: TaskContext, ref: Any, dtype: torch.dtype) -> torch.Tensor:
-    return read_tensor(ctx.stores[ref.source], ref.file, ref.info).to(dtype)
 
 
 def _gathered(item: Any, ctx: TaskContext) -> list[torch.Tensor]:
@@ -235,12 +231,9 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         kwargs["stats"] = (spec.stats.for_tensor(stats[item.stats_group], item.stats_slot)
                            if item.stats_group >= 0 else None)
     if not spec.is_elementwise(item.params):  # needs the whole tensor at once
-        if item.rows:
-            whole = [g.reshape(item.shape) for g in _gathered(item, ctx)]
-            tensors, base = (whole[:-1], whole[-1]) if item.base is not None else (whole, None)
-        else:
-            tensors = [_read(ctx, r, dtype) for r in item.inputs]
-            base = _read(ctx, item.base, dtype) if item.base is not None else None
+        values = ([g.reshape(item.shape) for g in _gathered(item, ctx)] if item.rows else
+                  [read_tensor(ctx.stores[r.source], r.file, r.info) for r in _refs(item)])
+        tensors, base = _split(item, values, dtype)
         if spec.uses_rng:
             kwargs["rng"] = _generators(ctx, item, 0)
         if spec.uses_base:
