@@ -57,9 +57,11 @@ def read_manifest(out: Store) -> dict | None:
 
 def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
            indexes: list[CheckpointIndex], stores: list[Store], out: Store,
-           tokenizer_files: dict[str, bytes] | None = None) -> dict:
+           tokenizer_files: dict[str, bytes] | None = None,
+           method_state: dict | None = None) -> dict:
     """Write everything but the shards, then the manifest; return the manifest.
-    ``tokenizer_files`` (a built tokenizer) replace the reference's tokenizer files."""
+    ``tokenizer_files`` (a built tokenizer) replace the reference's tokenizer files;
+    ``method_state`` (a continual method's running state) is recorded for the next step."""
     files: dict[str, bytes] = {}
     weight_map = {it.tensor_name: u.shard for u in plan.units for it in u.items}
     files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
@@ -93,6 +95,8 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
         "files": [{"file": n, "bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
                   for n, d in files.items()],
     }
+    if method_state is not None:
+        manifest["method_state"] = method_state
     out.write_bytes(MANIFEST, _json(manifest))
     out.remove(PROGRESS)
     return manifest

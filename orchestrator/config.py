@@ -383,7 +383,8 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
     if slices:
         _check_slices(spec, slices, names, base, errors)
     elif sources:
-        _check_count(spec, len(sources), "sources", errors)
+        _check_count(spec, len(sources), "sources", errors,
+                     merge.get("params") if isinstance(merge.get("params"), dict) else {})
     if isinstance(merge.get("params"), dict):
         _check_params(spec, merge["params"], "merge.params", errors, per_model_only=False)
     for i, src in enumerate(sources):
@@ -405,7 +406,14 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
     _check_weights_sum(spec, merge, sources, errors)
 
 
-def _check_count(spec: MethodSpec, n: int, path: str, errors: list[str]) -> None:
+def _check_count(spec: MethodSpec, n: int, path: str, errors: list[str],
+                 params: dict | None = None) -> None:
+    want = spec.models_for(params) if spec.models_for and params is not None else None
+    if want is not None:
+        if n != want:
+            errors.append(f"{path}: method {spec.name!r} with these merge.params merges "
+                          f"exactly {want} models, got {n}")
+        return
     if n < spec.min_models or (spec.max_models and n > spec.max_models):
         want = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
                 else f"at least {spec.min_models}")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -15,8 +19,9 @@ from orchestrator.hub import is_hub_uri
 from orchestrator.index import CheckpointIndex, index_checkpoint
 from orchestrator.plan import Plan, make_plan, reference_member
 from orchestrator.schedule import run_plan
-from orchestrator.storage import Store, open_store
+from orchestrator.storage import LocalStore, Store, open_store
 from orchestrator.vocab import build as build_vocabulary
+from workers.merge import get_method
 from workers.tasks import ShardRecord, TaskContext
 
 
@@ -80,6 +85,10 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     """
     start = time.monotonic()
     cfg = resolve_config(config, overrides, output)
+    spec = get_method(cfg.merge.method)
+    if spec.models_for is not None and spec.models_for(dict(cfg.merge.params)) is None \
+            and len(cfg.sources) > 1:
+        return _run_sequence(cfg, force, quiet)
     plan, indexes, stores, tokenizer_files = plan_job(cfg)
     timings = {"plan": time.monotonic() - start}
     out = open_store(cfg.output.uri)
@@ -113,13 +122,13 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
         stores=tuple(stores), output=out, source_names=plan.source_names,
         compute_dtype=cfg.compute_dtype, seed=cfg.seed, threads=cfg.runtime.threads_per_worker,
     )
-    new, run_timings = run_plan(plan, ctx, cfg.runtime, done=frozenset(kept),
+    new, run_timings, method_state = run_plan(plan, ctx, cfg.runtime, done=frozenset(kept),
                                 on_record=record_progress, quiet=quiet)
     timings.update(run_timings)
     committing = time.monotonic()
     order = {u.shard: u.index for u in plan.units}
     records = sorted([*kept.values(), *new], key=lambda r: order[r.shard])
-    manifest = commit(plan, cfg, records, indexes, stores, out, tokenizer_files)
+    manifest = commit(plan, cfg, records, indexes, stores, out, tokenizer_files, method_state)
     timings["commit"] = time.monotonic() - committing
     if cfg.output.push_to_hub:
         pushing = time.monotonic()
@@ -130,6 +139,44 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
             print(f"pushed to {url}", file=sys.stderr)
     return JobResult(out.uri, manifest, plan, False, time.monotonic() - start, timings,
                      len(kept))
+
+
+def _run_sequence(cfg: JobConfig, force: bool, quiet: bool) -> JobResult:
+    """A continual method (OPCM) over K models: K steps in source order, each merging one
+    model into the previous step's output (kept in OUTPUT.steps/ until the last step is done)."""
+    from omegaconf import OmegaConf
+
+    start = time.monotonic()
+    doc = OmegaConf.to_container(OmegaConf.structured(cfg))
+    final = cfg.output.uri.rstrip("/")
+    previous, state, steps = None, {}, []
+    for i, src in enumerate(doc["sources"]):
+        last = i == len(doc["sources"]) - 1
+        step = copy.deepcopy(doc)
+        step["sources"] = [src] if previous is None else [
+            {"name": f"step-{i}", "uri": previous, "params": {}}, src]
+        step["merge"]["params"] = {**doc["merge"]["params"], **state}
+        step["output"]["uri"] = final if last else f"{final}.steps/step-{i + 1}"
+        if not quiet:
+            print(f"[opcm] step {i + 1}/{len(doc['sources'])}: {src['name']}", file=sys.stderr)
+        result = run_job(step, force=force or not last, quiet=quiet)
+        state = result.manifest["method_state"]
+        previous = step["output"]["uri"]
+        steps.append(previous)
+    for uri in steps[:-1]:
+        _clear(uri)
+    return dataclasses.replace(result, seconds=time.monotonic() - start)
+
+
+def _clear(uri: str) -> None:
+    store = open_store(uri)
+    if isinstance(store, LocalStore):
+        shutil.rmtree(store.root, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the .steps folder, once empty
+            os.rmdir(os.path.dirname(store.root))
+        return
+    for name in store.list_files():
+        store.remove(name)
 
 
 def _overlaps(a: str, b: str) -> bool:

@@ -26,12 +26,13 @@ from workers.tasks import ShardRecord, TaskContext, collect_unit, merge_unit
 def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
              done: frozenset[str] = frozenset(),
              on_record: Callable[[ShardRecord], None] | None = None,
-             quiet: bool = False) -> tuple[list[ShardRecord], dict[str, float]]:
+             quiet: bool = False) -> tuple[list[ShardRecord], dict[str, float], dict | None]:
     """Run the statistics passes (if any), then every unit whose shard is not in ``done``.
 
     ``on_record`` sees each shard record as soon as its unit finishes (the job keeps resume
-    state with it). Returns the new records, in unit order, and the seconds spent starting Ray,
-    in statistics passes and in the merge itself. Statistics partials are summed as they
+    state with it). Returns the new records, in unit order, the seconds spent starting Ray,
+    in statistics passes and in the merge itself, and the method's ``report`` of its reduced
+    statistics (None for methods without one). Statistics partials are summed as they
     arrive, so the driver holds one running total per group, not one partial per unit.
     """
     todo = [u for u in plan.units if u.shard not in done]
@@ -42,8 +43,9 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
         timings["ray_start"] = time.monotonic() - start
         start = time.monotonic()
         states: dict[int, Any] = {}
-        if plan.stats_groups and todo:
-            spec = get_method(plan.method)
+        spec = get_method(plan.method)
+        reports = hasattr(spec.stats, "report")
+        if plan.stats_groups and (todo or reports):
             stat_units = [u for u in plan.units if any(i.stats_group >= 0 for i in u.items)]
             for p in range(spec.stats.passes):
                 label = f"statistics {p + 1}/{spec.stats.passes}"
@@ -71,7 +73,8 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
             finished.append((unit.index, record))
         records = [record for _, record in sorted(finished, key=lambda ir: ir[0])]
         timings["merge"] = time.monotonic() - start
-    return records, timings
+    report = spec.stats.report(states[0]) if reports and states else None
+    return records, timings, report
 
 
 class _Progress:

@@ -108,8 +108,8 @@ def collect_unit(unit: Any, ctx: TaskContext, pass_index: int,
     of a group's partials are added under slot -1; in the method's ``tensor_passes`` each
     tensor's partial stays under its own slot.
 
-    Global statistics are integer counts, so they are collected chunk by chunk whatever the
-    method: summing them in any order is exact."""
+    Summed statistics are integer counts, so adding them in any order is exact; float
+    statistics (OPCM's norms) live in tensor passes, added on the driver in plan order."""
     sums: dict[tuple[int, int], torch.Tensor] = {}
     with torch_threads(ctx.threads):
         for item in unit.items:
@@ -231,9 +231,7 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         kwargs["stats"] = (spec.stats.for_tensor(stats[item.stats_group], item.stats_slot)
                            if item.stats_group >= 0 else None)
     if not spec.is_elementwise(item.params):  # needs the whole tensor at once
-        values = ([g.reshape(item.shape) for g in _gathered(item, ctx)] if item.rows else
-                  [read_tensor(ctx.stores[r.source], r.file, r.info) for r in _refs(item)])
-        tensors, base = _split(item, values, dtype)
+        tensors, base = _split(item, _whole(item, ctx), dtype)
         if spec.uses_rng:
             kwargs["rng"] = _generators(ctx, item, 0)
         if spec.uses_base:
@@ -252,6 +250,13 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         yield spec.fn(tensors, item.params, **kwargs).to(out_dtype)
 
 
+def _whole(item: Any, ctx: TaskContext) -> list[torch.Tensor]:
+    """Every input of the item (then the base), whole and shaped."""
+    if item.rows:
+        return [g.reshape(item.shape) for g in _gathered(item, ctx)]
+    return [read_tensor(ctx.stores[r.source], r.file, r.info) for r in _refs(item)]
+
+
 def _tensor_stats(stats: Any, item: Any, ctx: TaskContext) -> Any:
     state = None
     keyed = get_method(item.method).uses_rng
@@ -263,7 +268,11 @@ def _tensor_stats(stats: Any, item: Any, ctx: TaskContext) -> Any:
 
 
 def _collect_item(item: Any, ctx: TaskContext, pass_index: int, state: Any) -> torch.Tensor:
-    stats = get_method(item.method).stats
+    spec = get_method(item.method)
+    stats = spec.stats
+    if not spec.is_elementwise(item.params):  # e.g. an SVD: the whole tensor at once
+        tensors, base = _split(item, _whole(item, ctx), torch_dtype(ctx.compute_dtype))
+        return stats.collect(pass_index, tensors, item.params, base=base, state=state)
     return _sum_over_chunks(item, ctx, False, lambda tensors, base, _: stats.collect(
         pass_index, tensors, item.params, base=base, state=state))
 

@@ -14,6 +14,7 @@ from workers.merge import (  # noqa: F401  (imported to register each method)
     multislerp,
     nearswap,
     nuslerp,
+    opcm,
     passthrough,
     ram,
     ramplus_tl,

@@ -60,7 +60,9 @@ class GlobalStats(Protocol):
     summed exactly, so they must be integer-valued tensors) and ``reduce`` on the sum; in the
     ``tensor_passes`` the partials are not summed and ``reduce`` gets the list of them, one per
     tensor of the group in plan order. ``for_tensor(state, slot)`` is what the kernel of the
-    group's ``slot``-th tensor gets as ``stats``.
+    group's ``slot``-th tensor gets as ``stats``. A method that is not elementwise collects on
+    whole tensors, the others chunk by chunk. An optional ``report(state)`` returns what the
+    manifest records as ``method_state`` (e.g. a continual method's running state).
     """
 
     passes: int
@@ -118,6 +120,7 @@ class MethodSpec:
     elementwise: bool | Callable[[Any], bool] = False
     tensor_stats: TensorStats | None = None
     takes_base: bool = False  # uses the base when one is given (``base`` is None otherwise)
+    models_for: Callable[[dict], int | None] | None = None  # exact input count, given params
 
     @property
     def uses_base(self) -> bool:
@@ -144,14 +147,16 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
                  max_models: int | None = None, uses_rng: bool = False,
                  stats: GlobalStats | None = None,
                  elementwise: bool | Callable[[Any], bool] = False,
-                 tensor_stats: TensorStats | None = None, takes_base: bool = False):
+                 tensor_stats: TensorStats | None = None, takes_base: bool = False,
+                 models_for: Callable[[dict], int | None] | None = None):
     """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
 
     def register(fn):
         if name in METHODS:
             raise RuntimeError(f"merge method {name!r} registered twice")
         METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
-                                   uses_rng, stats, elementwise, tensor_stats, takes_base)
+                                   uses_rng, stats, elementwise, tensor_stats, takes_base,
+                                   models_for)
         return fn
 
     return register
