@@ -19,6 +19,9 @@ examples:
   raymerge import-mergekit mergekit.yml           # print the native equivalent
   raymerge submit job.yaml --address http://head:8265 --wait   # on a running Ray cluster
   raymerge status JOB_ID / logs JOB_ID --follow / stop JOB_ID  # (--address or $RAY_ADDRESS)
+  raymerge schedule schedules.yaml [--once]      # periodic re-merges into OUTPUT/v{N}/
+  raymerge schedule schedules.yaml --render k8s  # the same as KubeRay RayCronJobs
+  raymerge history s3://bucket/merges/soup       # runs of a scheduled output
 """
 
 
@@ -149,6 +152,30 @@ def _cmd_stop(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schedule(ns: argparse.Namespace) -> int:
+    from orchestrator import remerge
+
+    file = remerge.load_schedules(ns.schedules)
+    if ns.render:
+        from orchestrator import k8s
+
+        print(k8s.render(file, image=ns.image, namespace=ns.namespace), end="")
+        return 0
+    results = remerge.run_schedules(file, once=ns.once, only=ns.only, quiet=ns.quiet)
+    for r in results:
+        print(f"{r.schedule}: {r.action}" + (f" v{r.version}" if r.version else "")
+              + f" ({r.reason})")
+    return 0
+
+
+def _cmd_history(ns: argparse.Namespace) -> int:
+    from orchestrator import remerge
+
+    for line in remerge.history(ns.output):
+        print(line)
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
@@ -212,6 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until it ends")
         p.set_defaults(fn=fn)
+
+    schedule = sub.add_parser(
+        "schedule", help="run periodic re-merges from a schedules file",
+        description="Tick every schedule of a schedules file: at its cron minutes (UTC) and/or "
+                    "every poll_interval (on_change). A tick re-pins the job's sources; "
+                    "unchanged -> skipped, one model appended -> continual update (opcm, "
+                    "uniform linear, task_arithmetic), otherwise a full re-merge into the next "
+                    "version OUTPUT/v{N}/; OUTPUT/latest is written last. A lock in the output "
+                    "keeps two schedulers apart.")
+    schedule.add_argument("schedules", help="schedules YAML (see configs/examples/schedules.yaml)")
+    schedule.add_argument("--once", action="store_true",
+                          help="one tick of each schedule now, then exit")
+    schedule.add_argument("--only", metavar="NAME", help="only the schedule with this name")
+    schedule.add_argument("--render", choices=["k8s"],
+                          help="print Kubernetes manifests (ConfigMap + one RayCronJob per "
+                               "schedule) instead of running")
+    schedule.add_argument("--image", default="raymerge:0.1.0",
+                          help="runtime image for --render (default: %(default)s)")
+    schedule.add_argument("--namespace", help="namespace for --render")
+    schedule.add_argument("--quiet", action="store_true", help="no progress lines from merges")
+    schedule.set_defaults(fn=_cmd_schedule)
+
+    hist = sub.add_parser("history", help="list the runs of a scheduled output, newest last")
+    hist.add_argument("output", help="the schedule's output (folder or s3://bucket/prefix)")
+    hist.set_defaults(fn=_cmd_history)
 
     demo = sub.add_parser("demo", help="merge the bundled all-MiniLM-L6-v2 with perturbed "
                                        "copies of itself on a local Ray, then verify and load it")

@@ -152,6 +152,38 @@ class S3Store:
     def write_bytes(self, name: str, data: bytes) -> None:
         self._call(self.path(name), _client().put_object, Key=self.key(name), Body=data)
 
+    def _put_if(self, name: str, data: bytes, **condition: str) -> str | None:
+        """A conditional PUT (S3 conditional writes): the new ETag, or None when the
+        condition fails."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return _client().put_object(Bucket=self.bucket, Key=self.key(name), Body=data,
+                                        **condition)["ETag"]
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (409, 412) or e.response.get("Error", {}).get("Code") in (
+                    "PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                return None
+            raise self._explain(self.path(name), e) from None
+        except BotoCoreError as e:
+            raise StorageError(f"{self.path(name)}: cannot reach S3 ({e})") from None
+
+    def create_exclusive(self, name: str, data: bytes) -> str | None:
+        """PUT with ``If-None-Match: *``: only if no object has the key."""
+        return self._put_if(name, data, IfNoneMatch="*")
+
+    def read_versioned(self, name: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, or None if missing."""
+        if not self.exists(name):
+            return None
+        got = self._call(self.path(name), _client().get_object, Key=self.key(name))
+        return got["Body"].read(), got["ETag"]
+
+    def replace_if(self, name: str, data: bytes, token: str) -> str | None:
+        """PUT with ``If-Match: ETag``: only if the object is still that version."""
+        return self._put_if(name, data, IfMatch=token)
+
     @contextmanager
     def open_writer(self, name: str) -> Iterator[_MultipartWriter]:
         """Stream an object: parts of ``PART_SIZE`` are uploaded as they fill; the object

@@ -58,6 +58,10 @@ class Store(Protocol):
     def open_writer(self, name: str) -> ContextManager[BinaryIO]: ...
     def remove(self, name: str) -> None: ...
     def check_writable(self) -> None: ...
+    # compare-and-swap on small objects (the scheduler's lock); tokens are opaque versions
+    def create_exclusive(self, name: str, data: bytes) -> str | None: ...
+    def read_versioned(self, name: str) -> tuple[bytes, str] | None: ...
+    def replace_if(self, name: str, data: bytes, token: str) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,45 @@ class LocalStore:
             os.unlink(self.path(name))
         except FileNotFoundError:
             pass
+
+    @contextmanager
+    def _guard(self, name: str) -> Iterator[None]:
+        """An exclusive ``flock`` on ``name``'s guard file: compare-and-swap on one machine or
+        a filesystem with working locks (not every NFS)."""
+        import fcntl
+
+        guard = self.path(name) + ".guard"
+        os.makedirs(os.path.dirname(guard), exist_ok=True)
+        fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def create_exclusive(self, name: str, data: bytes) -> str | None:
+        """Write ``name`` only if it does not exist: its version token, or None if it does."""
+        with self._guard(name):
+            if self.exists(name):
+                return None
+            self.write_bytes(name, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def read_versioned(self, name: str) -> tuple[bytes, str] | None:
+        """The bytes and a version token (their sha256), or None if missing."""
+        with self._guard(name):
+            if not self.exists(name):
+                return None
+            data = self.read_bytes(name)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_if(self, name: str, data: bytes, token: str) -> str | None:
+        """Replace ``name`` only if it is still the version ``token``: the new token, or None."""
+        with self._guard(name):
+            if not self.exists(name) or hashlib.sha256(self.read_bytes(name)).hexdigest() != token:
+                return None
+            self.write_bytes(name, data)
+        return hashlib.sha256(data).hexdigest()
 
     def check_writable(self) -> None:
         """Create the folder now, so an impossible output fails before any work is done."""

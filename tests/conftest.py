@@ -100,6 +100,38 @@ def ray_session():
     ray.shutdown()
 
 
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto in server mode on a free loopback port; the AWS chain points at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL_S3=f"http://{host}:{port}")
+    import boto3
+
+    client = boto3.client("s3")
+    yield client
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def upload(client, bucket, folder, prefix):
+    for name in os.listdir(folder):
+        client.upload_file(os.path.join(folder, name), bucket, f"{prefix}/{name}")
+    return f"s3://{bucket}/{prefix}"
+
+
 MERGEKIT = "mergekit==0.1.5"
 
 

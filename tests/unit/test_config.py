@@ -6,6 +6,7 @@ import yaml
 
 from orchestrator.config import apply_overrides, config_from_dict, load_config, parse_bytes
 from orchestrator.errors import ConfigError
+from orchestrator.remerge import load_schedules
 from workers.merge import METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -123,9 +124,14 @@ def test_yaml_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("path", sorted(
     glob.glob(os.path.join(ROOT, "configs", "**", "*.y*ml"), recursive=True)))
 def test_every_example_config_loads(path):
-    """Every YAML under configs/ (recursively) validates; mergekit ones with an output."""
+    """Every YAML under configs/ (recursively) validates: jobs (mergekit ones with an output)
+    and schedules files, whose jobs load too."""
     with open(path) as f:
         doc = yaml.safe_load(f)
+    if "schedules" in doc:
+        file = load_schedules(path)
+        assert all(load_config(s.job).merge.method for s in file.schedules)
+        return
     cfg = load_config(path, output="/tmp/out" if "merge_method" in doc else None)
     assert cfg.merge.method
 
