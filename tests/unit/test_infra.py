@@ -120,3 +120,32 @@ def test_image_and_local_scripts():
     with open(os.path.join(INFRA, "local", "start-cluster.sh")) as f:
         start = f.read()
     assert "0.0.0.0" not in start and start.count("127.0.0.1") >= 3
+
+
+def test_rendered_schedules_validate_and_match_the_periodic_overlay(tmp_path, capsys):
+    """`raymerge schedule FILE --render k8s`: a ConfigMap holding the schedules and their jobs
+    (which load again from the mounted folder) and one RayCronJob per schedule that ticks it
+    once, on the periodic overlay's cluster; on_change schedules tick every poll_interval."""
+    from orchestrator.cli import main
+    from orchestrator.remerge import load_schedules
+
+    path = os.path.join(INFRA, "..", "configs", "schedules", "schedules.yaml")
+    assert main(["schedule", path, "--render", "k8s", "--namespace", "merges"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    for doc in docs:
+        jsonschema.validate(doc, schema(doc["kind"]))
+        assert doc["metadata"]["namespace"] == "merges"
+    config_map, nightly, opcm = docs
+    for name, text in config_map["data"].items():
+        (tmp_path / name).write_text(text)
+    mounted = load_schedules(str(tmp_path / "schedules.yaml"))
+    assert [s.name for s in mounted.schedules] == ["nightly-ties", "continual-opcm"]
+    assert nightly["spec"]["schedule"] == "0 3 * * *"
+    assert opcm["spec"]["schedule"] == "*/10 * * * *"
+    assert nightly["spec"]["jobTemplate"]["entrypoint"] == (
+        "raymerge schedule /config/schedules.yaml --once --only nightly-ties")
+    periodic = by_kind(render(os.path.join(K8S, "overlays", "periodic")))["RayCronJob"]
+    want = copy.deepcopy(periodic["spec"]["jobTemplate"]["rayClusterSpec"])
+    want["headGroupSpec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] = (
+        config_map["metadata"]["name"])
+    assert nightly["spec"]["jobTemplate"]["rayClusterSpec"] == want
