@@ -37,3 +37,20 @@ def test_benchmark_smoke(mergekit_yaml, tmp_path):
             assert run["wall"] > 0 and run["cpu"] > 0 and run["max_rss"] > 0
         assert cell["runs"]["raymerge"][0]["processes"] > 2  # driver, Ray services, workers
         assert cell["io_floor"]["read"] > 0 and cell["output_bytes"] > 0
+
+
+def test_continual_benchmark_smoke(tmp_path):
+    """The OPCM / continual averaging / task arithmetic benchmark runs end to end (few epochs,
+    one seed, one arrival order) and reports every method; its numbers are not ranked here."""
+    out = tmp_path / "continual.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "continual.py"),
+                           "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    for key in ("individual", "base", "task_arithmetic"):
+        assert 0 <= row[key] <= 1
+    assert len(row["opcm"]) == len(row["continual_averaging"]) == len(row["orders"]) == 1
+    assert sorted(row["orders"][0]) == sorted(["noise", "contrast", "shift", "gamma", "blur",
+                                               "erase"])
+    assert "OPCM, continual" in proc.stdout
