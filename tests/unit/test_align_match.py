@@ -1,0 +1,105 @@
+"""Alignment solvers: structured assignment, weight matching and activation matching recover a
+permuted copy exactly, and merging a model with its permuted copy returns the model."""
+
+import pytest
+import torch
+
+from tests.unit.test_align_spec import MODELS, run
+from workers.align import spec as specs
+from workers.align.features import activation_stats
+from workers.align.match import (
+    ActivationStats,
+    activation_matching,
+    assign,
+    average,
+    weight_matching,
+)
+
+
+def test_assign_recovers_free_and_head_permutations():
+    g = torch.Generator().manual_seed(0)
+    free = specs.Group("free", 6, ())
+    truth = torch.randperm(6, generator=g)
+    profit = torch.randn(6, 6, generator=g) * 0.1
+    profit[torch.arange(6), truth] += 5
+    assert torch.equal(assign(free, profit), truth)
+    for within in (True, False):
+        heads = specs.Group("heads", 12, (), head_dim=3, within=within)
+        truth = specs.random_permutations(specs.Spec("x", (heads,), ()), g)["heads"]
+        profit = torch.randn(12, 12, generator=g) * 0.1
+        profit[torch.arange(12), truth] += 5
+        got = assign(heads, profit)
+        assert torch.equal(got, truth) and specs.is_valid(heads, got)
+    # a profit that prefers crossing heads still yields a whole-head permutation
+    assert specs.is_valid(specs.Group("h", 12, (), 3), assign(
+        specs.Group("h", 12, (), 3), torch.randn(12, 12, generator=g)))
+
+
+def _model_state(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    state = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items() if v.is_floating_point()}
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    return model, state, specs.build(shapes, config)
+
+
+@pytest.mark.parametrize("name", ["mlp", "bert", "llama", "vit"])
+def test_weight_matching_recovers_a_permuted_copy(name):
+    model, a, spec = _model_state(name)
+    b = specs.apply(spec, specs.random_permutations(spec, torch.Generator().manual_seed(5)), a)
+    perms, history = weight_matching(spec, a, b, seed=1)
+    aligned = specs.apply(spec, perms, b)
+    assert all(torch.equal(aligned[k], a[k]) for k in a)
+    assert history == sorted(history)
+    merged = average(spec, a, b, perms)
+    assert all(torch.equal(merged[k], a[k]) for k in a)
+
+
+def _inputs(name):
+    g = torch.Generator().manual_seed(3)
+    if name == "mlp":
+        return [torch.randn(64, 6, generator=g) for _ in range(2)]
+    if name == "vit":
+        return [torch.randn(8, 1, 8, 8, generator=g) for _ in range(2)]
+    return [torch.randint(0, 40, (4, 7), generator=g) for _ in range(2)]
+
+
+def _forward(name):
+    if name == "mlp":
+        return lambda model, x: model(x)
+    if name == "vit":
+        return lambda model, x: model(pixel_values=x)
+    return lambda model, x: model(input_ids=x)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vit", "bert", "llama"])
+def test_activation_matching_recovers_a_permuted_copy(name):
+    import copy
+
+    model, a, spec = _model_state(name)
+    perms_b = specs.random_permutations(spec, torch.Generator().manual_seed(6))
+    other = copy.deepcopy(model)
+    other.load_state_dict(specs.apply(spec, perms_b, a))
+    stats = activation_stats(spec, model, other, _inputs(name), _forward(name))
+    perms = activation_matching(spec, stats)
+    aligned = specs.apply(spec, perms, other.state_dict())
+    assert all(torch.equal(aligned[k], a[k]) for k in a)
+    other.load_state_dict(aligned)
+    with torch.no_grad():
+        torch.testing.assert_close(run(other, name), run(model, name))
+
+
+def test_correlation_is_exact_with_large_means():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 3, generator=g, dtype=torch.float64)
+    y = torch.cat([x[:, 1:2], -x[:, 0:1], x[:, 2:3] + 0.5 * torch.randn(5000, 1, generator=g,
+                                                                       dtype=torch.float64)], 1)
+    stats, halves = ActivationStats(3), [ActivationStats(3), ActivationStats(3)]
+    stats.update(x + 1e4, y - 3e4)
+    halves[0].update(x[:2500] + 1e4, y[:2500] - 3e4)
+    halves[1].update(x[2500:] + 1e4, y[2500:] - 3e4)
+    halves[0].add(halves[1])
+    want = torch.corrcoef(torch.cat([x, y], 1).T)[:3, 3:]
+    torch.testing.assert_close(stats.correlation(), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(halves[0].correlation(), want, rtol=1e-10, atol=1e-10)

@@ -1,0 +1,84 @@
+"""Unit activations of every alignment group, read by forward hooks at the spec's probes.
+
+One forward pass per model and batch fills the statistics of all groups at once; the models are
+the original, unmerged ones (as ZipIt! and MuDSC do), so statistics of different batches simply
+add up (data-parallel)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from workers.align.match import ActivationStats
+from workers.align.spec import Group, Probe, Spec
+
+
+def _units(group: Group, probe: Probe, x: torch.Tensor) -> torch.Tensor:
+    """[samples, group.size] from a probed tensor [..., size * repeat] (query-head copies
+    become extra samples)."""
+    width = group.size * probe.repeat
+    if x.shape[-1] != width:
+        raise ValueError(f"probe {probe.module} ({probe.side}) of group {group.name} has "
+                         f"{x.shape[-1]} features, expected {width}")
+    x = x.detach().reshape(-1, width)
+    if probe.repeat == 1:
+        return x
+    hd = group.head_dim
+    return x.reshape(len(x), group.size // hd, probe.repeat, hd).transpose(1, 2).reshape(
+        -1, group.size)
+
+
+@contextmanager
+def _probed(model: nn.Module, spec: Spec) -> Iterator[dict[str, list[torch.Tensor]]]:
+    seen: dict[str, list[torch.Tensor]] = {g.name: [] for g in spec.groups}
+    handles = []
+
+    def hook(group: Group, probe: Probe) -> Callable:
+        def on_input(_module, args, kwargs):
+            x = args[0] if args else next(v for v in kwargs.values()
+                                          if isinstance(v, torch.Tensor))
+            seen[group.name].append(_units(group, probe, x))
+
+        def on_output(_module, _args, output):
+            x = output[0] if isinstance(output, tuple) else output
+            seen[group.name].append(_units(group, probe, x))
+
+        return on_input if probe.side == "input" else on_output
+
+    try:
+        for g in spec.groups:
+            if not g.probes:
+                raise ValueError(f"group {g.name} has no probe: activations cannot be read")
+            for probe in g.probes:
+                module = model.get_submodule(probe.module)
+                if probe.side == "input":
+                    handles.append(module.register_forward_pre_hook(hook(g, probe),
+                                                                    with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(hook(g, probe)))
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def activation_stats(spec: Spec, model_a: nn.Module, model_b: nn.Module,
+                     batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]
+                     ) -> dict[str, ActivationStats]:
+    """Statistics of every group over ``batches``: ``forward(model, batch)`` runs a model; each
+    probe's activations of a batch become samples (every token, every residual probe)."""
+    stats = {g.name: ActivationStats(g.size) for g in spec.groups}
+    with torch.no_grad():
+        for batch in batches:
+            features = []
+            for model in (model_a, model_b):
+                with _probed(model, spec) as seen:
+                    forward(model, batch)
+                features.append(seen)
+            for g in spec.groups:
+                stats[g.name].update(torch.cat(features[0][g.name]),
+                                     torch.cat(features[1][g.name]))
+    return stats

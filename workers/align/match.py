@@ -1,0 +1,168 @@
+"""Permutation solvers: weight matching (Git Re-Basin, Ainsworth et al., 2023,
+arXiv:2209.04836) and activation matching (correlation of unit activations, as in Li et al.,
+2016 and ZipIt!'s permute baseline), and the average of a model with an aligned other.
+
+Every solver returns ``{group name: perm}`` that aligns model B to model A: applying the perms
+to B (``spec.apply``) leaves B's function unchanged and puts its units in A's order.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from workers.align.spec import Group, Member, Spec, member_index
+
+
+def assign(group: Group, profit: torch.Tensor) -> torch.Tensor:
+    """The valid permutation maximising Σ_u profit[u, perm[u]] (rows: A's units, columns: B's).
+
+    Head groups are solved in two levels (MuDSC's group matching): each pair of heads scores
+    the best matching of their dimensions (or the identity when dimensions may not move),
+    then heads are assigned to heads by those scores."""
+    p = profit.double().numpy()
+    if group.head_dim is None:
+        return torch.from_numpy(linear_sum_assignment(p, maximize=True)[1]).long()
+    hd = group.head_dim
+    heads = group.size // hd
+    blocks = p.reshape(heads, hd, heads, hd).transpose(0, 2, 1, 3)
+    score = np.empty((heads, heads))
+    inner = np.empty((heads, heads, hd), dtype=np.int64)
+    for j in range(heads):
+        for k in range(heads):
+            if group.within:
+                cols = linear_sum_assignment(blocks[j, k], maximize=True)[1]
+            else:
+                cols = np.arange(hd)
+            inner[j, k] = cols
+            score[j, k] = blocks[j, k][np.arange(hd), cols].sum()
+    match = linear_sum_assignment(score, maximize=True)[1]
+    return torch.from_numpy(np.concatenate([match[j] * hd + inner[j, match[j]]
+                                            for j in range(heads)])).long()
+
+
+def _unfold(group: Group, member: Member, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [group units, everything else] (query-head copies folded into the rest)."""
+    x = t.movedim(member.dim, 0).double()
+    if member.repeat == 1:
+        return x.reshape(group.size, -1)
+    hd, r = group.head_dim, member.repeat
+    x = x.reshape(group.size // hd, r, hd, -1).transpose(1, 2)
+    return x.reshape(group.size, -1)
+
+
+def _members_of(spec: Spec) -> dict[str, list[tuple[Group, Member]]]:
+    touching: dict[str, list[tuple[Group, Member]]] = {}
+    for g in spec.groups:
+        for m in g.members:
+            touching.setdefault(m.tensor, []).append((g, m))
+    return touching
+
+
+def _permuted(t: torch.Tensor, touching: list[tuple[Group, Member]],
+              perms: Mapping[str, torch.Tensor], skip: str | None = None) -> torch.Tensor:
+    for g, m in touching:
+        if g.name != skip:
+            t = t.index_select(m.dim, member_index(g, m, perms[g.name]))
+    return t
+
+
+def weight_matching(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                    *, max_sweeps: int = 100, seed: int = 0) -> tuple[dict[str, torch.Tensor],
+                                                                      list[float]]:
+    """Coordinate descent on Σ_tensors ⟨A, π(B)⟩: one group at a time (random order per sweep),
+    the others fixed, its permutation is a linear assignment on the summed profit of every
+    tensor it touches. Stops when a sweep changes nothing. Returns the perms and the objective
+    after each sweep (never decreasing)."""
+    touching = _members_of(spec)
+    perms = {g.name: torch.arange(g.size) for g in spec.groups}
+    rng = np.random.default_rng(seed)
+    history = []
+    for _ in range(max_sweeps):
+        changed = False
+        for gi in rng.permutation(len(spec.groups)):
+            g = spec.groups[gi]
+            profit = torch.zeros(g.size, g.size, dtype=torch.float64)
+            for m in g.members:
+                other = _permuted(b[m.tensor], touching[m.tensor], perms, skip=g.name)
+                profit += _unfold(g, m, a[m.tensor]) @ _unfold(g, m, other).T
+            new = assign(g, profit)
+            old_value = profit[torch.arange(g.size), perms[g.name]].sum()
+            if profit[torch.arange(g.size), new].sum() > old_value + 1e-12 * abs(old_value):
+                perms[g.name] = new
+                changed = True
+        history.append(objective(spec, a, b, perms))
+        if not changed:
+            break
+    return perms, history
+
+
+def objective(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+              perms: Mapping[str, torch.Tensor]) -> float:
+    """Σ over the spec's tensors of ⟨A, π(B)⟩."""
+    touching = _members_of(spec)
+    return float(sum((a[t].double() * _permuted(b[t], touching[t], perms).double()).sum()
+                     for t in touching))
+
+
+class ActivationStats:
+    """Running sums of one group's unit activations of two models on the same inputs, in
+    float64 and shifted by the first batch's mean (so large means do not cancel the variance
+    away): enough for the cross-correlation. Partial statistics add up exactly as sums do."""
+
+    def __init__(self, size: int):
+        self.n = 0
+        self.shift = torch.zeros(2 * size, dtype=torch.float64)
+        self.sum = torch.zeros(2 * size, dtype=torch.float64)
+        self.outer = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
+
+    def update(self, fa: torch.Tensor, fb: torch.Tensor) -> None:
+        f = torch.cat([fa, fb], dim=1).double()
+        if self.n == 0:
+            self.shift = f.mean(0)
+        f = f - self.shift
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def add(self, other: "ActivationStats") -> None:
+        """Fold in statistics of other samples (re-shifted to this shift)."""
+        if other.n == 0:
+            return
+        if self.n == 0:
+            self.n, self.shift = other.n, other.shift.clone()
+            self.sum, self.outer = other.sum.clone(), other.outer.clone()
+            return
+        delta = other.shift - self.shift  # f − shift = (f − other.shift) + delta
+        self.sum += other.sum + other.n * delta
+        self.outer += (other.outer + torch.outer(other.sum, delta) + torch.outer(delta, other.sum)
+                       + other.n * torch.outer(delta, delta))
+        self.n += other.n
+
+    def correlation(self) -> torch.Tensor:
+        """Pearson correlation between A's units (rows) and B's (columns)."""
+        mean = self.sum / self.n
+        cov = self.outer / self.n - torch.outer(mean, mean)
+        std = cov.diagonal().clamp(min=0).sqrt().clamp(min=1e-12)
+        size = len(mean) // 2
+        return cov[:size, size:] / torch.outer(std[:size], std[size:])
+
+
+def activation_matching(spec: Spec, stats: Mapping[str, ActivationStats]) -> dict[str,
+                                                                                torch.Tensor]:
+    """Each group on its own: the assignment maximising the summed correlation of matched
+    units (statistics come from the original models, so groups do not interact)."""
+    return {g.name: assign(g, stats[g.name].correlation()) for g in spec.groups}
+
+
+def average(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+            perms: Mapping[str, torch.Tensor], weight: float = 0.5) -> dict[str, torch.Tensor]:
+    """(1 − weight) A + weight π(B) for float tensors; other tensors from A."""
+    from workers.align.spec import apply
+
+    aligned = apply(spec, perms, b)
+    return {k: (v * (1 - weight) + aligned[k] * weight).to(v.dtype)
+            if v.is_floating_point() else v for k, v in a.items()}
