@@ -54,3 +54,18 @@ def test_continual_benchmark_smoke(tmp_path):
     assert sorted(row["orders"][0]) == sorted(["noise", "contrast", "shift", "gamma", "blur",
                                                "erase"])
     assert "OPCM, continual" in proc.stdout
+
+
+def test_disjoint_quality_benchmark_smoke(tmp_path):
+    """The different-init, disjoint-task benchmark runs end to end (width 32, few epochs, one
+    seed) and reports every method; its numbers are not ranked here."""
+    out = tmp_path / "disjoint.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality",
+                                                        "disjoint.py"), "--smoke", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    for key in ("ensemble", "weight_averaging", "weight_matching", "activation_matching",
+                "zipit"):
+        assert 0 <= row[key]["task_aware"] <= 1 and 0 <= row[key]["joint"] <= 1
+    assert "ZipIt! (full)" in proc.stdout

@@ -142,13 +142,17 @@ class ActivationStats:
                        + other.n * torch.outer(delta, delta))
         self.n += other.n
 
-    def correlation(self) -> torch.Tensor:
-        """Pearson correlation between A's units (rows) and B's (columns)."""
+    def joint_correlation(self) -> torch.Tensor:
+        """Pearson correlation of all 2n units (A's, then B's) with each other."""
         mean = self.sum / self.n
         cov = self.outer / self.n - torch.outer(mean, mean)
         std = cov.diagonal().clamp(min=0).sqrt().clamp(min=1e-12)
-        size = len(mean) // 2
-        return cov[:size, size:] / torch.outer(std[:size], std[size:])
+        return cov / torch.outer(std, std)
+
+    def correlation(self) -> torch.Tensor:
+        """Pearson correlation between A's units (rows) and B's (columns)."""
+        size = len(self.sum) // 2
+        return self.joint_correlation()[:size, size:]
 
 
 def activation_matching(spec: Spec, stats: Mapping[str, ActivationStats]) -> dict[str,

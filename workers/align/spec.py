@@ -30,6 +30,13 @@ class Member:
     tensor: str
     dim: int
     repeat: int = 1  # query heads per key/value head along this dim (GQA q rows, o columns)
+    consumes: bool = False  # the tensor reads the units along dim (a weight's input side);
+    # otherwise it produces or scales them (output rows, biases, norms, embeddings)
+
+
+def _reads(tensor: str, repeat: int = 1) -> Member:
+    """A Linear weight's input columns (dim 1)."""
+    return Member(tensor, 1, repeat, consumes=True)
 
 
 @dataclass(frozen=True)
@@ -194,17 +201,17 @@ def _transformer(family: str, shapes, blocks: list[_Block], *, hidden: int, head
     groups = []
     for i, b in enumerate(blocks):
         residual += [Member(t, 0) for t in _params(names, b.norm1) + _params(names, b.norm2)]
-        residual += [Member(f"{m}.weight", 1) for m in (b.q, b.k, b.v, b.up)]
+        residual += [_reads(f"{m}.weight") for m in (b.q, b.k, b.v, b.up)]
         residual += [Member(t, 0) for t in _params(names, b.o) + _params(names, b.down)]
-        mlp = [Member(t, 0) for t in _params(names, b.up)] + [Member(f"{b.down}.weight", 1)]
+        mlp = [Member(t, 0) for t in _params(names, b.up)] + [_reads(f"{b.down}.weight")]
         if b.gate is not None:
-            residual.append(Member(f"{b.gate}.weight", 1))
+            residual.append(_reads(f"{b.gate}.weight"))
             mlp += [Member(t, 0) for t in _params(names, b.gate)]
         groups.append(Group(f"mlp.{i}", shapes[f"{b.up}.weight"][0], tuple(mlp),
                             probes=(Probe(b.down, "input"),)))
         attn = [Member(t, 0, repeat) for t in _params(names, b.q)]
         attn += [Member(t, 0) for t in _params(names, b.k) + _params(names, b.v)]
-        attn.append(Member(f"{b.o}.weight", 1, repeat))
+        attn.append(_reads(f"{b.o}.weight", repeat))
         groups.append(Group(f"attention.{i}", kv_heads * head_dim, tuple(attn), head_dim,
                             within, probes=(Probe(b.o, "input", repeat),)))
         residual_probes.append(Probe(b.residual_probe or b.norm1, "input"))
@@ -245,7 +252,7 @@ def _llama(shapes, config) -> Spec:
               for i in _layers(names, r"model\.layers\.(\d+)\.")]
     after = [Member("model.norm.weight", 0)]
     if "lm_head.weight" in names:
-        after.append(Member("lm_head.weight", 1))
+        after.append(_reads("lm_head.weight"))
     # rotary embeddings rotate fixed pairs of dims inside each head: heads move whole
     return _transformer("llama", shapes, blocks, hidden=hidden, heads=heads, kv_heads=kv,
                         head_dim=hd, within=False, residual_before=[Member(embed, 1)],
@@ -258,7 +265,7 @@ def _pooler(names: set[str], pooler: str, head: str | None, hidden: int) -> list
     if f"{pooler}.weight" not in names or head is None:
         return []
     return [Group("pooler", hidden, (Member(f"{pooler}.weight", 0), Member(f"{pooler}.bias", 0),
-                                     Member(f"{head}.weight", 1)),
+                                     _reads(f"{head}.weight")),
                   probes=(Probe(head, "input"),))]
 
 
@@ -281,16 +288,16 @@ def _bert(shapes, config) -> Spec:
               if f"{p}embeddings.{e}.weight" in names]
     before += [Member(t, 0) for t in _params(names, f"{p}embeddings.LayerNorm")]
     head = "classifier" if "classifier.weight" in names else None
-    after = [Member(f"{p}pooler.dense.weight", 1)] if f"{p}pooler.dense.weight" in names else []
+    after = [_reads(f"{p}pooler.dense.weight")] if f"{p}pooler.dense.weight" in names else []
     extra = _pooler(names, f"{p}pooler.dense", head, hidden)
     fixed = [n for n in names if n.endswith("position_ids") or n.endswith("token_type_ids")]
     if head is not None:
         fixed.append("classifier.bias")
         if not extra:  # a classifier straight on the residual stream
-            after.append(Member("classifier.weight", 1))
+            after.append(_reads("classifier.weight"))
     elif after:  # the pooler's output is the model's output: its units stay
         fixed += _params(names, f"{p}pooler.dense")
-        after = [Member(f"{p}pooler.dense.weight", 1)]
+        after = [_reads(f"{p}pooler.dense.weight")]
     return _transformer("bert", shapes, blocks, hidden=hidden, heads=heads, kv_heads=kv,
                         head_dim=hd, within=True, residual_before=before,
                         residual_after=after, extra=extra, fixed=fixed,
@@ -321,7 +328,7 @@ def _vit(shapes, config) -> Spec:
     extra = _pooler(names, "vit.pooler.dense", head, hidden)
     fixed = ["classifier.bias"] if head else []
     if head and not extra:
-        after.append(Member("classifier.weight", 1))
+        after.append(_reads("classifier.weight"))
     return _transformer("vit", shapes, blocks, hidden=hidden, heads=heads, kv_heads=kv,
                         head_dim=hd, within=True, residual_before=before, residual_after=after,
                         extra=extra, fixed=fixed, residual_probes=[Probe("vit.layernorm",
@@ -346,7 +353,7 @@ def _clip_vision(shapes, config) -> Spec:
     before += [Member(t, 0) for t in _params(names, f"{p}pre_layrnorm")]
     after = [Member(t, 0) for t in _params(names, f"{p}post_layernorm")]
     if "visual_projection.weight" in names:
-        after.append(Member("visual_projection.weight", 1))
+        after.append(_reads("visual_projection.weight"))
     fixed = [n for n in names if n.endswith("position_ids")]
     return _transformer("clip_vision", shapes, blocks, hidden=hidden, heads=heads,
                         kv_heads=kv, head_dim=hd, within=True, residual_before=before,
@@ -365,7 +372,7 @@ def _mlp(shapes, config) -> Spec:
                         "with one prefix")
     groups = []
     for (i, p), (j, _) in zip(layers, layers[1:]):
-        members = [Member(f"{p}{i}.weight", 0), Member(f"{p}{j}.weight", 1)]
+        members = [Member(f"{p}{i}.weight", 0), _reads(f"{p}{j}.weight")]
         if f"{p}{i}.bias" in shapes:
             members.insert(1, Member(f"{p}{i}.bias", 0))
         groups.append(Group(f"hidden.{i}", shapes[f"{p}{i}.weight"][0], tuple(members),

@@ -1,0 +1,132 @@
+"""ZipIt! (Stoica et al., ICLR 2024, arXiv:2305.03053): merge two models' units by feature
+correlation, fusing redundant units within a model too.
+
+For each free group (no heads) the joint correlation of both models' units is zipped greedily:
+the most correlated pair of current features is fused until ``n`` remain; a fused feature's
+similarity to the others is the minimum over its members times ``alpha`` (``alpha`` <= 0: never
+fused again), and each model may fuse its own units at most ``beta`` x fusions / 2 times. The
+result is a merge matrix M (n x 2n, averaging each feature's members) and an unmerge U (2n x n,
+membership). Head groups (attention) are aligned by activation matching and averaged. Merged
+tensor: W* = Σ_i M_out^(i) W^(i) U_in^(i); a tensor without a zipped output side is averaged.
+Through LayerNorm (transformers' residual stream) zipping is an approximation, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from workers.align.match import ActivationStats, _members_of, assign
+from workers.align.spec import Spec, member_index
+
+Zip = tuple[torch.Tensor, torch.Tensor]  # (merge M [n, 2n], unmerge U [2n, n])
+
+
+def zip_features(corr: torch.Tensor, n_out: int, *, alpha: float = 0.3,
+                 beta: float = 0.125) -> Zip:
+    """Greedy zip of the 2n x 2n joint correlation (A's units, then B's) down to ``n_out``."""
+    size = corr.shape[0]
+    n = size // 2
+    sims = corr.double().clone()
+    sims.fill_diagonal_(float("-inf"))
+    members = [[i] for i in range(size)]
+    origin = [{i // n} for i in range(size)]
+    alive = set(range(size))
+    cap = beta * (size - n_out) / 2
+    used = [0, 0]
+
+    def forbid_within(model: int) -> None:
+        own = [x for x in alive if origin[x] == {model}]
+        sims[torch.tensor(own)[:, None], torch.tensor(own)[None, :]] = float("-inf")
+
+    for model in (0, 1):
+        if cap < 1:
+            forbid_within(model)
+    while len(alive) > n_out:
+        best = int(sims.argmax())
+        p, q = sorted(divmod(best, size))
+        if sims[p, q] == float("-inf"):
+            raise ValueError("zip: no allowed fusion left (raise alpha or beta)")
+        within = origin[p] == origin[q] and len(origin[p]) == 1
+        members[p] += members[q]
+        origin[p] |= origin[q]
+        row = torch.minimum(sims[p], sims[q])
+        row = row * alpha if alpha > 0 else torch.full_like(row, float("-inf"))
+        sims[p, :], sims[:, p] = row, row
+        sims[q, :], sims[:, q] = float("-inf"), float("-inf")
+        sims[p, p] = float("-inf")
+        alive.remove(q)
+        if within:
+            model = next(iter(origin[p]))
+            used[model] += 1
+            if used[model] >= cap:
+                forbid_within(model)
+    order = sorted(alive, key=lambda c: min(members[c]))
+    merge = torch.zeros(n_out, size, dtype=torch.float64)
+    unmerge = torch.zeros(size, n_out, dtype=torch.float64)
+    for c, cluster in enumerate(order):
+        merge[c, members[cluster]] = 1 / len(members[cluster])
+        unmerge[members[cluster], c] = 1
+    return merge, unmerge
+
+
+def zipit(spec: Spec, stats: Mapping[str, ActivationStats], *, alpha: float = 0.3,
+          beta: float = 0.125) -> tuple[dict[str, Zip], dict[str, torch.Tensor]]:
+    """Zips of the free groups and activation-matching permutations of the head groups."""
+    zips, perms = {}, {}
+    for g in spec.groups:
+        if g.head_dim is None:
+            zips[g.name] = zip_features(stats[g.name].joint_correlation(), g.size,
+                                        alpha=alpha, beta=beta)
+        else:
+            perms[g.name] = assign(g, stats[g.name].correlation())
+    return zips, perms
+
+
+def _term(spec: Spec, state: Mapping[str, torch.Tensor], i: int, name: str,
+          zips: Mapping[str, Zip], perms: Mapping[str, torch.Tensor],
+          touching: dict) -> tuple[torch.Tensor, bool]:
+    """Model ``i``'s tensor in the merged unit spaces, and whether a merge matrix (which
+    averages) was applied to it."""
+    t = state[name].double()
+    averaged = False
+    for g, m in touching.get(name, []):
+        if g.name in zips:
+            merge_m, unmerge_m = zips[g.name]
+            rows = slice(i * g.size, (i + 1) * g.size)
+            block = unmerge_m[rows] if m.consumes else merge_m[:, rows].T
+            t = torch.tensordot(t.movedim(m.dim, -1), block, dims=1).movedim(-1, m.dim)
+            averaged |= not m.consumes
+        elif i == 1:
+            t = t.index_select(m.dim, member_index(g, m, perms[g.name]))
+    return t, averaged
+
+
+def merge(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+          zips: Mapping[str, Zip], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The merged state: W* = Σ_i M_out^(i) W^(i) U_in^(i) over the zipped groups, the
+    permutation of B (and a factor 1/2) for the others. With no zips, this is the average of
+    A and the permuted B."""
+    touching = _members_of(spec)
+    out = {}
+    for name, value in a.items():
+        if not value.is_floating_point():
+            out[name] = value
+            continue
+        total = None
+        for i, state in enumerate((a, b)):
+            t, averaged = _term(spec, state, i, name, zips, perms, touching)
+            t = t if averaged else t / 2
+            total = t if total is None else total + t
+        out[name] = total.to(value.dtype)
+    return out
+
+
+def head(spec: Spec, state: Mapping[str, torch.Tensor], i: int, names: list[str],
+         zips: Mapping[str, Zip], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model ``i``'s own tensors ``names`` (its classifier) moved into the merged unit spaces,
+    not averaged with the other model's: each task keeps its head."""
+    touching = _members_of(spec)
+    return {n: _term(spec, state, i, n, zips, perms, touching)[0].to(state[n].dtype)
+            for n in names}
