@@ -58,10 +58,12 @@ def read_manifest(out: Store) -> dict | None:
 def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
            indexes: list[CheckpointIndex], stores: list[Store], out: Store,
            tokenizer_files: dict[str, bytes] | None = None,
-           method_state: dict | None = None) -> dict:
+           method_state: dict | None = None, extra_files: dict[str, bytes] | None = None
+           ) -> dict:
     """Write everything but the shards, then the manifest; return the manifest.
     ``tokenizer_files`` (a built tokenizer) replace the reference's tokenizer files;
-    ``method_state`` (a continual method's running state) is recorded for the next step."""
+    ``method_state`` (a continual method's running state) is recorded for the next step;
+    ``extra_files`` (an alignment's transforms and heads) are listed with the others."""
     files: dict[str, bytes] = {}
     weight_map = {it.tensor_name: u.shard for u in plan.units for it in u.items}
     files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
@@ -72,6 +74,7 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
         copied.update(tokenizer_files)
     files.update(copied)
     files[MODEL_CARD] = model_card(plan, cfg, indexes).encode()
+    files.update(extra_files or {})
     for name, data in files.items():
         out.write_bytes(name, data)
     planned = {u.shard for u in plan.units}

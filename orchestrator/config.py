@@ -107,6 +107,24 @@ class HubConfig:
 
 
 @dataclass
+class DataConfig:
+    """Unlabelled inputs for data-aware methods: one tensor of a safetensors file."""
+
+    uri: str = MISSING  # the safetensors file (local path or s3://bucket/key)
+    key: str = "inputs"  # the tensor holding model-ready inputs: [N, ...]
+    input_name: Optional[str] = None  # the forward() argument; default: input_ids for integer
+    # inputs, pixel_values for float ones
+    max_samples: Optional[int] = None  # use the first N samples only
+    batch_size: int = 32  # samples per forward pass (and per statistics task)
+
+
+@dataclass
+class AlignConfig:
+    heads: list[str] = field(default_factory=list)  # tensors each source keeps (classifiers):
+    # not merged; moved into the merged units, written to heads/<source>.safetensors
+
+
+@dataclass
 class JobConfig:
     sources: list[SourceConfig] = MISSING
     merge: MergeConfig = MISSING
@@ -121,6 +139,8 @@ class JobConfig:
     pin_content: bool = False  # also pin sources by a sha256 of every byte (one more full read)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    data: Optional[DataConfig] = None  # inputs for activation-based alignment methods
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 def parse_bytes(value: str | int) -> int:
@@ -377,6 +397,20 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
                       f"{', '.join(sorted(METHODS))}")
         return
     spec = METHODS[method]
+    if spec.alignment:
+        if doc.get("slices") or doc.get("tokenizer"):
+            errors.append(f"merge.method: {method!r} aligns whole models: no slices or "
+                          "tokenizer settings")
+        if spec.alignment == "activations" and not isinstance(doc.get("data"), dict):
+            errors.append(f"data: method {method!r} needs unlabelled inputs: "
+                          "data: {uri: inputs.safetensors, key: inputs}")
+        if isinstance(merge.get("params"), dict) and "transforms" in merge["params"] \
+                and merge["params"]["transforms"]:
+            errors.append("merge.params.transforms: set by raymerge, not by the config")
+    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+    for key in ("max_samples", "batch_size"):
+        if isinstance(data.get(key), int) and not isinstance(data[key], bool) and data[key] < 1:
+            errors.append(f"data.{key}: expected >= 1, got {data[key]}")
     if spec.needs_base and doc.get("base") is None:
         errors.append(f"base: method {method!r} needs a base model (the common ancestor)")
     slices = doc.get("slices") if isinstance(doc.get("slices"), list) else []

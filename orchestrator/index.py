@@ -63,7 +63,7 @@ def index_checkpoint(name: str, store: Store, *, pin_content: bool = False) -> C
     tensors: dict[str, TensorLocation] = {}
     pins: dict[str, dict] = {}
     for file in files:
-        header, raw = _read_header(store, file)
+        header, raw = read_header(store, file)
         for tensor_name, info in header.items():
             if tensor_name in tensors:
                 raise StorageError(
@@ -123,7 +123,7 @@ def _check_weight_map(name: str, store: Store, tensors: dict[str, TensorLocation
         )
 
 
-def _read_header(store: Store, file: str) -> tuple[dict[str, TensorInfo], bytes]:
+def read_header(store: Store, file: str) -> tuple[dict[str, TensorInfo], bytes]:
     size = store.size(file)
     try:
         n = header_length(store.read_range(file, 0, min(8, size)), size)

@@ -89,6 +89,11 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     if spec.models_for is not None and spec.models_for(dict(cfg.merge.params)) is None \
             and len(cfg.sources) > 1:
         return _run_sequence(cfg, force, quiet)
+    extra_files: dict[str, bytes] = {}
+    if spec.alignment:
+        from orchestrator.align import prepare
+
+        cfg, extra_files = prepare(cfg, open_store(cfg.output.uri), quiet)
     plan, indexes, stores, tokenizer_files = plan_job(cfg)
     timings = {"plan": time.monotonic() - start}
     out = open_store(cfg.output.uri)
@@ -118,6 +123,8 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
         finished.append(record)
         write_progress(out, plan, finished)
 
+    for name, data in extra_files.items():  # the alignment the merge tasks read
+        out.write_bytes(name, data)
     ctx = TaskContext(
         stores=tuple(stores), output=out, source_names=plan.source_names,
         compute_dtype=cfg.compute_dtype, seed=cfg.seed, threads=cfg.runtime.threads_per_worker,
@@ -128,7 +135,8 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     committing = time.monotonic()
     order = {u.shard: u.index for u in plan.units}
     records = sorted([*kept.values(), *new], key=lambda r: order[r.shard])
-    manifest = commit(plan, cfg, records, indexes, stores, out, tokenizer_files, method_state)
+    manifest = commit(plan, cfg, records, indexes, stores, out, tokenizer_files, method_state,
+                      extra_files)
     timings["commit"] = time.monotonic() - committing
     if cfg.output.push_to_hub:
         pushing = time.monotonic()

@@ -77,19 +77,32 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
     return records, timings, report
 
 
+def run_tasks(fn: Callable, items: Sequence[Any], args: tuple, runtime: RuntimeConfig, *,
+              label: str, quiet: bool = False) -> list[Any]:
+    """``fn(item, *args)`` for every item, as Ray tasks (or in-process with the local
+    executor); results in item order. For work other than merge units (alignment statistics)."""
+    executor = _RayExecutor(runtime) if runtime.executor == "ray" else _LocalExecutor()
+    position = {item: i for i, item in enumerate(items)}  # items are distinct and hashable
+    results: dict[int, Any] = {}
+    with executor:
+        for item, result in executor.imap(fn, items, args, _Progress(label, items, quiet)):
+            results[position[item]] = result
+    return [results[i] for i in range(len(items))]
+
+
 class _Progress:
     """Units done, bytes read, rate and ETA on stderr, at most about once a second."""
 
     def __init__(self, label: str, units: Sequence[WorkUnit], quiet: bool):
         self.label, self.quiet = label, quiet
         self.total_units = len(units)
-        self.total_bytes = sum(u.input_bytes for u in units)
+        self.total_bytes = sum(getattr(u, "input_bytes", 0) for u in units)
         self.done_units = self.done_bytes = 0
         self.start = self.last = time.monotonic()
 
     def update(self, unit: WorkUnit) -> None:
         self.done_units += 1
-        self.done_bytes += unit.input_bytes
+        self.done_bytes += getattr(unit, "input_bytes", 0)
         now = time.monotonic()
         if self.quiet or (now - self.last < 1 and self.done_units < self.total_units):
             return
@@ -103,9 +116,11 @@ class _Progress:
               file=sys.stderr, flush=True)
 
 
-def _unit_failed(unit: WorkUnit, cause: object) -> WorkerError:
+def _unit_failed(unit: Any, cause: object) -> WorkerError:
     if isinstance(cause, BaseException) and not isinstance(cause, RuntimeError):
         cause = f"{type(cause).__name__}: {cause}"  # RuntimeErrors of tasks name the tensor
+    if not isinstance(unit, WorkUnit):
+        return WorkerError(f"task {unit!r} failed: {cause}")
     return WorkerError(f"work unit {unit.index} (output shard {unit.shard}) failed: {cause}")
 
 

@@ -230,6 +230,8 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
     if spec.stats is not None:
         kwargs["stats"] = (spec.stats.for_tensor(stats[item.stats_group], item.stats_slot)
                            if item.stats_group >= 0 else None)
+    if spec.wants_name:
+        kwargs["name"] = item.tensor_name
     if not spec.is_elementwise(item.params):  # needs the whole tensor at once
         tensors, base = _split(item, _whole(item, ctx), dtype)
         if spec.uses_rng:

@@ -84,43 +84,49 @@ def zipit(spec: Spec, stats: Mapping[str, ActivationStats], *, alpha: float = 0.
     return zips, perms
 
 
-def _term(spec: Spec, state: Mapping[str, torch.Tensor], i: int, name: str,
-          zips: Mapping[str, Zip], perms: Mapping[str, torch.Tensor],
-          touching: dict) -> tuple[torch.Tensor, bool]:
-    """Model ``i``'s tensor in the merged unit spaces, and whether a merge matrix (which
-    averages) was applied to it."""
-    t = state[name].double()
+def _term(t: torch.Tensor, i: int, touching: list, zips: Mapping[str, Zip],
+          perms: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """Model ``i``'s tensor ``t`` in the merged unit spaces (``touching``: its (group, member)
+    pairs), and whether a merge matrix (which averages) was applied to it."""
+    t = t.double()
     averaged = False
-    for g, m in touching.get(name, []):
-        if g.name in zips:
+    for g, m in touching:
+        if g.name in zips:  # gathers in index order, not BLAS: the same bits on every worker
             merge_m, unmerge_m = zips[g.name]
             rows = slice(i * g.size, (i + 1) * g.size)
-            block = unmerge_m[rows] if m.consumes else merge_m[:, rows].T
-            t = torch.tensordot(t.movedim(m.dim, -1), block, dims=1).movedim(-1, m.dim)
-            averaged |= not m.consumes
+            cluster = unmerge_m[rows].argmax(1)  # each unit belongs to exactly one feature
+            if not m.consumes:  # M: the mean over the feature's members (of both models)
+                shape = [1] * t.dim()
+                shape[m.dim] = g.size
+                t = t * merge_m[cluster, torch.arange(i * g.size, (i + 1) * g.size)].view(shape)
+                averaged = True
+            size = list(t.shape)
+            size[m.dim] = unmerge_m.shape[1]
+            t = torch.zeros(size, dtype=t.dtype).index_add_(m.dim, cluster, t)
         elif i == 1:
             t = t.index_select(m.dim, member_index(g, m, perms[g.name]))
     return t, averaged
 
 
+def merge_tensor(a: torch.Tensor, b: torch.Tensor, touching: list, zips: Mapping[str, Zip],
+                 perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One merged tensor (float64): Σ_i M_out^(i) W^(i) U_in^(i), or the average of A and
+    the permuted B where no zip produces its output side."""
+    total = None
+    for i, t in enumerate((a, b)):
+        t, averaged = _term(t, i, touching, zips, perms)
+        t = t if averaged else t / 2
+        total = t if total is None else total + t
+    return total
+
+
 def merge(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
           zips: Mapping[str, Zip], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The merged state: W* = Σ_i M_out^(i) W^(i) U_in^(i) over the zipped groups, the
-    permutation of B (and a factor 1/2) for the others. With no zips, this is the average of
-    A and the permuted B."""
+    """The merged state (``merge_tensor`` of every float tensor; others from A). With no
+    zips, this is the average of A and the permuted B."""
     touching = _members_of(spec)
-    out = {}
-    for name, value in a.items():
-        if not value.is_floating_point():
-            out[name] = value
-            continue
-        total = None
-        for i, state in enumerate((a, b)):
-            t, averaged = _term(spec, state, i, name, zips, perms, touching)
-            t = t if averaged else t / 2
-            total = t if total is None else total + t
-        out[name] = total.to(value.dtype)
-    return out
+    return {name: merge_tensor(value, b[name], touching.get(name, []), zips, perms).to(
+        value.dtype) if value.is_floating_point() else value for name, value in a.items()}
 
 
 def head(spec: Spec, state: Mapping[str, torch.Tensor], i: int, names: list[str],
@@ -128,5 +134,5 @@ def head(spec: Spec, state: Mapping[str, torch.Tensor], i: int, names: list[str]
     """Model ``i``'s own tensors ``names`` (its classifier) moved into the merged unit spaces,
     not averaged with the other model's: each task keeps its head."""
     touching = _members_of(spec)
-    return {n: _term(spec, state, i, n, zips, perms, touching)[0].to(state[n].dtype)
+    return {n: _term(state[n], i, touching.get(n, []), zips, perms)[0].to(state[n].dtype)
             for n in names}

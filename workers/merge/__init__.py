@@ -1,6 +1,7 @@
 """Merge kernels: one module per method, each registered in ``registry.METHODS`` on import."""
 
 from workers.merge import (  # noqa: F401  (imported to register each method)
+    activation_matching,
     arcee_fusion,
     breadcrumbs,
     breadcrumbs_ties,
@@ -22,6 +23,8 @@ from workers.merge import (  # noqa: F401  (imported to register each method)
     slerp,
     task_arithmetic,
     ties,
+    weight_matching,
+    zipit,
 )
 from workers.merge.registry import METHODS, MethodSpec, get_method
 

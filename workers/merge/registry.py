@@ -121,6 +121,8 @@ class MethodSpec:
     tensor_stats: TensorStats | None = None
     takes_base: bool = False  # uses the base when one is given (``base`` is None otherwise)
     models_for: Callable[[dict], int | None] | None = None  # exact input count, given params
+    alignment: str | None = None  # "weights" or "activations": solved by orchestrator/align.py
+    wants_name: bool = False  # the kernel gets ``name=`` (the output tensor's name)
 
     @property
     def uses_base(self) -> bool:
@@ -148,7 +150,8 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
                  stats: GlobalStats | None = None,
                  elementwise: bool | Callable[[Any], bool] = False,
                  tensor_stats: TensorStats | None = None, takes_base: bool = False,
-                 models_for: Callable[[dict], int | None] | None = None):
+                 models_for: Callable[[dict], int | None] | None = None,
+                 alignment: str | None = None, wants_name: bool = False):
     """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
 
     def register(fn):
@@ -156,7 +159,7 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
             raise RuntimeError(f"merge method {name!r} registered twice")
         METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
                                    uses_rng, stats, elementwise, tensor_stats, takes_base,
-                                   models_for)
+                                   models_for, alignment, wants_name)
         return fn
 
     return register

@@ -1,0 +1,146 @@
+"""Alignment merges (weight_matching, activation_matching, zipit): solve, then merge.
+
+Before the usual merge, the driver builds the alignment spec from the first model's tensors
+and config.json, gathers what the method needs (both models' weights for weight matching; for
+the activation methods, the statistics of every group over the job's ``data``, one Ray task per
+batch, summed in batch order so the result does not depend on the number of workers), solves
+the groups' transforms and writes them to ``OUTPUT/raymerge-align/transforms.safetensors``.
+The merge tasks then compute each tensor from both models' values and those transforms, and
+each source's ``align.heads`` tensors, moved into the merged units, go to
+``heads/<source>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from orchestrator.config import JobConfig
+from orchestrator.errors import ConfigError, PlanError
+from orchestrator.index import CheckpointIndex, index_checkpoint, read_header
+from orchestrator.schedule import run_tasks
+from orchestrator.settings import tensor_matcher
+from orchestrator.storage import Store, open_store
+from workers.align import spec as specs
+from workers.align.match import activation_matching, weight_matching
+from workers.align.transforms import ModelRef, StatsContext, dump, stats_task
+from workers.align.zip import head, zipit
+from workers.merge import get_method
+from workers.safetensors_io import read_tensor
+from workers.tasks import torch_threads
+
+TRANSFORMS = "raymerge-align/transforms.safetensors"
+
+
+def _config(store: Store, name: str) -> dict:
+    if not store.exists("config.json"):
+        return {}
+    try:
+        return json.loads(store.read_bytes("config.json"))
+    except ValueError:
+        raise ConfigError(f"{name}: config.json is not valid JSON") from None
+
+
+def _model(idx: CheckpointIndex, store: Store, config: dict) -> ModelRef:
+    tensors = tuple((n, loc.file, loc.info) for n, loc in sorted(idx.tensors.items()))
+    key = hashlib.sha256(json.dumps([idx.uri, idx.pins], sort_keys=True, default=str)
+                         .encode()).hexdigest()
+    return ModelRef(store, tensors, config, key)
+
+
+def _state(ref: ModelRef) -> dict[str, torch.Tensor]:
+    return {n: read_tensor(ref.store, f, info) for n, f, info in ref.tensors}
+
+
+def _stats(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ModelRef], quiet: bool):
+    data = cfg.data
+    folder, name = os.path.split(data.uri.rstrip("/"))
+    store = open_store(folder or ".")
+    header = read_header(store, name)[0]
+    if data.key not in header:
+        raise ConfigError(f"data.key: {data.uri} has no tensor {data.key!r}; it has "
+                          f"{', '.join(sorted(header)) or 'none'}")
+    info = header[data.key]
+    samples = info.shape[0] if data.max_samples is None else min(info.shape[0],
+                                                                  data.max_samples)
+    if samples < 2:
+        raise ConfigError(f"data: {data.uri}[{data.key}] needs at least 2 samples")
+    floating = info.dtype in ("F16", "BF16", "F32", "F64")
+    input_name = data.input_name or ("pixel_values" if floating else "input_ids")
+    ctx = StatsContext(refs, spec, store, name, info, input_name, data.batch_size, samples,
+                       cfg.runtime.threads_per_worker)
+    parts = run_tasks(stats_task, list(range(math.ceil(samples / data.batch_size))), (ctx,),
+                      cfg.runtime, label="alignment statistics", quiet=quiet)
+    total = parts[0]
+    for part in parts[1:]:  # batch order: the same sums whatever ran where
+        for g, s in part.items():
+            total[g].add(s)
+    return total
+
+
+def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+    """Solve the alignment; return the config whose params point at the transforms file (to
+    be written to ``out`` before the merge) and the output files it adds (the transforms and
+    each source's heads). Torch's thread count is pinned as in the tasks, so the bits do not
+    depend on the machine the driver runs on."""
+    with torch_threads(cfg.runtime.threads_per_worker):
+        return _prepare(cfg, out, quiet)
+
+
+def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+    method = get_method(cfg.merge.method)
+    stores = [open_store(s.uri) for s in cfg.sources]
+    indexes = [index_checkpoint(s.name, st) for s, st in zip(cfg.sources, stores)]
+    configs = [_config(st, s.name) for s, st in zip(cfg.sources, stores)]
+    shapes = [{n: loc.info.shape for n, loc in idx.tensors.items()
+               if loc.info.dtype in ("F16", "BF16", "F32", "F64")} for idx in indexes]
+    if shapes[0] != shapes[1]:
+        raise PlanError(f"{cfg.merge.method}: {cfg.sources[0].name} and {cfg.sources[1].name} "
+                        "must have the same tensors and shapes (different widths are not "
+                        "supported yet)")
+    try:
+        spec = specs.build(shapes[0], configs[0])
+    except specs.SpecError as e:
+        raise PlanError(f"{cfg.merge.method}: {e}") from None
+    refs = (_model(indexes[0], stores[0], configs[0]), _model(indexes[1], stores[1], configs[1]))
+    params = dict(cfg.merge.params)
+    zips: dict = {}
+    if method.alignment == "weights":
+        a, b = _state(refs[0]), _state(refs[1])
+        perms, history = weight_matching(spec, a, b, max_sweeps=params.get("max_sweeps", 100),
+                                         seed=cfg.seed)
+        if not quiet:
+            print(f"weight matching: {len(history)} sweeps, objective {history[-1]:.6g}",
+                  file=sys.stderr)
+    else:
+        stats = _stats(cfg, spec, refs, quiet)
+        if cfg.merge.method == "zipit":
+            zips, perms = zipit(spec, stats, alpha=params.get("alpha", 0.3),
+                                beta=params.get("beta", 0.125))
+        else:
+            perms = activation_matching(spec, stats)
+    matchers = [(p, tensor_matcher(p)) for p in cfg.align.heads]
+    heads = sorted(n for n in shapes[0] if any(m(n) for _, m in matchers))
+    for pattern, m in matchers:
+        if not any(m(n) for n in shapes[0]):
+            raise ConfigError(f"align.heads: {pattern!r} matches no tensor of "
+                              f"{cfg.sources[0].name}")
+    data = dump(spec, zips, perms, heads)
+    files = {TRANSFORMS: data}
+    if heads:
+        for i, (src, ref) in enumerate(zip(cfg.sources, refs)):
+            state = {n: read_tensor(ref.store, f, info) for n, f, info in ref.tensors
+                     if n in heads}
+            files[f"heads/{src.name}.safetensors"] = save_safetensors(
+                {k: v.contiguous() for k, v in head(spec, state, i, heads, zips, perms).items()},
+                metadata={"format": "pt"})  # one key: safetensors orders keys by hash
+    location = f"{out.uri}/{TRANSFORMS}#{hashlib.sha256(data).hexdigest()}"
+    merge = dataclasses.replace(cfg.merge, params={**params, "transforms": location})
+    return dataclasses.replace(cfg, merge=merge), files

@@ -1,0 +1,166 @@
+"""The solved alignment of a job as one safetensors file, and what workers do with it.
+
+The driver solves the groups' transforms (permutations, zip matrices) and writes them with the
+spec's member lists to the output store; each merge task reads that file once per process and
+computes its tensors from both models' values (``merged``). ``stats_task`` is the statistics
+pass of one data batch: both original models' forward passes with the spec's probes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from workers.align import spec as specs
+from workers.align.match import ActivationStats
+from workers.align.spec import Group, Member, Spec
+from workers.align.zip import Zip, _term, merge_tensor
+from workers.safetensors_io import read_elements, read_tensor, torch_dtype
+
+
+def dump(spec: Spec, zips: Mapping[str, Zip], perms: Mapping[str, torch.Tensor],
+         heads: list[str]) -> bytes:
+    tensors = {f"{g}/perm": p.contiguous() for g, p in perms.items()}
+    for g, (m, u) in zips.items():
+        tensors[f"{g}/merge"], tensors[f"{g}/unmerge"] = m.contiguous(), u.contiguous()
+    meta = {"family": spec.family, "heads": heads, "groups": {
+        g.name: {"size": g.size, "head_dim": g.head_dim, "within": g.within,
+                 "members": [[m.tensor, m.dim, m.repeat, m.consumes] for m in g.members]}
+        for g in spec.groups}}
+    return save_safetensors(tensors, metadata={"raymerge_alignment": json.dumps(meta)})
+
+
+@dataclass(frozen=True)
+class Alignment:
+    touching: dict[str, list[tuple[Group, Member]]]
+    zips: dict[str, Zip]
+    perms: dict[str, torch.Tensor]
+    heads: frozenset[str]
+
+
+def load(data: bytes) -> Alignment:
+    tensors = load_safetensors(data)
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["raymerge_alignment"])
+    touching: dict[str, list[tuple[Group, Member]]] = {}
+    for name, g in meta["groups"].items():
+        members = tuple(Member(t, d, r, c) for t, d, r, c in g["members"])
+        group = Group(name, g["size"], members, g["head_dim"], g["within"])
+        for m in members:
+            touching.setdefault(m.tensor, []).append((group, m))
+    zips = {k[:-len("/merge")]: (v, tensors[k[:-len("/merge")] + "/unmerge"])
+            for k, v in tensors.items() if k.endswith("/merge")}
+    perms = {k[:-len("/perm")]: v for k, v in tensors.items() if k.endswith("/perm")}
+    return Alignment(touching, zips, perms, frozenset(meta["heads"]))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(location: str) -> Alignment:
+    """``location`` is ``URI#sha256`` of the transforms file (the sha is checked)."""
+    import hashlib
+    import os
+
+    from orchestrator.storage import open_store
+
+    uri, _, sha = location.rpartition("#")
+    folder, name = os.path.split(uri.rstrip("/"))
+    data = open_store(folder).read_bytes(name)
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise ValueError(f"{uri} changed after the alignment was solved (sha256 differs)")
+    return load(data)
+
+
+def merged(tensors: list[torch.Tensor], location: str, name: str) -> torch.Tensor:
+    """The output tensor ``name`` from A's and B's values: merged, or A's own head moved into
+    the merged unit spaces."""
+    a = _cached(location)
+    touching = a.touching.get(name, [])
+    if name in a.heads:
+        out = _term(tensors[0], 0, touching, a.zips, a.perms)[0]
+    else:
+        out = merge_tensor(tensors[0], tensors[1], touching, a.zips, a.perms)
+    return out.to(tensors[0].dtype)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where one model's tensors are: its store, (name, file, TensorInfo) triples, config."""
+
+    store: Any
+    tensors: tuple[tuple[str, str, Any], ...]
+    config: dict
+    key: str  # identifies this version (its pins): the per-process model cache key
+
+
+@dataclass(frozen=True)
+class StatsContext:
+    models: tuple[ModelRef, ModelRef]
+    spec: Spec
+    data_store: Any
+    data_file: str
+    data_info: Any  # TensorInfo of the inputs tensor
+    input_name: str
+    batch_size: int
+    samples: int
+    threads: int
+
+
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def build_model(ref: ModelRef) -> torch.nn.Module:
+    """The transformers model of ``config.json``'s first architecture with these weights (no
+    remote code); kept per process, so a worker loads each model once."""
+    if ref.key in _MODELS:
+        return _MODELS[ref.key]
+    import transformers
+
+    arch = (ref.config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None or not hasattr(cls, "config_class"):
+        raise ValueError(f"config.json names no transformers architecture raymerge can build "
+                         f"({arch!r}); alignment merges need one for the statistics pass")
+    transformers.utils.logging.disable_progress_bar()
+    state = {name: read_tensor(ref.store, file, info) for name, file, info in ref.tensors}
+    # from_pretrained applies the library's renamings of older checkpoints' tensor names
+    model = cls.from_pretrained(None, config=cls.config_class.from_dict(ref.config),
+                                state_dict=state).eval()
+    if len(_MODELS) >= 2:  # at most the two models of the current job
+        _MODELS.clear()
+    _MODELS[ref.key] = model
+    return model
+
+
+def stats_task(batch: int, ctx: StatsContext) -> dict[str, ActivationStats]:
+    """Statistics of every group for samples [batch * batch_size, ...) of the data."""
+    from workers.align.features import activation_stats
+    from workers.tasks import torch_threads
+
+    info = ctx.data_info
+    row = 1
+    for d in info.shape[1:]:
+        row *= d
+    start = batch * ctx.batch_size
+    stop = min(ctx.samples, start + ctx.batch_size)
+    with torch_threads(ctx.threads):
+        x = read_elements(ctx.data_store, ctx.data_file, info, start * row, stop * row).reshape(
+            stop - start, *info.shape[1:])
+        if x.is_floating_point():
+            x = x.to(torch_dtype("float32"))
+        models = [build_model(ref) for ref in ctx.models]
+        # probes name the modules of the loaded model, which may differ from the checkpoint's
+        spec = specs.build({k: tuple(v.shape) for k, v in models[0].state_dict().items()
+                            if v.is_floating_point()}, ctx.models[0].config)
+        if [(g.name, g.size) for g in spec.groups] != [(g.name, g.size)
+                                                       for g in ctx.spec.groups]:
+            raise ValueError("the loaded model's alignment groups differ from the checkpoint's")
+        return activation_stats(spec, models[0], models[1], [x],
+                                lambda model, inputs: model(**{ctx.input_name: inputs}))

@@ -1,0 +1,28 @@
+"""Activation matching: permute units by the correlation of their activations on data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from workers.align.transforms import merged
+from workers.merge.registry import merge_method, param
+
+
+@dataclass(frozen=True)
+class ActivationMatchingParams:
+    transforms: str = param("")  # set by the driver: the solved alignment (URI#sha256)
+
+
+@merge_method("activation_matching", params=ActivationMatchingParams, needs_base=False,
+              min_models=2, max_models=2, alignment="activations", wants_name=True)
+def activation_matching(tensors: Sequence[torch.Tensor], p: ActivationMatchingParams, *,
+                        name: str) -> torch.Tensor:
+    """Permute the second model's units to the first's by activation correlation, average.
+
+    Models need not share a base; `data` gives unlabelled inputs. Each hidden space is
+    assigned on its own (Hungarian on the Pearson correlation of the original models' units).
+    """
+    return merged(list(tensors), p.transforms, name)

@@ -1,0 +1,29 @@
+"""ZipIt! (Stoica et al., ICLR 2024, arXiv:2305.03053)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from workers.align.transforms import merged
+from workers.merge.registry import merge_method, param
+
+
+@dataclass(frozen=True)
+class ZipItParams:
+    alpha: float = param(0.3)  # a fused feature's similarities are scaled by alpha (<= 0: final)
+    beta: float = param(0.125, ge=0)  # within-model fusion budget, share of fusions per model
+    transforms: str = param("")  # set by the driver: the solved alignment (URI#sha256)
+
+
+@merge_method("zipit", params=ZipItParams, needs_base=False, min_models=2, max_models=2,
+              alignment="activations", wants_name=True)
+def zipit(tensors: Sequence[torch.Tensor], p: ZipItParams, *, name: str) -> torch.Tensor:
+    """Zip two models' features by activation correlation, within and across models.
+
+    Models need not share a base; `data` gives unlabelled inputs. MLP-hidden and residual
+    spaces are zipped (merge/unmerge matrices), attention heads matched and averaged.
+    """
+    return merged(list(tensors), p.transforms, name)
