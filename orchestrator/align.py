@@ -30,6 +30,7 @@ from orchestrator.settings import tensor_matcher
 from orchestrator.storage import Store, open_store
 from workers.align import spec as specs
 from workers.align.match import activation_matching, weight_matching
+from workers.align.mudsc import mudsc_perm, mudsc_zip
 from workers.align.transforms import ModelRef, StatsContext, dump, stats_task
 from workers.align.zip import head, zipit
 from workers.merge import get_method
@@ -112,20 +113,25 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     refs = (_model(indexes[0], stores[0], configs[0]), _model(indexes[1], stores[1], configs[1]))
     params = dict(cfg.merge.params)
     zips: dict = {}
-    if method.alignment == "weights":
+    p = method.params(**{k: v for k, v in params.items() if k != "transforms"})
+    if method.alignment in ("weights", "dual"):
         a, b = _state(refs[0]), _state(refs[1])
-        perms, history = weight_matching(spec, a, b, max_sweeps=params.get("max_sweeps", 100),
-                                         seed=cfg.seed)
+    if method.alignment in ("activations", "dual"):
+        stats = _stats(cfg, spec, refs, quiet)
+    if cfg.merge.method == "weight_matching":
+        perms, history = weight_matching(spec, a, b, max_sweeps=p.max_sweeps, seed=cfg.seed)
         if not quiet:
             print(f"weight matching: {len(history)} sweeps, objective {history[-1]:.6g}",
                   file=sys.stderr)
+    elif cfg.merge.method == "zipit":
+        zips, perms = zipit(spec, stats, alpha=p.alpha, beta=p.beta)
+    elif cfg.merge.method == "mudsc" and p.variant == "zip":
+        zips, perms = mudsc_zip(spec, a, b, stats, f=p.f, alpha=p.alpha, beta=p.beta,
+                                max_sweeps=p.max_sweeps, seed=cfg.seed)
+    elif cfg.merge.method == "mudsc":
+        perms = mudsc_perm(spec, a, b, stats, f=p.f, max_sweeps=p.max_sweeps, seed=cfg.seed)
     else:
-        stats = _stats(cfg, spec, refs, quiet)
-        if cfg.merge.method == "zipit":
-            zips, perms = zipit(spec, stats, alpha=params.get("alpha", 0.3),
-                                beta=params.get("beta", 0.125))
-        else:
-            perms = activation_matching(spec, stats)
+        perms = activation_matching(spec, stats)
     matchers = [(p, tensor_matcher(p)) for p in cfg.align.heads]
     heads = sorted(n for n in shapes[0] if any(m(n) for _, m in matchers))
     for pattern, m in matchers:

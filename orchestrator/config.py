@@ -401,7 +401,7 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
         if doc.get("slices") or doc.get("tokenizer"):
             errors.append(f"merge.method: {method!r} aligns whole models: no slices or "
                           "tokenizer settings")
-        if spec.alignment == "activations" and not isinstance(doc.get("data"), dict):
+        if spec.alignment in ("activations", "dual") and not isinstance(doc.get("data"), dict):
             errors.append(f"data: method {method!r} needs unlabelled inputs: "
                           "data: {uri: inputs.safetensors, key: inputs}")
         if isinstance(merge.get("params"), dict) and "transforms" in merge["params"] \

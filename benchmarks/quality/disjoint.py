@@ -8,8 +8,9 @@ keeps its own head, moved into the merged unit space. Reported on the test split
 * joint accuracy: both heads' logits concatenated, argmax over 10 classes.
 
 Methods: weight averaging (no alignment), weight matching (Git Re-Basin), activation matching,
-ZipIt! (alpha, beta chosen on a validation split by joint accuracy), next to the individual
-models and their output ensemble. Alignment data: the training images of both tasks, unlabelled.
+ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute and zip
+(balance f chosen the same way), next to the individual models and their output ensemble.
+Alignment data: the training images of both tasks, unlabelled.
 
     python benchmarks/quality/disjoint.py --seeds 3 --width 128 --out results.json
 
@@ -34,9 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from workers.align import spec as specs  # noqa: E402
 from workers.align.features import activation_stats  # noqa: E402
 from workers.align.match import activation_matching, weight_matching  # noqa: E402
+from workers.align.mudsc import mudsc_perm, mudsc_zip  # noqa: E402
 from workers.align.zip import head, merge, zipit  # noqa: E402
 
 ALPHAS, BETAS = (0.0, 0.3, 0.5), (0.125, 0.5, 1.0)
+BALANCES = (0.1, 0.3, 0.5, 0.7, 0.9)  # MuDSC's f
 HEAD = ["6.weight", "6.bias"]
 
 
@@ -119,6 +122,14 @@ def one_seed(seed: int, width: int, epochs: int) -> dict:
         *zipit(spec, stats, alpha=ab[0], beta=ab[1]), split="val")["joint"])
     row["zipit"] = evaluate(*zipit(spec, stats, alpha=best[0], beta=best[1]))
     row["zipit_alpha_beta"] = list(best)
+    f = max(BALANCES, key=lambda f: evaluate({}, mudsc_perm(spec, a, b, stats, f=f, seed=seed),
+                                             split="val")["joint"])
+    row["mudsc_perm"] = evaluate({}, mudsc_perm(spec, a, b, stats, f=f, seed=seed))
+    row["mudsc_perm_f"] = f
+    f = max(BALANCES, key=lambda f: evaluate(*mudsc_zip(spec, a, b, stats, f=f, seed=seed),
+                                             split="val")["joint"])
+    row["mudsc_zip"] = evaluate(*mudsc_zip(spec, a, b, stats, f=f, seed=seed))
+    row["mudsc_zip_f"] = f
     return row
 
 
@@ -138,7 +149,9 @@ def _ensemble(models: list[nn.Module], data: dict) -> dict:
 
 METHODS = (("individual models (own heads)", "individual"), ("output ensemble", "ensemble"),
            ("weight averaging", "weight_averaging"), ("weight matching", "weight_matching"),
-           ("activation matching", "activation_matching"), ("ZipIt! (full)", "zipit"))
+           ("activation matching", "activation_matching"), ("ZipIt! (full)", "zipit"),
+           ("MuDSC, permute (f on validation)", "mudsc_perm"),
+           ("MuDSC, zip (f on validation, α 0.5, β 1)", "mudsc_zip"))
 
 
 def table(rows: list[dict]) -> str:

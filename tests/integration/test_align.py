@@ -67,7 +67,7 @@ def digests(out):
             if not f["file"].endswith(("README.md", ".json"))}
 
 
-@pytest.mark.parametrize("method", ["zipit", "activation_matching", "weight_matching"])
+@pytest.mark.parametrize("method", ["zipit", "activation_matching", "weight_matching", "mudsc"])
 def test_cli_flow_workers_agree_and_output_loads(method, vits, ray_session, tmp_path):
     from transformers import ViTForImageClassification
 
@@ -89,7 +89,7 @@ def test_cli_flow_workers_agree_and_output_loads(method, vits, ray_session, tmp_
         assert torch.isfinite(model(pixel_values=torch.rand(2, 1, 8, 8)).logits).all()
 
 
-@pytest.mark.parametrize("method", ["zipit", "activation_matching", "weight_matching"])
+@pytest.mark.parametrize("method", ["zipit", "activation_matching", "weight_matching", "mudsc"])
 def test_a_model_merged_with_its_permuted_copy_comes_back(method, vits, tmp_path):
     out = tmp_path / "self"
     assert main(["run", write_job(tmp_path, vits, method, out, second="a_perm",

@@ -12,6 +12,7 @@ from workers.merge import (  # noqa: F401  (imported to register each method)
     karcher,
     linear,
     model_stock,
+    mudsc,
     multislerp,
     nearswap,
     nuslerp,

@@ -121,7 +121,8 @@ class MethodSpec:
     tensor_stats: TensorStats | None = None
     takes_base: bool = False  # uses the base when one is given (``base`` is None otherwise)
     models_for: Callable[[dict], int | None] | None = None  # exact input count, given params
-    alignment: str | None = None  # "weights" or "activations": solved by orchestrator/align.py
+    alignment: str | None = None  # "weights", "activations" or "dual" (both): solved by
+    # orchestrator/align.py before the merge
     wants_name: bool = False  # the kernel gets ``name=`` (the output tensor's name)
 
     @property
