@@ -60,7 +60,8 @@ def _state(ref: ModelRef) -> dict[str, torch.Tensor]:
     return {n: read_tensor(ref.store, f, info) for n, f, info in ref.tensors}
 
 
-def _stats(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ModelRef], quiet: bool):
+def _stats(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], quiet: bool):
+    """Per model after the first: the statistics of every group, paired with the first."""
     data = cfg.data
     folder, name = os.path.split(data.uri.rstrip("/"))
     store = open_store(folder or ".")
@@ -81,8 +82,9 @@ def _stats(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ModelRef], qu
                       cfg.runtime, label="alignment statistics", quiet=quiet)
     total = parts[0]
     for part in parts[1:]:  # batch order: the same sums whatever ran where
-        for g, s in part.items():
-            total[g].add(s)
+        for pair, more in zip(total, part):
+            for g, s in more.items():
+                pair[g].add(s)
     return total
 
 
@@ -102,36 +104,48 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     configs = [_config(st, s.name) for s, st in zip(cfg.sources, stores)]
     shapes = [{n: loc.info.shape for n, loc in idx.tensors.items()
                if loc.info.dtype in ("F16", "BF16", "F32", "F64")} for idx in indexes]
-    if shapes[0] != shapes[1]:
-        raise PlanError(f"{cfg.merge.method}: {cfg.sources[0].name} and {cfg.sources[1].name} "
-                        "must have the same tensors and shapes (different widths are not "
-                        "supported yet)")
+    name = cfg.merge.method
+    for src, other in zip(cfg.sources[1:], shapes[1:]):
+        if other != shapes[0]:
+            raise PlanError(f"{name}: {src.name} must have the tensors and shapes of "
+                            f"{cfg.sources[0].name} (different widths are not supported yet)")
     try:
         spec = specs.build(shapes[0], configs[0])
     except specs.SpecError as e:
-        raise PlanError(f"{cfg.merge.method}: {e}") from None
-    refs = (_model(indexes[0], stores[0], configs[0]), _model(indexes[1], stores[1], configs[1]))
+        raise PlanError(f"{name}: {e}") from None
+    refs = tuple(_model(i, st, c) for i, st, c in zip(indexes, stores, configs))
     params = dict(cfg.merge.params)
-    zips: dict = {}
     p = method.params(**{k: v for k, v in params.items() if k != "transforms"})
-    if method.alignment in ("weights", "dual"):
-        a, b = _state(refs[0]), _state(refs[1])
-    if method.alignment in ("activations", "dual"):
-        stats = _stats(cfg, spec, refs, quiet)
-    if cfg.merge.method == "weight_matching":
-        perms, history = weight_matching(spec, a, b, max_sweeps=p.max_sweeps, seed=cfg.seed)
-        if not quiet:
-            print(f"weight matching: {len(history)} sweeps, objective {history[-1]:.6g}",
-                  file=sys.stderr)
-    elif cfg.merge.method == "zipit":
-        zips, perms = zipit(spec, stats, alpha=p.alpha, beta=p.beta)
-    elif cfg.merge.method == "mudsc" and p.variant == "zip":
-        zips, perms = mudsc_zip(spec, a, b, stats, f=p.f, alpha=p.alpha, beta=p.beta,
-                                max_sweeps=p.max_sweeps, seed=cfg.seed)
-    elif cfg.merge.method == "mudsc":
-        perms = mudsc_perm(spec, a, b, stats, f=p.f, max_sweeps=p.max_sweeps, seed=cfg.seed)
-    else:
-        perms = activation_matching(spec, stats)
+    zipped = name == "zipit" or (name == "mudsc" and p.variant == "zip")
+    if zipped and len(refs) > 2:
+        raise ConfigError(f"sources: {name} zips exactly 2 models; for more, use "
+                          "activation_matching, weight_matching or mudsc with variant: perm "
+                          "(each model aligned to the first)")
+    states = [_state(r) for r in refs] if method.alignment in ("weights", "dual") else []
+    stats = _stats(cfg, spec, refs, quiet) if method.alignment in ("activations", "dual") \
+        else []
+    zips: dict = {}
+    perms = []  # per model after the first: aligned to the first
+    for i in range(1, len(refs)):
+        a, b = (states[0], states[i]) if states else (None, None)
+        pair = stats[i - 1] if stats else None
+        if name == "weight_matching":
+            solved, history = weight_matching(spec, a, b, max_sweeps=p.max_sweeps,
+                                              seed=cfg.seed)
+            if not quiet:
+                print(f"weight matching {cfg.sources[i].name}: {len(history)} sweeps, "
+                      f"objective {history[-1]:.6g}", file=sys.stderr)
+        elif name == "zipit":
+            zips, solved = zipit(spec, pair, alpha=p.alpha, beta=p.beta)
+        elif zipped:
+            zips, solved = mudsc_zip(spec, a, b, pair, f=p.f, alpha=p.alpha, beta=p.beta,
+                                     max_sweeps=p.max_sweeps, seed=cfg.seed)
+        elif name == "mudsc":
+            solved = mudsc_perm(spec, a, b, pair, f=p.f, max_sweeps=p.max_sweeps,
+                                seed=cfg.seed)
+        else:
+            solved = activation_matching(spec, pair)
+        perms.append(solved)
     matchers = [(p, tensor_matcher(p)) for p in cfg.align.heads]
     heads = sorted(n for n in shapes[0] if any(m(n) for _, m in matchers))
     for pattern, m in matchers:
@@ -144,8 +158,9 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
         for i, (src, ref) in enumerate(zip(cfg.sources, refs)):
             state = {n: read_tensor(ref.store, f, info) for n, f, info in ref.tensors
                      if n in heads}
+            moved = head(spec, state, min(i, 1), heads, zips, perms[max(i - 1, 0)])
             files[f"heads/{src.name}.safetensors"] = save_safetensors(
-                {k: v.contiguous() for k, v in head(spec, state, i, heads, zips, perms).items()},
+                {k: v.contiguous() for k, v in moved.items()},
                 metadata={"format": "pt"})  # one key: safetensors orders keys by hash
     location = f"{out.uri}/{TRANSFORMS}#{hashlib.sha256(data).hexdigest()}"
     merge = dataclasses.replace(cfg.merge, params={**params, "transforms": location})

@@ -47,7 +47,7 @@ def vits(tmp_path_factory):
     save_file({"inputs": torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(9))},
               str(data))
     return {"a": a, "b": tiny_vit(root / "b", 1), "a_perm": tiny_vit(root / "ap", 2, a),
-            "data": str(data)}
+            "a_perm2": tiny_vit(root / "ap2", 3, a), "data": str(data)}
 
 
 def write_job(tmp_path, vits, method, out, second="b", **runtime):
@@ -99,6 +99,28 @@ def test_a_model_merged_with_its_permuted_copy_comes_back(method, vits, tmp_path
         torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["activation_matching", "weight_matching", "mudsc"])
+def test_three_models_align_to_the_first(method, vits, ray_session, tmp_path):
+    """K = 3: each model is aligned to the first and all are averaged; two permuted copies
+    of a model merged with it give it back, on 2 workers as in-process."""
+    outs = {}
+    for label, runtime in (("w2", {"num_workers": 2}), ("local", {"executor": "local"})):
+        path = write_job(tmp_path, vits, method, tmp_path / label, second="a_perm", **runtime)
+        doc = yaml.safe_load(open(path))
+        doc["sources"].append({"name": "c", "uri": vits["a_perm2"]})
+        if method == "mudsc":
+            doc["merge"]["params"] = {"variant": "perm"}
+        open(path, "w").write(yaml.safe_dump(doc))
+        assert main(["run", path, "--quiet"]) == 0
+        outs[label] = tmp_path / label
+    assert digests(outs["w2"]) == digests(outs["local"])
+    merged, original = load_state(str(outs["w2"])), load_state(vits["a"])
+    for name, tensor in original.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
+    assert {p.name for p in (outs["w2"] / "heads").iterdir()} == {
+        "a.safetensors", "b.safetensors", "c.safetensors"}
+
+
 def test_bad_alignment_input_is_named(vits, tmp_path, capsys):
     path = write_job(tmp_path, vits, "zipit", tmp_path / "bad")
     doc = yaml.safe_load(open(path))
@@ -107,6 +129,11 @@ def test_bad_alignment_input_is_named(vits, tmp_path, capsys):
     assert main(["run", path, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "data.key" in err and "no tensor 'pixels'" in err
+    doc["data"]["key"] = "inputs"
+    doc["sources"].append({"name": "c", "uri": vits["a_perm"]})
+    open(path, "w").write(yaml.safe_dump(doc))
+    assert main(["run", path, "--quiet"]) == 2
+    assert "'zipit' merges exactly 2 models, got 3" in capsys.readouterr().err
     del doc["data"]
     open(path, "w").write(yaml.safe_dump(doc))
     assert main(["run", path, "--quiet"]) == 2

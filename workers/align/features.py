@@ -65,20 +65,27 @@ def _probed(model: nn.Module, spec: Spec) -> Iterator[dict[str, list[torch.Tenso
             h.remove()
 
 
-def activation_stats(spec: Spec, model_a: nn.Module, model_b: nn.Module,
-                     batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]
-                     ) -> dict[str, ActivationStats]:
-    """Statistics of every group over ``batches``: ``forward(model, batch)`` runs a model; each
-    probe's activations of a batch become samples (every token, every residual probe)."""
-    stats = {g.name: ActivationStats(g.size) for g in spec.groups}
+def pairwise_stats(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
+                   forward: Callable[[nn.Module, Any], Any]) -> list[dict[str, ActivationStats]]:
+    """Statistics of every group over ``batches`` for each pair (model 0, model i), i >= 1:
+    ``forward(model, batch)`` runs a model once per batch; each probe's activations of a batch
+    become samples (every token, every residual probe)."""
+    stats = [{g.name: ActivationStats(g.size) for g in spec.groups} for _ in models[1:]]
     with torch.no_grad():
         for batch in batches:
             features = []
-            for model in (model_a, model_b):
+            for model in models:
                 with _probed(model, spec) as seen:
                     forward(model, batch)
-                features.append(seen)
-            for g in spec.groups:
-                stats[g.name].update(torch.cat(features[0][g.name]),
-                                     torch.cat(features[1][g.name]))
+                features.append({g: torch.cat(v) for g, v in seen.items()})
+            for i, pair in enumerate(stats, start=1):
+                for g in spec.groups:
+                    pair[g.name].update(features[0][g.name], features[i][g.name])
     return stats
+
+
+def activation_stats(spec: Spec, model_a: nn.Module, model_b: nn.Module,
+                     batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]
+                     ) -> dict[str, ActivationStats]:
+    """``pairwise_stats`` of two models."""
+    return pairwise_stats(spec, [model_a, model_b], batches, forward)[0]

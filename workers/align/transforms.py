@@ -24,9 +24,11 @@ from workers.align.zip import Zip, _term, merge_tensor
 from workers.safetensors_io import read_elements, read_tensor, torch_dtype
 
 
-def dump(spec: Spec, zips: Mapping[str, Zip], perms: Mapping[str, torch.Tensor],
+def dump(spec: Spec, zips: Mapping[str, Zip], perms: list[Mapping[str, torch.Tensor]],
          heads: list[str]) -> bytes:
-    tensors = {f"{g}/perm": p.contiguous() for g, p in perms.items()}
+    """``perms``: for each model after the first, its groups' permutations (zips: 2 models)."""
+    tensors = {f"{g}/perm": torch.stack([p[g] for p in perms]).contiguous()
+               for g in (perms[0] if perms else {})}
     for g, (m, u) in zips.items():
         tensors[f"{g}/merge"], tensors[f"{g}/unmerge"] = m.contiguous(), u.contiguous()
     meta = {"family": spec.family, "heads": heads, "groups": {
@@ -40,7 +42,7 @@ def dump(spec: Spec, zips: Mapping[str, Zip], perms: Mapping[str, torch.Tensor],
 class Alignment:
     touching: dict[str, list[tuple[Group, Member]]]
     zips: dict[str, Zip]
-    perms: dict[str, torch.Tensor]
+    perms: list[dict[str, torch.Tensor]]  # per model after the first
     heads: frozenset[str]
 
 
@@ -56,7 +58,9 @@ def load(data: bytes) -> Alignment:
             touching.setdefault(m.tensor, []).append((group, m))
     zips = {k[:-len("/merge")]: (v, tensors[k[:-len("/merge")] + "/unmerge"])
             for k, v in tensors.items() if k.endswith("/merge")}
-    perms = {k[:-len("/perm")]: v for k, v in tensors.items() if k.endswith("/perm")}
+    stacked = {k[:-len("/perm")]: v for k, v in tensors.items() if k.endswith("/perm")}
+    models = len(next(iter(stacked.values()))) if stacked else 1
+    perms = [{g: v[i] for g, v in stacked.items()} for i in range(models)]
     return Alignment(touching, zips, perms, frozenset(meta["heads"]))
 
 
@@ -77,14 +81,19 @@ def _cached(location: str) -> Alignment:
 
 
 def merged(tensors: list[torch.Tensor], location: str, name: str) -> torch.Tensor:
-    """The output tensor ``name`` from A's and B's values: merged, or A's own head moved into
-    the merged unit spaces."""
+    """The output tensor ``name`` from the models' values: merged (zipped, or the mean of the
+    first model and the others permuted to it), or the first model's own head."""
     a = _cached(location)
     touching = a.touching.get(name, [])
     if name in a.heads:
-        out = _term(tensors[0], 0, touching, a.zips, a.perms)[0]
+        out = _term(tensors[0], 0, touching, a.zips, a.perms[0])[0]
+    elif a.zips:
+        out = merge_tensor(tensors[0], tensors[1], touching, a.zips, a.perms[0])
     else:
-        out = merge_tensor(tensors[0], tensors[1], touching, a.zips, a.perms)
+        out = tensors[0].double()
+        for t, perms in zip(tensors[1:], a.perms):
+            out = out + _term(t, 1, touching, {}, perms)[0]
+        out = out / len(tensors)
     return out.to(tensors[0].dtype)
 
 
@@ -102,7 +111,7 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class StatsContext:
-    models: tuple[ModelRef, ModelRef]
+    models: tuple[ModelRef, ...]
     spec: Spec
     data_store: Any
     data_file: str
@@ -133,15 +142,14 @@ def build_model(ref: ModelRef) -> torch.nn.Module:
     # from_pretrained applies the library's renamings of older checkpoints' tensor names
     model = cls.from_pretrained(None, config=cls.config_class.from_dict(ref.config),
                                 state_dict=state).eval()
-    if len(_MODELS) >= 2:  # at most the two models of the current job
-        _MODELS.clear()
     _MODELS[ref.key] = model
     return model
 
 
-def stats_task(batch: int, ctx: StatsContext) -> dict[str, ActivationStats]:
-    """Statistics of every group for samples [batch * batch_size, ...) of the data."""
-    from workers.align.features import activation_stats
+def stats_task(batch: int, ctx: StatsContext) -> list[dict[str, ActivationStats]]:
+    """Statistics of every group for samples [batch * batch_size, ...) of the data, for each
+    pair (first model, model i)."""
+    from workers.align.features import pairwise_stats
     from workers.tasks import torch_threads
 
     info = ctx.data_info
@@ -155,6 +163,9 @@ def stats_task(batch: int, ctx: StatsContext) -> dict[str, ActivationStats]:
             stop - start, *info.shape[1:])
         if x.is_floating_point():
             x = x.to(torch_dtype("float32"))
+        keys = {ref.key for ref in ctx.models}
+        for key in [k for k in _MODELS if k not in keys]:  # models of an earlier job
+            del _MODELS[key]
         models = [build_model(ref) for ref in ctx.models]
         # probes name the modules of the loaded model, which may differ from the checkpoint's
         spec = specs.build({k: tuple(v.shape) for k, v in models[0].state_dict().items()
@@ -162,5 +173,5 @@ def stats_task(batch: int, ctx: StatsContext) -> dict[str, ActivationStats]:
         if [(g.name, g.size) for g in spec.groups] != [(g.name, g.size)
                                                        for g in ctx.spec.groups]:
             raise ValueError("the loaded model's alignment groups differ from the checkpoint's")
-        return activation_stats(spec, models[0], models[1], [x],
-                                lambda model, inputs: model(**{ctx.input_name: inputs}))
+        return pairwise_stats(spec, models, [x],
+                              lambda model, inputs: model(**{ctx.input_name: inputs}))

@@ -17,7 +17,7 @@ class ActivationMatchingParams:
 
 
 @merge_method("activation_matching", params=ActivationMatchingParams, needs_base=False,
-              min_models=2, max_models=2, alignment="activations", wants_name=True)
+              min_models=2, alignment="activations", wants_name=True)
 def activation_matching(tensors: Sequence[torch.Tensor], p: ActivationMatchingParams, *,
                         name: str) -> torch.Tensor:
     """Permute the second model's units to the first's by activation correlation, average.

@@ -21,7 +21,7 @@ class MudscParams:
     transforms: str = param("")  # set by the driver: the solved alignment (URI#sha256)
 
 
-@merge_method("mudsc", params=MudscParams, needs_base=False, min_models=2, max_models=2,
+@merge_method("mudsc", params=MudscParams, needs_base=False, min_models=2,
               alignment="dual", wants_name=True)
 def mudsc(tensors: Sequence[torch.Tensor], p: MudscParams, *, name: str) -> torch.Tensor:
     """Align two models on weight- and activation-space similarity together, then merge.

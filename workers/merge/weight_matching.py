@@ -18,7 +18,7 @@ class WeightMatchingParams:
 
 
 @merge_method("weight_matching", params=WeightMatchingParams, needs_base=False, min_models=2,
-              max_models=2, alignment="weights", wants_name=True)
+              alignment="weights", wants_name=True)
 def weight_matching(tensors: Sequence[torch.Tensor], p: WeightMatchingParams, *,
                     name: str) -> torch.Tensor:
     """Permute the second model's units to best match the first's weights, then average.
