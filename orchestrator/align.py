@@ -5,6 +5,8 @@ and config.json, gathers what the method needs (both models' weights for weight 
 the activation methods, the statistics of every group over the job's ``data``, one Ray task per
 batch, summed in batch order so the result does not depend on the number of workers), solves
 the groups' transforms and writes them to ``OUTPUT/raymerge-align/transforms.safetensors``.
+Statistics are kept in ``OUTPUT/raymerge-align/`` too, keyed by models, data and settings, so a
+re-run (another method, other params) skips the pass.
 The merge tasks then compute each tensor from both models' values and those transforms, and
 each source's ``align.heads`` tensors, moved into the merged units, go to
 ``heads/<source>.safetensors``.
@@ -20,6 +22,7 @@ import os
 import sys
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from orchestrator.config import JobConfig
@@ -29,7 +32,7 @@ from orchestrator.schedule import run_tasks
 from orchestrator.settings import tensor_matcher
 from orchestrator.storage import Store, open_store
 from workers.align import spec as specs
-from workers.align.match import activation_matching, weight_matching
+from workers.align.match import ActivationStats, activation_matching, weight_matching
 from workers.align.mudsc import mudsc_perm, mudsc_zip
 from workers.align.transforms import ModelRef, StatsContext, dump, stats_task
 from workers.align.zip import head, zipit
@@ -40,7 +43,7 @@ from workers.tasks import torch_threads
 TRANSFORMS = "raymerge-align/transforms.safetensors"
 
 
-def _config(store: Store, name: str) -> dict:
+def read_config(store: Store, name: str) -> dict:
     if not store.exists("config.json"):
         return {}
     try:
@@ -49,7 +52,7 @@ def _config(store: Store, name: str) -> dict:
         raise ConfigError(f"{name}: config.json is not valid JSON") from None
 
 
-def _model(idx: CheckpointIndex, store: Store, config: dict) -> ModelRef:
+def model_ref(idx: CheckpointIndex, store: Store, config: dict) -> ModelRef:
     tensors = tuple((n, loc.file, loc.info) for n, loc in sorted(idx.tensors.items()))
     key = hashlib.sha256(json.dumps([idx.uri, idx.pins], sort_keys=True, default=str)
                          .encode()).hexdigest()
@@ -60,8 +63,37 @@ def _state(ref: ModelRef) -> dict[str, torch.Tensor]:
     return {n: read_tensor(ref.store, f, info) for n, f, info in ref.tensors}
 
 
-def _stats(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], quiet: bool):
-    """Per model after the first: the statistics of every group, paired with the first."""
+def _save_stats(sets: list[dict[str, ActivationStats]]) -> bytes:
+    tensors = {}
+    for i, stats in enumerate(sets):
+        for g, st in stats.items():
+            tensors.update({f"{i}/{g}/shift": st.shift, f"{i}/{g}/sum": st.sum,
+                            f"{i}/{g}/outer": st.outer,
+                            f"{i}/{g}/n": torch.tensor([st.n, st.size], dtype=torch.int64)})
+    return save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+
+
+def _load_stats(data: bytes) -> list[dict[str, ActivationStats]]:
+    tensors = load_safetensors(data)
+    sets: dict[int, dict[str, ActivationStats]] = {}
+    for key in tensors:
+        if not key.endswith("/n"):
+            continue
+        i, g = key[:-2].split("/", 1)
+        n, size = tensors[key].tolist()
+        st = ActivationStats(size, len(tensors[f"{i}/{g}/sum"]) // size)
+        st.n, st.shift = n, tensors[f"{i}/{g}/shift"]
+        st.sum, st.outer = tensors[f"{i}/{g}/sum"], tensors[f"{i}/{g}/outer"]
+        sets.setdefault(int(i), {})[g] = st
+    return [sets[i] for i in sorted(sets)]
+
+
+def statistics(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], quiet: bool,
+               joint: bool = False, cache: Store | None = None):
+    """Per model after the first: the statistics of every group, paired with the first; or
+    (``joint``) one set of all models' statistics per group. With ``cache`` (the output
+    store), statistics of the same models, data, spec and settings are read back from
+    ``raymerge-align/stats-<key>.safetensors`` instead of recomputed."""
     data = cfg.data
     folder, name = os.path.split(data.uri.rstrip("/"))
     store = open_store(folder or ".")
@@ -77,15 +109,29 @@ def _stats(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], quiet: 
     floating = info.dtype in ("F16", "BF16", "F32", "F64")
     input_name = data.input_name or ("pixel_values" if floating else "input_ids")
     ctx = StatsContext(refs, spec, store, name, info, input_name, data.batch_size, samples,
-                       cfg.runtime.threads_per_worker)
+                       cfg.runtime.threads_per_worker, joint)
+    key = hashlib.sha256(json.dumps(
+        [[r.key for r in refs], [(g.name, g.size, [dataclasses.astuple(p) for p in g.probes])
+                                 for g in spec.groups],
+         store.pin(name), data.key, input_name, samples, data.batch_size,
+         cfg.runtime.threads_per_worker, joint], sort_keys=True, default=str).encode())
+    cached = f"raymerge-align/stats-{key.hexdigest()[:24]}.safetensors"
+    if cache is not None and cache.exists(cached):
+        if not quiet:
+            print(f"activation statistics: reusing {cache.path(cached)}", file=sys.stderr)
+        sets = _load_stats(cache.read_bytes(cached))
+        return sets[0] if joint else sets
     parts = run_tasks(stats_task, list(range(math.ceil(samples / data.batch_size))), (ctx,),
-                      cfg.runtime, label="alignment statistics", quiet=quiet)
-    total = parts[0]
+                      cfg.runtime, label="activation statistics", quiet=quiet)
+    total = [parts[0]] if joint else parts[0]
     for part in parts[1:]:  # batch order: the same sums whatever ran where
-        for pair, more in zip(total, part):
+        for pair, more in zip(total, [part] if joint else part):
             for g, s in more.items():
                 pair[g].add(s)
-    return total
+    if cache is not None:
+        cache.check_writable()
+        cache.write_bytes(cached, _save_stats(total))
+    return total[0] if joint else total
 
 
 def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
@@ -101,7 +147,7 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     method = get_method(cfg.merge.method)
     stores = [open_store(s.uri) for s in cfg.sources]
     indexes = [index_checkpoint(s.name, st) for s, st in zip(cfg.sources, stores)]
-    configs = [_config(st, s.name) for s, st in zip(cfg.sources, stores)]
+    configs = [read_config(st, s.name) for s, st in zip(cfg.sources, stores)]
     shapes = [{n: loc.info.shape for n, loc in idx.tensors.items()
                if loc.info.dtype in ("F16", "BF16", "F32", "F64")} for idx in indexes]
     name = cfg.merge.method
@@ -113,7 +159,7 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
         spec = specs.build(shapes[0], configs[0])
     except specs.SpecError as e:
         raise PlanError(f"{name}: {e}") from None
-    refs = tuple(_model(i, st, c) for i, st, c in zip(indexes, stores, configs))
+    refs = tuple(model_ref(i, st, c) for i, st, c in zip(indexes, stores, configs))
     params = dict(cfg.merge.params)
     p = method.params(**{k: v for k, v in params.items() if k != "transforms"})
     zipped = name == "zipit" or (name == "mudsc" and p.variant == "zip")
@@ -122,8 +168,8 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
                           "activation_matching, weight_matching or mudsc with variant: perm "
                           "(each model aligned to the first)")
     states = [_state(r) for r in refs] if method.alignment in ("weights", "dual") else []
-    stats = _stats(cfg, spec, refs, quiet) if method.alignment in ("activations", "dual") \
-        else []
+    stats = (statistics(cfg, spec, refs, quiet, cache=out)
+             if method.alignment in ("activations", "dual") else [])
     zips: dict = {}
     perms = []  # per model after the first: aligned to the first
     for i in range(1, len(refs)):

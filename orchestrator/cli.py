@@ -22,6 +22,7 @@ examples:
   raymerge schedule schedules.yaml [--once]      # periodic re-merges into OUTPUT/v{N}/
   raymerge schedule schedules.yaml --render k8s  # the same as KubeRay RayCronJobs
   raymerge history s3://bucket/merges/soup       # runs of a scheduled output
+  raymerge similarity job.yaml sim/              # per-layer K x K similarities, no merge
 """
 
 
@@ -176,6 +177,16 @@ def _cmd_history(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_similarity(ns: argparse.Namespace) -> int:
+    from orchestrator import similarity
+    from orchestrator.job import resolve_config
+
+    cfg = resolve_config(ns.config, ns.overrides, ns.out_dir)
+    files = similarity.run(cfg, ns.out_dir, quiet=ns.quiet)
+    print(f"wrote {', '.join(files)} to {ns.out_dir}")
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
@@ -264,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     hist = sub.add_parser("history", help="list the runs of a scheduled output, newest last")
     hist.add_argument("output", help="the schedule's output (folder or s3://bucket/prefix)")
     hist.set_defaults(fn=_cmd_history)
+
+    sim = sub.add_parser(
+        "similarity", help="per-layer K x K similarity of a job's models (JSON, CSV, PNG)",
+        description="Compare the job's models layer by layer: cosine of weights, of task "
+                    "vectors (with a base) and linear CKA of activations per alignment group "
+                    "(with `data`). Writes similarity.json, one CSV and one PNG heatmap per "
+                    "metric to OUT_DIR; nothing is merged.")
+    sim.add_argument("config", help="job YAML (its sources, base and data are used)")
+    sim.add_argument("out_dir", help="folder for the results")
+    sim.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
+    sim.add_argument("--quiet", action="store_true", help="no progress lines")
+    sim.set_defaults(fn=_cmd_similarity)
 
     demo = sub.add_parser("demo", help="merge the bundled all-MiniLM-L6-v2 with perturbed "
                                        "copies of itself on a local Ray, then verify and load it")

@@ -138,3 +138,56 @@ def test_bad_alignment_input_is_named(vits, tmp_path, capsys):
     open(path, "w").write(yaml.safe_dump(doc))
     assert main(["run", path, "--quiet"]) == 2
     assert "needs unlabelled inputs" in capsys.readouterr().err
+
+
+def test_similarity_of_three_models(vits, ray_session, tmp_path):
+    """K x K per layer: cosines of weights (1 on the diagonal, symmetric) and linear CKA of
+    activations, which is blind to unit order: a model and its permuted copy have CKA 1 in
+    every group while their weights' cosine is below 1. CSV and PNG files per metric."""
+    import csv
+    import struct
+
+    path = write_job(tmp_path, vits, "activation_matching", tmp_path / "unused",
+                     second="a_perm", num_workers=2)
+    doc = yaml.safe_load(open(path))
+    doc["sources"].append({"name": "c", "uri": vits["b"]})
+    open(path, "w").write(yaml.safe_dump(doc))
+    out = tmp_path / "sim"
+    assert main(["similarity", path, str(out), "--quiet"]) == 0
+    result = json.loads((out / "similarity.json").read_text())
+    assert result["models"] == ["a", "b", "c"]
+    for matrix in result["weights_cosine"].values():
+        m = torch.tensor(matrix)
+        torch.testing.assert_close(m, m.T)
+        torch.testing.assert_close(m.diagonal(), torch.ones(3, dtype=m.dtype))
+    layer0 = torch.tensor(result["weights_cosine"]["vit.encoder.layer.0"])
+    assert layer0[0, 1] < 0.99
+    assert set(result["cka"]) == {"residual", "mlp.0", "mlp.1", "attention.0", "attention.1"}
+    for group, matrix in result["cka"].items():
+        m = torch.tensor(matrix)
+        assert abs(m[0, 1] - 1) < 1e-6, group  # a and its permuted copy
+        assert m[0, 2] < 0.999, group  # another init
+    rows = list(csv.reader(open(out / "cka.csv")))
+    assert rows[0] == ["layer", "model", "other", "cka"] and len(rows) == 1 + 5 * 9
+    png = (out / "weights_cosine.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width == 3 * 12 and height == len(result["weights_cosine"]) * (3 * 12 + 4)
+
+
+def test_statistics_are_reused_from_the_output(vits, tmp_path, capsys):
+    """A re-run into the same output with another activation method reads the statistics the
+    first run kept, and gives the bytes a fresh run gives."""
+    out = tmp_path / "cached"
+    path = write_job(tmp_path, vits, "zipit", out, executor="local")
+    assert main(["run", path]) == 0
+    assert "reusing" not in capsys.readouterr().err
+    doc = yaml.safe_load(open(path))
+    doc["merge"]["method"] = "activation_matching"
+    open(path, "w").write(yaml.safe_dump(doc))
+    assert main(["run", path, "--force"]) == 0
+    assert "activation statistics: reusing" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    assert main(["run", write_job(tmp_path, vits, "activation_matching", fresh,
+                                  executor="local"), "--quiet"]) == 0
+    assert digests(out) == digests(fresh)

@@ -86,7 +86,7 @@ def test_mismatched_shapes(job):
 
 def test_unknown_method(job):
     assert_failed(raymerge("run", job(method="tiess")), "merge.method: unknown method 'tiess'",
-                  "valid methods: arcee_fusion, breadcrumbs", "ties", code=2)
+                  "valid methods: activation_matching, arcee_fusion", "ties", code=2)
 
 
 def test_bad_param(job):

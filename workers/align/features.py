@@ -84,6 +84,22 @@ def pairwise_stats(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
     return stats
 
 
+def joint_stats(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
+                forward: Callable[[nn.Module, Any], Any]) -> dict[str, ActivationStats]:
+    """Statistics of every group over all models together (for K x K similarities)."""
+    stats = {g.name: ActivationStats(g.size, len(models)) for g in spec.groups}
+    with torch.no_grad():
+        for batch in batches:
+            features = []
+            for model in models:
+                with _probed(model, spec) as seen:
+                    forward(model, batch)
+                features.append({g: torch.cat(v) for g, v in seen.items()})
+            for g in spec.groups:
+                stats[g.name].update(*(f[g.name] for f in features))
+    return stats
+
+
 def activation_stats(spec: Spec, model_a: nn.Module, model_b: nn.Module,
                      batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]
                      ) -> dict[str, ActivationStats]:

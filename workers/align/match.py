@@ -109,18 +109,19 @@ def objective(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
 
 
 class ActivationStats:
-    """Running sums of one group's unit activations of two models on the same inputs, in
-    float64 and shifted by the first batch's mean (so large means do not cancel the variance
-    away): enough for the cross-correlation. Partial statistics add up exactly as sums do."""
+    """Running sums of one group's unit activations of ``models`` models on the same inputs,
+    in float64 and shifted by the first batch's mean (so large means do not cancel the variance
+    away): enough for correlations and CKA. Partial statistics add up exactly as sums do."""
 
-    def __init__(self, size: int):
-        self.n = 0
-        self.shift = torch.zeros(2 * size, dtype=torch.float64)
-        self.sum = torch.zeros(2 * size, dtype=torch.float64)
-        self.outer = torch.zeros(2 * size, 2 * size, dtype=torch.float64)
+    def __init__(self, size: int, models: int = 2):
+        self.size, self.n = size, 0
+        self.shift = torch.zeros(models * size, dtype=torch.float64)
+        self.sum = torch.zeros(models * size, dtype=torch.float64)
+        self.outer = torch.zeros(models * size, models * size, dtype=torch.float64)
 
-    def update(self, fa: torch.Tensor, fb: torch.Tensor) -> None:
-        f = torch.cat([fa, fb], dim=1).double()
+    def update(self, *features: torch.Tensor) -> None:
+        """One batch: each model's [samples, size] activations, in model order."""
+        f = torch.cat(features, dim=1).double()
         if self.n == 0:
             self.shift = f.mean(0)
         f = f - self.shift
@@ -142,17 +143,31 @@ class ActivationStats:
                        + other.n * torch.outer(delta, delta))
         self.n += other.n
 
-    def joint_correlation(self) -> torch.Tensor:
-        """Pearson correlation of all 2n units (A's, then B's) with each other."""
+    def covariance(self) -> torch.Tensor:
         mean = self.sum / self.n
-        cov = self.outer / self.n - torch.outer(mean, mean)
+        return self.outer / self.n - torch.outer(mean, mean)
+
+    def joint_correlation(self) -> torch.Tensor:
+        """Pearson correlation of all units (model 0's, then model 1's, ...) with each other."""
+        cov = self.covariance()
         std = cov.diagonal().clamp(min=0).sqrt().clamp(min=1e-12)
         return cov / torch.outer(std, std)
 
     def correlation(self) -> torch.Tensor:
-        """Pearson correlation between A's units (rows) and B's (columns)."""
-        size = len(self.sum) // 2
-        return self.joint_correlation()[:size, size:]
+        """Pearson correlation between model 0's units (rows) and model 1's (columns)."""
+        return self.joint_correlation()[:self.size, self.size:2 * self.size]
+
+    def cka(self) -> torch.Tensor:
+        """Linear CKA between every two models' activations (models x models)."""
+        cov = self.covariance()
+        k = len(self.sum) // self.size
+        blocks = [[cov[i * self.size:(i + 1) * self.size, j * self.size:(j + 1) * self.size]
+                   for j in range(k)] for i in range(k)]
+        own = torch.tensor([float(blocks[i][i].square().sum().sqrt()) for i in range(k)],
+                           dtype=torch.float64)
+        cross = torch.tensor([[float(blocks[i][j].square().sum()) for j in range(k)]
+                              for i in range(k)], dtype=torch.float64)
+        return cross / torch.outer(own, own).clamp(min=1e-300)
 
 
 def activation_matching(spec: Spec, stats: Mapping[str, ActivationStats]) -> dict[str,

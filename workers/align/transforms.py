@@ -18,7 +18,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from workers.align import spec as specs
-from workers.align.match import ActivationStats
 from workers.align.spec import Group, Member, Spec
 from workers.align.zip import Zip, _term, merge_tensor
 from workers.safetensors_io import read_elements, read_tensor, torch_dtype
@@ -120,6 +119,7 @@ class StatsContext:
     batch_size: int
     samples: int
     threads: int
+    joint: bool = False  # all models' statistics together (similarity), else pairs with model 0
 
 
 _MODELS: dict[str, torch.nn.Module] = {}
@@ -146,10 +146,10 @@ def build_model(ref: ModelRef) -> torch.nn.Module:
     return model
 
 
-def stats_task(batch: int, ctx: StatsContext) -> list[dict[str, ActivationStats]]:
-    """Statistics of every group for samples [batch * batch_size, ...) of the data, for each
-    pair (first model, model i)."""
-    from workers.align.features import pairwise_stats
+def stats_task(batch: int, ctx: StatsContext) -> Any:
+    """Statistics of every group for samples [batch * batch_size, ...) of the data: for each
+    pair (first model, model i), or (``ctx.joint``) of all models together."""
+    from workers.align.features import joint_stats, pairwise_stats
     from workers.tasks import torch_threads
 
     info = ctx.data_info
@@ -173,5 +173,5 @@ def stats_task(batch: int, ctx: StatsContext) -> list[dict[str, ActivationStats]
         if [(g.name, g.size) for g in spec.groups] != [(g.name, g.size)
                                                        for g in ctx.spec.groups]:
             raise ValueError("the loaded model's alignment groups differ from the checkpoint's")
-        return pairwise_stats(spec, models, [x],
-                              lambda model, inputs: model(**{ctx.input_name: inputs}))
+        collect = joint_stats if ctx.joint else pairwise_stats
+        return collect(spec, models, [x], lambda model, inputs: model(**{ctx.input_name: inputs}))
