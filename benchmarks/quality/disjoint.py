@@ -1,18 +1,21 @@
 """Merging models that do not share a base, on disjoint tasks (METHODS.md section 7, Suite A).
 
-Two MLPs (64 -> W -> W -> W -> 5, ReLU) from different random inits learn sklearn's digits
-0-4 and 5-9. Their bodies are merged with raymerge's alignment code (workers/align); each task
-keeps its own head, moved into the merged unit space. Reported on the test split:
+Two models from different random inits learn sklearn's digits 0-4 and 5-9: MLPs (64 -> W -> W
+-> W -> 5, ReLU; ``--model mlp``) or tiny HF ViTs (``--model vit``: 8x8 images, patch 2).
+Their bodies are merged with raymerge's alignment code (workers/align); each task keeps its
+own head, moved into the merged unit space. Reported on the test split:
 
 * task-aware accuracy: head i on task i's images, averaged over the two tasks;
 * joint accuracy: both heads' logits concatenated, argmax over 10 classes.
 
 Methods: weight averaging (no alignment), weight matching (Git Re-Basin), activation matching,
 ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute and zip
-(balance f chosen the same way), next to the individual models and their output ensemble.
+(balance f chosen the same way), and for MLPs partial ZipIt! (the first one or two hidden spaces
+zipped, each model keeping its later layers: a multi-head model), next to the individual models
+and their output ensemble.
 Alignment data: the training images of both tasks, unlabelled.
 
-    python benchmarks/quality/disjoint.py --seeds 3 --width 128 --out results.json
+    python benchmarks/quality/disjoint.py --model mlp --seeds 3 --width 128 --out results.json
 
 ``--smoke``: width 32, few epochs, one seed (CI: it runs; numbers are not ranked).
 """
@@ -20,6 +23,7 @@ Alignment data: the training images of both tasks, unlabelled.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -40,37 +44,72 @@ from workers.align.zip import head, merge, zipit  # noqa: E402
 
 ALPHAS, BETAS = (0.0, 0.3, 0.5), (0.125, 0.5, 1.0)
 BALANCES = (0.1, 0.3, 0.5, 0.7, 0.9)  # MuDSC's f
-HEAD = ["6.weight", "6.bias"]
+class Mlp:
+    """64 -> W -> W -> W -> 5, ReLU."""
+
+    head = ["6.weight", "6.bias"]
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def make(self) -> nn.Module:
+        w = self.width
+        return nn.Sequential(nn.Linear(64, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(),
+                             nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 5))
+
+    def logits(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return net(x)
+
+    def features(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return net[:-1](x)
 
 
-def mlp(width: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 5))
+class Vit(Mlp):
+    """HF ViTForImageClassification: image 8, patch 2, hidden W, 4 heads, MLP 2W, 3 layers,
+    no dropout (METHODS.md section 7)."""
+
+    head = ["classifier.weight", "classifier.bias"]
+
+    def make(self) -> nn.Module:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        return ViTForImageClassification(ViTConfig(
+            image_size=8, patch_size=2, num_channels=1, hidden_size=self.width,
+            num_hidden_layers=3, num_attention_heads=4, intermediate_size=2 * self.width,
+            num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+    def logits(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return net(pixel_values=x.view(-1, 1, 8, 8)).logits
+
+    def features(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return net.vit(pixel_values=x.view(-1, 1, 8, 8)).last_hidden_state[:, 0]
 
 
-def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> None:
+def train(family: Mlp, net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
+          seed: int) -> None:
     torch.manual_seed(seed)
+    net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(epochs):
         for idx in torch.randperm(len(x)).split(64):
             opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            nn.functional.cross_entropy(family.logits(net, x[idx]), y[idx]).backward()
             opt.step()
+    net.eval()
 
 
-def scores(body: dict, heads: list[dict], width: int, data: dict) -> dict:
+def scores(family: Mlp, body: dict, heads: list[dict], data: dict) -> dict:
     """Task-aware and joint accuracy of a merged body with each task's head."""
-    net = mlp(width)
+    net = family.make().eval()
     net.load_state_dict({**body, **heads[0]})
-    trunk = net[:-1].eval()
     layers = []
     for h in heads:
-        layer = nn.Linear(width, 5)
-        layer.load_state_dict({"weight": h["6.weight"], "bias": h["6.bias"]})
+        layer = nn.Linear(h[family.head[0]].shape[1], 5)
+        layer.load_state_dict({"weight": h[family.head[0]], "bias": h[family.head[1]]})
         layers.append(layer)
     x, y = data["x"], data["y"]
     with torch.no_grad():
-        features = trunk(x)
+        features = family.features(net, x)
         logits = torch.cat([layers[0](features), layers[1](features)], 1)
     task = y // 5
     aware = statistics.mean(
@@ -79,7 +118,7 @@ def scores(body: dict, heads: list[dict], width: int, data: dict) -> dict:
     return {"task_aware": aware, "joint": float((logits.argmax(1) == y).float().mean())}
 
 
-def one_seed(seed: int, width: int, epochs: int) -> dict:
+def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -95,26 +134,30 @@ def one_seed(seed: int, width: int, epochs: int) -> dict:
     models = []
     for t in (0, 1):  # task t: digits 5t .. 5t+4, its own init
         torch.manual_seed(1000 * seed + t)
-        net = mlp(width)
+        net = family.make()
         keep = (splits["fit"]["y"] // 5) == t
-        train(net, splits["fit"]["x"][keep], splits["fit"]["y"][keep] - 5 * t, epochs,
+        train(family, net, splits["fit"]["x"][keep], splits["fit"]["y"][keep] - 5 * t, epochs,
               1000 * seed + t)
-        models.append(net.eval())
+        models.append(net)
     a, b = (m.state_dict() for m in models)
-    spec = specs.build({k: tuple(v.shape) for k, v in a.items()})
+    config = models[0].config.to_dict() if hasattr(models[0], "config") else {}
+    spec = specs.build({k: tuple(v.shape) for k, v in a.items() if v.is_floating_point()},
+                       config)
     batches = list(splits["fit"]["x"].split(256))
-    stats = activation_stats(spec, models[0], models[1], batches, lambda m, batch: m(batch))
+    stats = activation_stats(spec, models[0], models[1], batches, family.logits)
 
     def evaluate(zips, perms, split="test"):
-        body = {k: v for k, v in merge(spec, a, b, zips, perms).items() if k not in HEAD}
-        heads = [head(spec, s, i, HEAD, zips, perms) for i, s in enumerate((a, b))]
-        return scores(body, heads, width, splits[split])
+        body = {k: v for k, v in merge(spec, a, b, zips, perms).items()
+                if k not in family.head}
+        heads = [head(spec, s, i, family.head, zips, perms) for i, s in enumerate((a, b))]
+        return scores(family, body, heads, splits[split])
 
     identity = {g.name: torch.arange(g.size) for g in spec.groups}
     row = {"seed": seed,
            "individual": {"task_aware": statistics.mean(
-               _own(m, t, splits["test"]) for t, m in enumerate(models)), "joint": None},
-           "ensemble": _ensemble(models, splits["test"]),
+               _own(family, m, t, splits["test"]) for t, m in enumerate(models)),
+               "joint": None},
+           "ensemble": _ensemble(family, models, splits["test"]),
            "weight_averaging": evaluate({}, identity),
            "weight_matching": evaluate({}, weight_matching(spec, a, b, seed=seed)[0]),
            "activation_matching": evaluate({}, activation_matching(spec, stats))}
@@ -130,20 +173,49 @@ def one_seed(seed: int, width: int, epochs: int) -> dict:
                                              split="val")["joint"])
     row["mudsc_zip"] = evaluate(*mudsc_zip(spec, a, b, stats, f=f, seed=seed))
     row["mudsc_zip_f"] = f
+    if isinstance(family, Vit):  # the residual stream couples every layer: no partial zip
+        return row
+    for label, groups in (("zipit_partial_1", ["hidden.0"]),
+                          ("zipit_partial_2", ["hidden.0", "hidden.2"])):
+        def partial(ab, split="test"):
+            return _partial(family, spec, a, b, models,
+                            zipit(spec, stats, alpha=ab[0], beta=ab[1], groups=groups),
+                            splits[split])
+
+        best = max(itertools.product(ALPHAS, BETAS), key=lambda ab: partial(ab, "val")["joint"])
+        row[label] = partial(best)
     return row
 
 
-def _own(model: nn.Module, t: int, data: dict) -> float:
+def _partial(family: Mlp, spec, a: dict, b: dict, models: list[nn.Module], solved,
+             data: dict) -> dict:
+    """A multi-head model: the zipped first layers shared, each model's later layers reading
+    the shared features through its unmerge; scored like the ensemble."""
+    zips, perms = solved
+    zipped = {m.tensor for g in spec.groups if g.name in zips for m in g.members
+              if not m.consumes}
+    trunk = {k: v for k, v in merge(spec, a, b, zips, perms).items() if k in zipped}
+    nets = []
+    for i, (state, model) in enumerate(zip((a, b), models)):
+        net = copy.deepcopy(model)
+        rest = [k for k in state if k not in zipped]
+        net.load_state_dict({**trunk, **head(spec, state, i, rest, zips, perms)})
+        nets.append(net.eval())
+    return _ensemble(family, nets, data)
+
+
+def _own(family: Mlp, model: nn.Module, t: int, data: dict) -> float:
     keep = data["y"] // 5 == t
     with torch.no_grad():
-        return float((model(data["x"][keep]).argmax(1) == data["y"][keep] - 5 * t)
+        return float((family.logits(model, data["x"][keep]).argmax(1) == data["y"][keep] - 5 * t)
                      .float().mean())
 
 
-def _ensemble(models: list[nn.Module], data: dict) -> dict:
+def _ensemble(family: Mlp, models: list[nn.Module], data: dict) -> dict:
     with torch.no_grad():
-        logits = torch.cat([m(data["x"]) for m in models], 1)
-    return {"task_aware": statistics.mean(_own(m, t, data) for t, m in enumerate(models)),
+        logits = torch.cat([family.logits(m, data["x"]) for m in models], 1)
+    return {"task_aware": statistics.mean(_own(family, m, t, data)
+                                          for t, m in enumerate(models)),
             "joint": float((logits.argmax(1) == data["y"]).float().mean())}
 
 
@@ -151,7 +223,9 @@ METHODS = (("individual models (own heads)", "individual"), ("output ensemble", 
            ("weight averaging", "weight_averaging"), ("weight matching", "weight_matching"),
            ("activation matching", "activation_matching"), ("ZipIt! (full)", "zipit"),
            ("MuDSC, permute (f on validation)", "mudsc_perm"),
-           ("MuDSC, zip (f on validation, α 0.5, β 1)", "mudsc_zip"))
+           ("MuDSC, zip (f on validation, α 0.5, β 1)", "mudsc_zip"),
+           ("ZipIt! partial: first hidden space zipped (MLP)", "zipit_partial_1"),
+           ("ZipIt! partial: two of three hidden spaces zipped (MLP)", "zipit_partial_2"))
 
 
 def table(rows: list[dict]) -> str:
@@ -164,27 +238,31 @@ def table(rows: list[dict]) -> str:
 
     lines = ["| method | task-aware | joint (10-way) |", "|---|---|---|"]
     lines += [f"| {label} | {cell(k, 'task_aware')} | {cell(k, 'joint')} |"
-              for label, k in METHODS]
+              for label, k in METHODS if k in rows[0]]
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["mlp", "vit"], default="mlp")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--width", type=int, help="hidden width (default: mlp 128, vit 64)")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--smoke", action="store_true", help="width 32, 5 epochs, 1 seed")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    seeds, width, epochs = (1, 32, 5) if args.smoke else (args.seeds, args.width, args.epochs)
+    width = args.width or (128 if args.model == "mlp" else 64)
+    seeds, width, epochs = (1, 32, 5) if args.smoke else (args.seeds, width, args.epochs)
+    family = (Mlp if args.model == "mlp" else Vit)(width)
     start = time.monotonic()
-    rows = [one_seed(seed, width, epochs) for seed in range(seeds)]
+    rows = [one_seed(seed, family, epochs) for seed in range(seeds)]
     print(table(rows))
-    print(f"\nwidth {width}, {seeds} seeds, {time.monotonic() - start:.0f} s")
+    print(f"\n{args.model} width {width}, {seeds} seeds, {time.monotonic() - start:.0f} s")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "width": width, "epochs": epochs}, f, indent=1)
+            json.dump({"rows": rows, "model": args.model, "width": width, "epochs": epochs},
+                      f, indent=1)
     return 0
 
 

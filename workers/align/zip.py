@@ -9,6 +9,8 @@ result is a merge matrix M (n x 2n, averaging each feature's members) and an unm
 membership). Head groups (attention) are aligned by activation matching and averaged. Merged
 tensor: W* = Σ_i M_out^(i) W^(i) U_in^(i); a tensor without a zipped output side is averaged.
 Through LayerNorm (transformers' residual stream) zipping is an approximation, as in the paper.
+Partial zipping (``groups``) zips the first groups of a sequential MLP only; each model keeps
+the layers after them, reading the zipped features through its unmerge (``head``).
 """
 
 from __future__ import annotations
@@ -72,10 +74,14 @@ def zip_features(corr: torch.Tensor, n_out: int, *, alpha: float = 0.3,
 
 
 def zipit(spec: Spec, stats: Mapping[str, ActivationStats], *, alpha: float = 0.3,
-          beta: float = 0.125) -> tuple[dict[str, Zip], dict[str, torch.Tensor]]:
-    """Zips of the free groups and activation-matching permutations of the head groups."""
+          beta: float = 0.125, groups: list[str] | None = None
+          ) -> tuple[dict[str, Zip], dict[str, torch.Tensor]]:
+    """Zips of the free groups and activation-matching permutations of the head groups;
+    with ``groups``, only those (partial zipping: the layers past them stay each model's)."""
     zips, perms = {}, {}
     for g in spec.groups:
+        if groups is not None and g.name not in groups:
+            continue
         if g.head_dim is None:
             zips[g.name] = zip_features(stats[g.name].joint_correlation(), g.size,
                                         alpha=alpha, beta=beta)
@@ -103,7 +109,7 @@ def _term(t: torch.Tensor, i: int, touching: list, zips: Mapping[str, Zip],
             size = list(t.shape)
             size[m.dim] = unmerge_m.shape[1]
             t = torch.zeros(size, dtype=t.dtype).index_add_(m.dim, cluster, t)
-        elif i == 1:
+        elif i == 1 and g.name in perms:  # groups in neither stay as they are (partial zip)
             t = t.index_select(m.dim, member_index(g, m, perms[g.name]))
     return t, averaged
 
