@@ -211,3 +211,48 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     location = f"{out.uri}/{TRANSFORMS}#{hashlib.sha256(data).hexdigest()}"
     merge = dataclasses.replace(cfg.merge, params={**params, "transforms": location})
     return dataclasses.replace(cfg, merge=merge), files
+
+
+class MultiHead(torch.nn.Module):
+    """A merged body with every source's head: ``forward(**inputs)`` returns
+    ``{source: logits}``. Each head is swapped in for one forward pass with
+    ``torch.func.functional_call`` (the body runs once per head)."""
+
+    def __init__(self, model: torch.nn.Module, heads: dict[str, dict[str, torch.Tensor]]):
+        super().__init__()
+        self.model, self.heads = model, heads
+
+    def forward(self, **inputs) -> dict[str, torch.Tensor]:
+        from torch.func import functional_call
+
+        return {name: functional_call(self.model, params, args=(), kwargs=inputs).logits
+                for name, params in self.heads.items()}
+
+
+def load_multihead(folder: str) -> MultiHead:
+    """The output of an alignment merge with ``align.heads`` as a ready multi-head module:
+    the body loaded with transformers (``config.json``'s architecture, no remote code), the
+    heads from ``heads/<source>.safetensors``, in file-name order."""
+    import transformers
+    from safetensors.torch import load_file
+
+    heads_dir = os.path.join(folder, "heads")
+    if not os.path.isdir(heads_dir):
+        raise ConfigError(f"{folder}: no heads/ folder (merge with align.heads set)")
+    with open(os.path.join(folder, "config.json")) as f:
+        arch = (json.load(f).get("architectures") or [None])[0]
+    cls = getattr(transformers, arch or "", None)
+    if cls is None:
+        raise ConfigError(f"{folder}: config.json names no transformers architecture ({arch!r})")
+    model = cls.from_pretrained(folder).eval()
+    names = set(dict(model.named_parameters()))
+    heads = {}
+    for file in sorted(os.listdir(heads_dir)):
+        if file.endswith(".safetensors"):
+            state = load_file(os.path.join(heads_dir, file))
+            unknown = sorted(set(state) - names)
+            if unknown:
+                raise ConfigError(f"{heads_dir}/{file}: {unknown[:3]} are not parameters of "
+                                  f"{arch}")
+            heads[file[:-len(".safetensors")]] = state
+    return MultiHead(model, heads)

@@ -191,3 +191,26 @@ def test_statistics_are_reused_from_the_output(vits, tmp_path, capsys):
     assert main(["run", write_job(tmp_path, vits, "activation_matching", fresh,
                                   executor="local"), "--quiet"]) == 0
     assert digests(out) == digests(fresh)
+
+
+def test_multihead_loader_gives_each_source_its_head(vits, tmp_path):
+    """load_multihead: one logits tensor per source; source a's equals the saved body's own
+    output, source b's the body with b's moved head."""
+    from transformers import ViTForImageClassification
+
+    from orchestrator.align import load_multihead
+
+    out = tmp_path / "mh"
+    assert main(["run", write_job(tmp_path, vits, "zipit", out, executor="local"),
+                 "--quiet"]) == 0
+    multi = load_multihead(str(out))
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = multi(pixel_values=x)
+        assert set(logits) == {"a", "b"}
+        body = ViTForImageClassification.from_pretrained(str(out)).eval()
+        torch.testing.assert_close(logits["a"], body(pixel_values=x).logits)
+        head_b = load_file(str(out / "heads" / "b.safetensors"))
+        body.load_state_dict(head_b, strict=False)
+        torch.testing.assert_close(logits["b"], body(pixel_values=x).logits)
+        assert not torch.allclose(logits["a"], logits["b"])
