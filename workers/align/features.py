@@ -65,12 +65,10 @@ def _probed(model: nn.Module, spec: Spec) -> Iterator[dict[str, list[torch.Tenso
             h.remove()
 
 
-def pairwise_stats(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
-                   forward: Callable[[nn.Module, Any], Any]) -> list[dict[str, ActivationStats]]:
-    """Statistics of every group over ``batches`` for each pair (model 0, model i), i >= 1:
-    ``forward(model, batch)`` runs a model once per batch; each probe's activations of a batch
-    become samples (every token, every residual probe)."""
-    stats = [{g.name: ActivationStats(g.size) for g in spec.groups} for _ in models[1:]]
+def _features(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
+              forward: Callable[[nn.Module, Any], Any]) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Per batch: each model's [samples, size] activations of every group (one forward pass
+    per model; each probe's activations become samples: every token, every residual probe)."""
     with torch.no_grad():
         for batch in batches:
             features = []
@@ -78,9 +76,18 @@ def pairwise_stats(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
                 with _probed(model, spec) as seen:
                     forward(model, batch)
                 features.append({g: torch.cat(v) for g, v in seen.items()})
-            for i, pair in enumerate(stats, start=1):
-                for g in spec.groups:
-                    pair[g.name].update(features[0][g.name], features[i][g.name])
+            yield features
+
+
+def pairwise_stats(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
+                   forward: Callable[[nn.Module, Any], Any]) -> list[dict[str, ActivationStats]]:
+    """Statistics of every group over ``batches`` for each pair (model 0, model i), i >= 1;
+    ``forward(model, batch)`` runs a model."""
+    stats = [{g.name: ActivationStats(g.size) for g in spec.groups} for _ in models[1:]]
+    for features in _features(spec, models, batches, forward):
+        for i, pair in enumerate(stats, start=1):
+            for g in spec.groups:
+                pair[g.name].update(features[0][g.name], features[i][g.name])
     return stats
 
 
@@ -88,15 +95,9 @@ def joint_stats(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
                 forward: Callable[[nn.Module, Any], Any]) -> dict[str, ActivationStats]:
     """Statistics of every group over all models together (for K x K similarities)."""
     stats = {g.name: ActivationStats(g.size, len(models)) for g in spec.groups}
-    with torch.no_grad():
-        for batch in batches:
-            features = []
-            for model in models:
-                with _probed(model, spec) as seen:
-                    forward(model, batch)
-                features.append({g: torch.cat(v) for g, v in seen.items()})
-            for g in spec.groups:
-                stats[g.name].update(*(f[g.name] for f in features))
+    for features in _features(spec, models, batches, forward):
+        for g in spec.groups:
+            stats[g.name].update(*(f[g.name] for f in features))
     return stats
 
 
