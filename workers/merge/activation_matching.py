@@ -20,7 +20,7 @@ class ActivationMatchingParams:
               min_models=2, alignment="activations", wants_name=True)
 def activation_matching(tensors: Sequence[torch.Tensor], p: ActivationMatchingParams, *,
                         name: str) -> torch.Tensor:
-    """Permute the second model's units to the first's by activation correlation, average.
+    """Permute the other models' units to the first's by activation correlation, average.
 
     Models need not share a base; `data` gives unlabelled inputs. Each hidden space is
     assigned on its own (Hungarian on the Pearson correlation of the original models' units).

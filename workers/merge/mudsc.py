@@ -24,7 +24,7 @@ class MudscParams:
 @merge_method("mudsc", params=MudscParams, needs_base=False, min_models=2,
               alignment="dual", wants_name=True)
 def mudsc(tensors: Sequence[torch.Tensor], p: MudscParams, *, name: str) -> torch.Tensor:
-    """Align two models on weight- and activation-space similarity together, then merge.
+    """Align models on weight- and activation-space similarity together, then merge.
 
     Models need not share a base; `data` gives unlabelled inputs. Similarity is
     f * weight-signature correlation + (1 - f) * activation correlation; `variant: perm`

@@ -21,7 +21,7 @@ class WeightMatchingParams:
               alignment="weights", wants_name=True)
 def weight_matching(tensors: Sequence[torch.Tensor], p: WeightMatchingParams, *,
                     name: str) -> torch.Tensor:
-    """Permute the second model's units to best match the first's weights, then average.
+    """Permute the other models' units to best match the first's weights, then average.
 
     Models need not share a base. The permutation of every hidden space (residual stream,
     MLP hidden, attention heads) maximises Σ⟨W_A, π(W_B)⟩ by coordinate descent; no data.
