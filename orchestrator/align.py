@@ -32,10 +32,17 @@ from orchestrator.schedule import run_tasks
 from orchestrator.settings import tensor_matcher
 from orchestrator.storage import Store, open_store
 from workers.align import spec as specs
-from workers.align.match import ActivationStats, activation_matching, weight_matching
+from workers.align.match import ActivationStats, weight_matching
 from workers.align.mudsc import mudsc_perm, mudsc_zip
-from workers.align.transforms import ModelRef, StatsContext, dump, stats_task
-from workers.align.zip import head, zipit
+from workers.align.transforms import (
+    ModelRef,
+    SolveContext,
+    StatsContext,
+    dump,
+    solve_task,
+    stats_task,
+)
+from workers.align.zip import head
 from workers.merge import get_method
 from workers.safetensors_io import read_tensor
 from workers.tasks import torch_threads
@@ -172,6 +179,9 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
              if method.alignment in ("activations", "dual") else [])
     zips: dict = {}
     perms = []  # per model after the first: aligned to the first
+    if name in ("activation_matching", "zipit"):  # independent solves: one Ray task each
+        return _solved(cfg, spec, refs, shapes[0], out, *_groups_on_ray(cfg, spec, stats, p,
+                                                                       name == "zipit", quiet))
     for i in range(1, len(refs)):
         a, b = (states[0], states[i]) if states else (None, None)
         pair = stats[i - 1] if stats else None
@@ -181,21 +191,43 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
             if not quiet:
                 print(f"weight matching {cfg.sources[i].name}: {len(history)} sweeps, "
                       f"objective {history[-1]:.6g}", file=sys.stderr)
-        elif name == "zipit":
-            zips, solved = zipit(spec, pair, alpha=p.alpha, beta=p.beta)
         elif zipped:
             zips, solved = mudsc_zip(spec, a, b, pair, f=p.f, alpha=p.alpha, beta=p.beta,
                                      max_sweeps=p.max_sweeps, seed=cfg.seed)
-        elif name == "mudsc":
+        else:
             solved = mudsc_perm(spec, a, b, pair, f=p.f, max_sweeps=p.max_sweeps,
                                 seed=cfg.seed)
-        else:
-            solved = activation_matching(spec, pair)
         perms.append(solved)
+    return _solved(cfg, spec, refs, shapes[0], out, zips, perms)
+
+
+def _groups_on_ray(cfg: JobConfig, spec: specs.Spec, stats: list, p, zip_: bool,
+                   quiet: bool) -> tuple[dict, list]:
+    """Activation matching / ZipIt!: every (model, group) solve is independent of the others
+    (statistics come from the original models), so each is a Ray task."""
+    items = [(i, g.name) for i in range(len(stats)) for g in spec.groups]
+    ctx = SolveContext(spec, tuple(stats), zip_, getattr(p, "alpha", 0.0),
+                       getattr(p, "beta", 0.0), cfg.runtime.threads_per_worker)
+    results = run_tasks(solve_task, items, (ctx,), cfg.runtime, label="alignment solve",
+                        quiet=quiet)
+    zips: dict = {}
+    perms: list[dict] = [{} for _ in stats]
+    for (i, name), result in zip(items, results):
+        if isinstance(result, tuple):
+            zips[name] = result
+        else:
+            perms[i][name] = result
+    return zips, perms
+
+
+def _solved(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes: dict,
+            out: Store, zips: dict, perms: list) -> tuple[JobConfig, dict[str, bytes]]:
+    """The transforms file, the heads, and the config pointing at them."""
+    params = dict(cfg.merge.params)
     matchers = [(p, tensor_matcher(p)) for p in cfg.align.heads]
-    heads = sorted(n for n in shapes[0] if any(m(n) for _, m in matchers))
+    heads = sorted(n for n in shapes if any(m(n) for _, m in matchers))
     for pattern, m in matchers:
-        if not any(m(n) for n in shapes[0]):
+        if not any(m(n) for n in shapes):
             raise ConfigError(f"align.heads: {pattern!r} matches no tensor of "
                               f"{cfg.sources[0].name}")
     data = dump(spec, zips, perms, heads)

@@ -18,7 +18,7 @@ from orchestrator.errors import ConfigError, MergeError
 from orchestrator.hub import is_hub_uri
 from orchestrator.index import CheckpointIndex, index_checkpoint
 from orchestrator.plan import Plan, make_plan, reference_member
-from orchestrator.schedule import run_plan
+from orchestrator.schedule import ray_session, run_plan
 from orchestrator.storage import LocalStore, Store, open_store
 from orchestrator.vocab import build as build_vocabulary
 from workers.merge import get_method
@@ -32,7 +32,8 @@ class JobResult:
     plan: Plan
     skipped: bool  # the output already held this exact merge
     seconds: float
-    timings: dict[str, float]  # seconds per phase: plan, ray_start, statistics, merge, commit
+    timings: dict[str, float]  # seconds per phase: (align,) plan, ray_start, statistics, merge,
+    # commit
     kept_shards: int = 0  # shards of an interrupted run that were intact and reused
 
 
@@ -89,13 +90,22 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     if spec.models_for is not None and spec.models_for(dict(cfg.merge.params)) is None \
             and len(cfg.sources) > 1:
         return _run_sequence(cfg, force, quiet)
-    extra_files: dict[str, bytes] = {}
-    if spec.alignment:
-        from orchestrator.align import prepare
+    if not spec.alignment:
+        return _run(cfg, {}, force, quiet, start, {})
+    from orchestrator.align import prepare
 
+    with ray_session(cfg.runtime):  # statistics, solves and merge share one Ray
         cfg, extra_files = prepare(cfg, open_store(cfg.output.uri), quiet)
+        return _run(cfg, extra_files, force, quiet, start,
+                    {"align": time.monotonic() - start})
+
+
+def _run(cfg: JobConfig, extra_files: dict[str, bytes], force: bool, quiet: bool,
+         start: float, timings: dict[str, float]) -> JobResult:
+    """Plan, merge and commit (``timings``: what ran before, e.g. the alignment solve)."""
+    planning = time.monotonic()
     plan, indexes, stores, tokenizer_files = plan_job(cfg)
-    timings = {"plan": time.monotonic() - start}
+    timings = {**timings, "plan": time.monotonic() - planning}
     out = open_store(cfg.output.uri)
     for src in plan.sources:
         if _overlaps(src.uri, out.uri):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from orchestrator.config import RuntimeConfig
@@ -77,6 +78,17 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
     return records, timings, report
 
 
+@contextmanager
+def ray_session(runtime: RuntimeConfig) -> Iterator[None]:
+    """One Ray for several phases of a job (the executors inside find it running and leave it
+    up); nothing for the local executor."""
+    if runtime.executor != "ray":
+        yield
+        return
+    with _RayExecutor(runtime):
+        yield
+
+
 def run_tasks(fn: Callable, items: Sequence[Any], args: tuple, runtime: RuntimeConfig, *,
               label: str, quiet: bool = False) -> list[Any]:
     """``fn(item, *args)`` for every item, as Ray tasks (or in-process with the local
@@ -108,6 +120,11 @@ class _Progress:
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)
+        if not self.total_bytes:  # tasks that read no checkpoint bytes (alignment solves)
+            eta = elapsed / self.done_units * (self.total_units - self.done_units)
+            print(f"[{self.label}] {self.done_units}/{self.total_units} tasks  "
+                  f"elapsed {elapsed:.1f}s  ETA {eta:.0f}s", file=sys.stderr, flush=True)
+            return
         rate = self.done_bytes / elapsed
         eta = (self.total_bytes - self.done_bytes) / rate if rate > 0 else 0
         print(f"[{self.label}] {self.done_units}/{self.total_units} units  "

@@ -175,3 +175,30 @@ def stats_task(batch: int, ctx: StatsContext) -> Any:
             raise ValueError("the loaded model's alignment groups differ from the checkpoint's")
         collect = joint_stats if ctx.joint else pairwise_stats
         return collect(spec, models, [x], lambda model, inputs: model(**{ctx.input_name: inputs}))
+
+
+@dataclass(frozen=True)
+class SolveContext:
+    spec: Spec
+    stats: tuple[dict[str, Any], ...]  # per model after the first: its groups' statistics
+    zip: bool  # zip the free groups (ZipIt!), else assign every group (activation matching)
+    alpha: float
+    beta: float
+    threads: int
+
+
+def solve_task(item: tuple[int, str], ctx: SolveContext) -> Any:
+    """One independent solve of activation statistics: (model i after the first, group) ->
+    a zip (merge, unmerge) for a free group when zipping, else a permutation."""
+    from workers.align.match import assign
+    from workers.align.zip import zip_features
+    from workers.tasks import torch_threads
+
+    i, name = item
+    group = ctx.spec.group(name)
+    stats = ctx.stats[i][name]
+    with torch_threads(ctx.threads):
+        if ctx.zip and group.head_dim is None:
+            return zip_features(stats.joint_correlation(), group.size, alpha=ctx.alpha,
+                                beta=ctx.beta)
+        return assign(group, stats.correlation())
