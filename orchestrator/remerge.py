@@ -238,10 +238,6 @@ def read_runs(out: Store) -> list[dict]:
     return [json.loads(out.read_bytes(n)) for n in sorted(names)]
 
 
-def _sub(out: Store, folder: str) -> Store:
-    return open_store(f"{out.uri}/{folder}")
-
-
 # ----------------------------------------------------------------------------- deciding
 
 @dataclass(frozen=True)

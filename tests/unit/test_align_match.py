@@ -4,7 +4,7 @@ permuted copy exactly, and merging a model with its permuted copy returns the mo
 import pytest
 import torch
 
-from tests.unit.test_align_spec import MODELS, run
+from tests.unit.test_align_spec import model_state, run
 from workers.align import spec as specs
 from workers.align.features import activation_stats
 from workers.align.match import (
@@ -35,18 +35,9 @@ def test_assign_recovers_free_and_head_permutations():
         specs.Group("h", 12, (), 3), torch.randn(12, 12, generator=g)))
 
 
-def _model_state(name):
-    torch.manual_seed(0)
-    model = MODELS[name]().eval()
-    state = model.state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items() if v.is_floating_point()}
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    return model, state, specs.build(shapes, config)
-
-
 @pytest.mark.parametrize("name", ["mlp", "bert", "llama", "vit"])
 def test_weight_matching_recovers_a_permuted_copy(name):
-    model, a, spec = _model_state(name)
+    model, a, spec = model_state(name)
     b = specs.apply(spec, specs.random_permutations(spec, torch.Generator().manual_seed(5)), a)
     perms, history = weight_matching(spec, a, b, seed=1)
     aligned = specs.apply(spec, perms, b)
@@ -77,7 +68,7 @@ def _forward(name):
 def test_activation_matching_recovers_a_permuted_copy(name):
     import copy
 
-    model, a, spec = _model_state(name)
+    model, a, spec = model_state(name)
     perms_b = specs.random_permutations(spec, torch.Generator().manual_seed(6))
     other = copy.deepcopy(model)
     other.load_state_dict(specs.apply(spec, perms_b, a))

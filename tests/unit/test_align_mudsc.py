@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from tests.unit.test_align_match import _forward, _inputs, _model_state
+from tests.unit.test_align_match import _forward, _inputs
+from tests.unit.test_align_spec import model_state
 from workers.align import spec as specs
 from workers.align.features import activation_stats
 from workers.align.match import activation_matching
@@ -15,7 +16,7 @@ from workers.align.zip import merge, zipit
 
 
 def _pair(name, seed, permuted=True):
-    model, a, spec = _model_state(name)
+    model, a, spec = model_state(name)
     other = copy.deepcopy(model)
     if permuted:
         other.load_state_dict(specs.apply(spec, specs.random_permutations(

@@ -5,7 +5,8 @@ import copy
 
 import torch
 
-from tests.unit.test_align_match import _forward, _inputs, _model_state
+from tests.unit.test_align_match import _forward, _inputs
+from tests.unit.test_align_spec import model_state
 from workers.align import spec as specs
 from workers.align.features import activation_stats
 from workers.align.zip import head, merge, zip_features, zipit
@@ -34,7 +35,7 @@ def test_beta_zero_pairs_one_unit_of_each_model():
 
 def test_zipping_a_model_with_a_permuted_copy_returns_it():
     for name in ("mlp", "vit"):
-        model, a, spec = _model_state(name)
+        model, a, spec = model_state(name)
         other = copy.deepcopy(model)
         perms = specs.random_permutations(spec, torch.Generator().manual_seed(4))
         other.load_state_dict(specs.apply(spec, perms, a))
@@ -50,7 +51,7 @@ def test_partial_zip_ends_between_ensemble_and_full_zip():
     group only leaves the later layers each model's own, reading the zipped features through
     its unmerge: outputs then come from the zipped trunk."""
     torch.manual_seed(0)
-    a_model, a, spec = _model_state("mlp")
+    a_model, a, spec = model_state("mlp")
     b_model = copy.deepcopy(a_model)
     for p in b_model.parameters():
         p.data = torch.randn_like(p) * 0.3
