@@ -97,7 +97,7 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
         params = ", ".join(
             f"{f.name}={f.metadata.get('per_model', f.default)}"
             + (" (per model)" if "per_model" in f.metadata else "")
-            for f in dataclasses.fields(spec.params)
+            for f in dataclasses.fields(spec.params) if "internal" not in f.metadata
         )
         base = ("base required" if spec.needs_base else "base optional" if spec.takes_base
                 else "no base")

@@ -20,7 +20,7 @@ from omegaconf import MISSING, OmegaConf
 from orchestrator import settings
 from orchestrator.errors import ConfigError
 from workers.merge import METHODS
-from workers.merge.registry import PER_MODEL, MethodSpec
+from workers.merge.registry import INTERNAL, PER_MODEL, MethodSpec
 from workers.safetensors_io import DTYPE_NAMES
 
 COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -404,9 +404,6 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
         if spec.alignment in ("activations", "dual") and not isinstance(doc.get("data"), dict):
             errors.append(f"data: method {method!r} needs unlabelled inputs: "
                           "data: {uri: inputs.safetensors, key: inputs}")
-        if isinstance(merge.get("params"), dict) and "transforms" in merge["params"] \
-                and merge["params"]["transforms"]:
-            errors.append("merge.params.transforms: set by raymerge, not by the config")
     data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
     for key in ("max_samples", "batch_size"):
         if isinstance(data.get(key), int) and not isinstance(data[key], bool) and data[key] < 1:
@@ -508,9 +505,13 @@ def _check_params(spec: MethodSpec, params: dict, path: str, errors: list[str], 
                   per_model_only: bool) -> None:
     fields = {f.name: f for f in dataclasses.fields(spec.params)}
     hints = typing.get_type_hints(spec.params)
-    allowed = [n for n, f in fields.items() if not per_model_only or PER_MODEL in f.metadata]
+    allowed = [n for n, f in fields.items() if INTERNAL not in f.metadata
+               and (not per_model_only or PER_MODEL in f.metadata)]
     for key, value in params.items():
         where = f"{path}.{key}"
+        if key in fields and INTERNAL in fields[key].metadata:
+            errors.append(f"{where}: set by raymerge, not by the config")
+            continue
         if key not in allowed:
             what = "per-model " if per_model_only else ""
             errors.append(f"{where}: unknown {what}parameter of {spec.name!r}; expected one of "

@@ -26,7 +26,7 @@ from orchestrator.layout import Input, Placement, layer_of, sliced, whole_models
 from orchestrator.settings import evaluate, tensor_matcher
 from orchestrator.vocab import RowMap, Vocabulary, is_vocab_tensor, row_maps
 from workers.merge import get_method
-from workers.merge.registry import MethodSpec, per_model_fields
+from workers.merge.registry import MethodSpec, internal_fields, per_model_fields
 from workers.safetensors_io import DTYPE_NAMES, FLOAT_CODES, TensorInfo, itemsize
 from workers.tasks import CHUNK, READ_WINDOW
 
@@ -287,8 +287,13 @@ def resolve_params(spec: MethodSpec, cfg: JobConfig, place: Placement,
             value = pick(overrides + own + general, field_name)
             values.append(float(default if value is None else value))
         resolved[field_name] = tuple(values)
+    internal = internal_fields(spec.params)
     for f in dataclasses.fields(spec.params):
-        if f.name not in per_model:
+        if f.name in internal:
+            value = t if internal[f.name] == "position" else cfg.merge.params.get(f.name)
+            if value is not None:
+                resolved[f.name] = value
+        elif f.name not in per_model:
             value = pick(overrides + general, f.name)
             if value is not None:
                 resolved[f.name] = value

@@ -3,6 +3,7 @@ the in-process executor and a naive reference built with the safetensors library
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,12 +12,13 @@ import yaml
 from safetensors import safe_open
 
 from orchestrator.cli import main
+from orchestrator.layout import layer_counts, layer_of
 from orchestrator.plan import natural_key
 from tests.conftest import load_state, tiny_llama
 from tests.unit.merge.helpers import params
 from workers.merge import METHODS
 from workers.merge.dare_linear import keep_mask
-from workers.merge.registry import per_model_fields
+from workers.merge.registry import internal_fields, per_model_fields
 from workers.tasks import keyed_generator
 
 pytestmark = pytest.mark.integration
@@ -45,6 +47,8 @@ CASES = {
     "breadcrumbs_ties": ({"density": 0.7, "gamma": 0.05, "normalize": True}, {}),
     "ram": ({"epsilon": 0.002}, {}),
     "ramplus_tl": ({"epsilon": 0.002, "r": 0.5}, {}),
+    "lines": ({"alpha": 0.2, "beta": 0.6}, {"ft2": {"weight": 0.5}}),
+    "consensus": ({"scale": 0.7}, {"ft1": {"mask_lambda": 0.3}}),
 }
 
 
@@ -99,8 +103,13 @@ def reference(doc, family):
                 tied = int((piece & (flat.split([t.numel() for t in taus])[order.index(n)]
                                      == threshold)).sum())
                 stats.setdefault(n, []).append([threshold, tied])
+    counts = layer_counts(list(states[0]))
     out = {}
     for name in states[0]:
+        if "position" in internal_fields(spec.params):  # depth in the stack, 0 outside it
+            hit = layer_of(name)
+            depth = hit[1] / (counts[hit[0]] - 1) if hit else 0.0
+            p = dataclasses.replace(p, position=depth)
         kw = {}
         if spec.uses_base:
             kw["base"] = base[name] if base is not None else None

@@ -87,6 +87,16 @@ def test_method_requirements_checked():
         "sources: method 'slerp' merges exactly 2 models, got 3"]
 
 
+def test_params_raymerge_sets_are_refused():
+    """Internal params (a layer's depth, solved transforms) come from raymerge, not the YAML;
+    they are not offered as valid names either."""
+    doc = job(merge={"method": "lines", "params": {"position": 0.5},
+                     "overrides": [{"tensors": "*", "params": {"alpha": 0.1}}]})
+    assert errors_of(doc) == ["merge.params.position: set by raymerge, not by the config"]
+    doc = job(merge={"method": "lines", "params": {"depth": 0.5}})
+    assert "position" not in errors_of(doc)[0] and "alpha" in errors_of(doc)[0]
+
+
 def test_weights_adding_to_zero_are_refused_when_normalizing():
     doc = job(merge={"method": "linear", "params": {"weight": 1.0}})
     doc["sources"][1]["params"] = {"weight": -1.0}

@@ -8,12 +8,12 @@ from typing import Sequence
 import torch
 
 from workers.align.transforms import merged
-from workers.merge.registry import merge_method, param
+from workers.merge.registry import internal, merge_method
 
 
 @dataclass(frozen=True)
 class ActivationMatchingParams:
-    transforms: str = param("")  # set by the driver: the solved alignment (URI#sha256)
+    transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
 
 
 @merge_method("activation_matching", params=ActivationMatchingParams, needs_base=False,

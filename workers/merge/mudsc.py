@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from workers.align.transforms import merged
-from workers.merge.registry import merge_method, param
+from workers.merge.registry import internal, merge_method, param
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class MudscParams:
     alpha: float = param(0.5)  # zip: as ZipIt!'s (MuDSC's code defaults)
     beta: float = param(1.0, ge=0)
     max_sweeps: int = param(100, ge=1)  # coordinate descent over the groups
-    transforms: str = param("")  # set by the driver: the solved alignment (URI#sha256)
+    transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
 
 
 @merge_method("mudsc", params=MudscParams, needs_base=False, min_models=2,

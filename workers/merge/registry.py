@@ -25,12 +25,27 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 import torch
 
 PER_MODEL = "per_model"
+INTERNAL = "internal"
 
 
 def param(default: Any, *, ge: float | None = None, le: float | None = None,
           choices: tuple[str, ...] | None = None) -> Any:
     """A params field with the bounds or choices that config validation enforces."""
     return dataclasses.field(default=default, metadata={"ge": ge, "le": le, "choices": choices})
+
+
+def internal(default: Any, filled_by: str) -> Any:
+    """A params field raymerge sets itself, never the config: ``filled_by`` says what fills
+    it ("position": the planner, with the tensor's depth in [0, 1] (0 outside a stack of
+    layers); "driver": a method's preparation step, e.g. the location of solved transforms)."""
+    return dataclasses.field(default=default, metadata={INTERNAL: filled_by, "ge": None,
+                                                        "le": None, "choices": None})
+
+
+def internal_fields(params_cls: type) -> dict[str, str]:
+    """Names of a params dataclass's internal fields and what fills each."""
+    return {f.name: f.metadata[INTERNAL] for f in dataclasses.fields(params_cls)
+            if INTERNAL in f.metadata}
 
 
 def per_model(default: float, *, ge: float | None = None, le: float | None = None) -> Any:

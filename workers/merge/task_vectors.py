@@ -88,3 +88,13 @@ def keep_middle(delta: torch.Tensor, density: float, gamma: float) -> torch.Tens
     mask = torch.zeros(n, dtype=delta.dtype)
     mask[order[drop_small:drop_small + keep]] = 1
     return delta * mask.reshape(delta.shape)
+
+
+def task_masks(deltas: torch.Tensor, total: torch.Tensor,
+               lambdas: Sequence[float]) -> torch.Tensor:
+    """TALL masks ``[K, *shape]`` (bool): entry p is task i's when its own contribution
+    outweighs the others', ``|τ_i| > λ_i |τ_MTL − τ_i|`` (strict), where ``total`` is τ_MTL
+    and ``deltas`` the stacked τ_i that add up to it."""
+    lam = torch.tensor(list(lambdas), dtype=deltas.dtype).reshape(
+        -1, *([1] * (deltas.dim() - 1)))
+    return deltas.abs() > (total - deltas).abs() * lam

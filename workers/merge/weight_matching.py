@@ -8,13 +8,13 @@ from typing import Sequence
 import torch
 
 from workers.align.transforms import merged
-from workers.merge.registry import merge_method, param
+from workers.merge.registry import internal, merge_method, param
 
 
 @dataclass(frozen=True)
 class WeightMatchingParams:
     max_sweeps: int = param(100, ge=1)  # coordinate-descent sweeps over the groups
-    transforms: str = param("")  # set by the driver: the solved alignment (URI#sha256)
+    transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
 
 
 @merge_method("weight_matching", params=WeightMatchingParams, needs_base=False, min_models=2,

@@ -8,14 +8,14 @@ from typing import Sequence
 import torch
 
 from workers.align.transforms import merged
-from workers.merge.registry import merge_method, param
+from workers.merge.registry import internal, merge_method, param
 
 
 @dataclass(frozen=True)
 class ZipItParams:
     alpha: float = param(0.3)  # a fused feature's similarities are scaled by alpha (<= 0: final)
     beta: float = param(0.125, ge=0)  # within-model fusion budget, share of fusions per model
-    transforms: str = param("")  # set by the driver: the solved alignment (URI#sha256)
+    transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
 
 
 @merge_method("zipit", params=ZipItParams, needs_base=False, min_models=2, max_models=2,

@@ -14,7 +14,7 @@ def tensors(k: int, shape=(4, 6), seed: int = 0, scale: float = 1.0) -> list[tor
     return [scale * torch.randn(shape, generator=g) for _ in range(k)]
 
 
-def params(cls, k: int, **values):
+def params(cls, k: int, /, **values):
     """Params with per-model fields broadcast to ``k`` models (lists are taken as given)."""
     fields = per_model_fields(cls)
     resolved = {}
