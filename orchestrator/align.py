@@ -26,8 +26,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from orchestrator.config import JobConfig
+from orchestrator.data import model_ref, open_data, read_config
 from orchestrator.errors import ConfigError, PlanError
-from orchestrator.index import CheckpointIndex, index_checkpoint, read_header
+from orchestrator.index import index_checkpoint
 from orchestrator.schedule import run_tasks
 from orchestrator.settings import tensor_matcher
 from orchestrator.storage import Store, open_store
@@ -35,7 +36,6 @@ from workers.align import spec as specs
 from workers.align.match import ActivationStats, weight_matching
 from workers.align.mudsc import mudsc_perm, mudsc_zip
 from workers.align.transforms import (
-    ModelRef,
     SolveContext,
     StatsContext,
     dump,
@@ -44,26 +44,11 @@ from workers.align.transforms import (
 )
 from workers.align.zip import head
 from workers.merge import get_method
+from workers.models import ModelRef
 from workers.safetensors_io import read_tensor
 from workers.tasks import torch_threads
 
 TRANSFORMS = "raymerge-align/transforms.safetensors"
-
-
-def read_config(store: Store, name: str) -> dict:
-    if not store.exists("config.json"):
-        return {}
-    try:
-        return json.loads(store.read_bytes("config.json"))
-    except ValueError:
-        raise ConfigError(f"{name}: config.json is not valid JSON") from None
-
-
-def model_ref(idx: CheckpointIndex, store: Store, config: dict) -> ModelRef:
-    tensors = tuple((n, loc.file, loc.info) for n, loc in sorted(idx.tensors.items()))
-    key = hashlib.sha256(json.dumps([idx.uri, idx.pins], sort_keys=True, default=str)
-                         .encode()).hexdigest()
-    return ModelRef(store, tensors, config, key)
 
 
 def _state(ref: ModelRef) -> dict[str, torch.Tensor]:
@@ -101,35 +86,23 @@ def statistics(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], qui
     (``joint``) one set of all models' statistics per group. With ``cache`` (the output
     store), statistics of the same models, data, spec and settings are read back from
     ``raymerge-align/stats-<key>.safetensors`` instead of recomputed."""
-    data = cfg.data
-    folder, name = os.path.split(data.uri.rstrip("/"))
-    store = open_store(folder or ".")
-    header = read_header(store, name)[0]
-    if data.key not in header:
-        raise ConfigError(f"data.key: {data.uri} has no tensor {data.key!r}; it has "
-                          f"{', '.join(sorted(header)) or 'none'}")
-    info = header[data.key]
-    samples = info.shape[0] if data.max_samples is None else min(info.shape[0],
-                                                                  data.max_samples)
-    if samples < 2:
-        raise ConfigError(f"data: {data.uri}[{data.key}] needs at least 2 samples")
-    floating = info.dtype in ("F16", "BF16", "F32", "F64")
-    input_name = data.input_name or ("pixel_values" if floating else "input_ids")
-    ctx = StatsContext(refs, spec, store, name, info, input_name, data.batch_size, samples,
-                       cfg.runtime.threads_per_worker, joint)
+    data = open_data(cfg.data)
+    ctx = StatsContext(refs, spec, data.store, data.file, data.info, data.input_name,
+                       cfg.data.batch_size, data.samples, cfg.runtime.threads_per_worker, joint)
     key = hashlib.sha256(json.dumps(
         [[r.key for r in refs], [(g.name, g.size, [dataclasses.astuple(p) for p in g.probes])
                                  for g in spec.groups],
-         store.pin(name), data.key, input_name, samples, data.batch_size,
-         cfg.runtime.threads_per_worker, joint], sort_keys=True, default=str).encode())
+         data.pin, cfg.data.batch_size, cfg.runtime.threads_per_worker, joint],
+        sort_keys=True, default=str).encode())
     cached = f"raymerge-align/stats-{key.hexdigest()[:24]}.safetensors"
     if cache is not None and cache.exists(cached):
         if not quiet:
             print(f"activation statistics: reusing {cache.path(cached)}", file=sys.stderr)
         sets = _load_stats(cache.read_bytes(cached))
         return sets[0] if joint else sets
-    parts = run_tasks(stats_task, list(range(math.ceil(samples / data.batch_size))), (ctx,),
-                      cfg.runtime, label="activation statistics", quiet=quiet)
+    batches = list(range(math.ceil(data.samples / cfg.data.batch_size)))
+    parts = run_tasks(stats_task, batches, (ctx,), cfg.runtime, label="activation statistics",
+                      quiet=quiet)
     total = [parts[0]] if joint else parts[0]
     for part in parts[1:]:  # batch order: the same sums whatever ran where
         for pair, more in zip(total, [part] if joint else part):

@@ -33,10 +33,24 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 @dataclass
+class DataConfig:
+    """Unlabelled inputs for data-aware methods: one tensor of a safetensors file."""
+
+    uri: str = MISSING  # the safetensors file (local path or s3://bucket/key)
+    key: str = "inputs"  # the tensor holding model-ready inputs: [N, ...]
+    input_name: Optional[str] = None  # the forward() argument; default: input_ids for integer
+    # inputs, pixel_values for float ones
+    max_samples: Optional[int] = None  # use the first N samples only
+    batch_size: int = 32  # samples per forward pass (and per statistics task)
+
+
+@dataclass
 class SourceConfig:
     name: str = MISSING  # used in the model card, manifest and DARE's random keys
     uri: str = MISSING  # a local folder, s3://bucket/prefix or hf://org/name[@revision]
     params: dict[str, Any] = field(default_factory=dict)  # this model's per-model params
+    data: Optional[DataConfig] = None  # this model's own unlabelled inputs (fisher, regmean);
+    # default: the job's data
 
 
 @dataclass
@@ -104,18 +118,6 @@ class RuntimeConfig:
 class HubConfig:
     cache_dir: Optional[str] = None  # default: huggingface_hub's own (HF_HUB_CACHE)
     offline: bool = False  # use the cache only, never contact the hub
-
-
-@dataclass
-class DataConfig:
-    """Unlabelled inputs for data-aware methods: one tensor of a safetensors file."""
-
-    uri: str = MISSING  # the safetensors file (local path or s3://bucket/key)
-    key: str = "inputs"  # the tensor holding model-ready inputs: [N, ...]
-    input_name: Optional[str] = None  # the forward() argument; default: input_ids for integer
-    # inputs, pixel_values for float ones
-    max_samples: Optional[int] = None  # use the first N samples only
-    batch_size: int = 32  # samples per forward pass (and per statistics task)
 
 
 @dataclass
@@ -404,10 +406,20 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
         if spec.alignment in ("activations", "dual") and not isinstance(doc.get("data"), dict):
             errors.append(f"data: method {method!r} needs unlabelled inputs: "
                           "data: {uri: inputs.safetensors, key: inputs}")
-    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
-    for key in ("max_samples", "batch_size"):
-        if isinstance(data.get(key), int) and not isinstance(data[key], bool) and data[key] < 1:
-            errors.append(f"data.{key}: expected >= 1, got {data[key]}")
+    if spec.statistics and not isinstance(doc.get("data"), dict):
+        for i, src in enumerate(sources):
+            if isinstance(src, dict) and not isinstance(src.get("data"), dict):
+                errors.append(f"sources[{i}].data: method {method!r} needs each model's "
+                              "unlabelled inputs: sources[].data or data: "
+                              "{uri: inputs.safetensors, key: inputs}")
+    datas = [("data", doc.get("data"))] + [(f"sources[{i}].data", s.get("data"))
+                                            for i, s in enumerate(sources) if isinstance(s, dict)]
+    for where, data in datas:
+        data = data if isinstance(data, dict) else {}
+        for key in ("max_samples", "batch_size"):
+            if isinstance(data.get(key), int) and not isinstance(data[key], bool) \
+                    and data[key] < 1:
+                errors.append(f"{where}.{key}: expected >= 1, got {data[key]}")
     if spec.needs_base and doc.get("base") is None:
         errors.append(f"base: method {method!r} needs a base model (the common ancestor)")
     slices = doc.get("slices") if isinstance(doc.get("slices"), list) else []

@@ -32,8 +32,8 @@ class JobResult:
     plan: Plan
     skipped: bool  # the output already held this exact merge
     seconds: float
-    timings: dict[str, float]  # seconds per phase: (align,) plan, ray_start, statistics, merge,
-    # commit
+    timings: dict[str, float]  # seconds per phase: (align or data_stats,) plan, ray_start,
+    # statistics, merge, commit
     kept_shards: int = 0  # shards of an interrupted run that were intact and reused
 
 
@@ -90,14 +90,17 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     if spec.models_for is not None and spec.models_for(dict(cfg.merge.params)) is None \
             and len(cfg.sources) > 1:
         return _run_sequence(cfg, force, quiet)
-    if not spec.alignment:
+    if spec.alignment:
+        from orchestrator.align import prepare
+        phase = "align"
+    elif spec.statistics:
+        from orchestrator.datastats import prepare
+        phase = "data_stats"
+    else:
         return _run(cfg, {}, force, quiet, start, {})
-    from orchestrator.align import prepare
-
     with ray_session(cfg.runtime):  # statistics, solves and merge share one Ray
         cfg, extra_files = prepare(cfg, open_store(cfg.output.uri), quiet)
-        return _run(cfg, extra_files, force, quiet, start,
-                    {"align": time.monotonic() - start})
+        return _run(cfg, extra_files, force, quiet, start, {phase: time.monotonic() - start})
 
 
 def _run(cfg: JobConfig, extra_files: dict[str, bytes], force: bool, quiet: bool,

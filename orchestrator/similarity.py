@@ -79,7 +79,8 @@ def compute(cfg: JobConfig, quiet: bool = False, cache=None) -> dict:
     if deltas:
         result["task_vectors_cosine"] = _cosines(deltas)
     if cfg.data is not None:
-        from orchestrator.align import model_ref, read_config, statistics
+        from orchestrator.align import statistics
+        from orchestrator.data import model_ref, read_config
         from workers.align import spec as specs
 
         configs = [read_config(st, s.name) for s, st in zip(specs_[:k], stores)]

@@ -20,7 +20,7 @@ from safetensors.torch import save as save_safetensors
 from workers.align import spec as specs
 from workers.align.spec import Group, Member, Spec
 from workers.align.zip import Zip, _term, merge_tensor
-from workers.safetensors_io import read_elements, read_tensor, torch_dtype
+from workers.models import ModelRef, build_models, read_batch
 
 
 def dump(spec: Spec, zips: Mapping[str, Zip], perms: list[Mapping[str, torch.Tensor]],
@@ -99,16 +99,6 @@ def merged(tensors: list[torch.Tensor], location: str, name: str) -> torch.Tenso
 # ----------------------------------------------------------------------------- statistics
 
 @dataclass(frozen=True)
-class ModelRef:
-    """Where one model's tensors are: its store, (name, file, TensorInfo) triples, config."""
-
-    store: Any
-    tensors: tuple[tuple[str, str, Any], ...]
-    config: dict
-    key: str  # identifies this version (its pins): the per-process model cache key
-
-
-@dataclass(frozen=True)
 class StatsContext:
     models: tuple[ModelRef, ...]
     spec: Spec
@@ -122,51 +112,16 @@ class StatsContext:
     joint: bool = False  # all models' statistics together (similarity), else pairs with model 0
 
 
-_MODELS: dict[str, torch.nn.Module] = {}
-
-
-def build_model(ref: ModelRef) -> torch.nn.Module:
-    """The transformers model of ``config.json``'s first architecture with these weights (no
-    remote code); kept per process, so a worker loads each model once."""
-    if ref.key in _MODELS:
-        return _MODELS[ref.key]
-    import transformers
-
-    arch = (ref.config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None or not hasattr(cls, "config_class"):
-        raise ValueError(f"config.json names no transformers architecture raymerge can build "
-                         f"({arch!r}); alignment merges need one for the statistics pass")
-    transformers.utils.logging.disable_progress_bar()
-    state = {name: read_tensor(ref.store, file, info) for name, file, info in ref.tensors}
-    # from_pretrained applies the library's renamings of older checkpoints' tensor names
-    model = cls.from_pretrained(None, config=cls.config_class.from_dict(ref.config),
-                                state_dict=state).eval()
-    _MODELS[ref.key] = model
-    return model
-
-
 def stats_task(batch: int, ctx: StatsContext) -> Any:
     """Statistics of every group for samples [batch * batch_size, ...) of the data: for each
     pair (first model, model i), or (``ctx.joint``) of all models together."""
     from workers.align.features import joint_stats, pairwise_stats
     from workers.tasks import torch_threads
 
-    info = ctx.data_info
-    row = 1
-    for d in info.shape[1:]:
-        row *= d
-    start = batch * ctx.batch_size
-    stop = min(ctx.samples, start + ctx.batch_size)
     with torch_threads(ctx.threads):
-        x = read_elements(ctx.data_store, ctx.data_file, info, start * row, stop * row).reshape(
-            stop - start, *info.shape[1:])
-        if x.is_floating_point():
-            x = x.to(torch_dtype("float32"))
-        keys = {ref.key for ref in ctx.models}
-        for key in [k for k in _MODELS if k not in keys]:  # models of an earlier job
-            del _MODELS[key]
-        models = [build_model(ref) for ref in ctx.models]
+        x = read_batch(ctx.data_store, ctx.data_file, ctx.data_info, batch, ctx.batch_size,
+                       ctx.samples)
+        models = build_models(ctx.models)
         # probes name the modules of the loaded model, which may differ from the checkpoint's
         spec = specs.build({k: tuple(v.shape) for k, v in models[0].state_dict().items()
                             if v.is_floating_point()}, ctx.models[0].config)

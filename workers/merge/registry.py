@@ -139,6 +139,8 @@ class MethodSpec:
     alignment: str | None = None  # "weights", "activations" or "dual" (both): solved by
     # orchestrator/align.py before the merge
     wants_name: bool = False  # the kernel gets ``name=`` (the output tensor's name)
+    statistics: str | None = None  # "fisher" or "grams": each model's statistics over its
+    # data, computed by orchestrator/datastats.py before the merge
 
     @property
     def uses_base(self) -> bool:
@@ -167,7 +169,8 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
                  elementwise: bool | Callable[[Any], bool] = False,
                  tensor_stats: TensorStats | None = None, takes_base: bool = False,
                  models_for: Callable[[dict], int | None] | None = None,
-                 alignment: str | None = None, wants_name: bool = False):
+                 alignment: str | None = None, wants_name: bool = False,
+                 statistics: str | None = None):
     """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
 
     def register(fn):
@@ -175,7 +178,7 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
             raise RuntimeError(f"merge method {name!r} registered twice")
         METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
                                    uses_rng, stats, elementwise, tensor_stats, takes_base,
-                                   models_for, alignment, wants_name)
+                                   models_for, alignment, wants_name, statistics)
         return fn
 
     return register

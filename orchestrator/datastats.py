@@ -1,0 +1,101 @@
+"""The statistics pass of data-aware merges (fisher, regmean): each model's statistics over its
+own unlabelled data, before the merge.
+
+Every (model, data batch) is one Ray task (``workers.data_stats.data_stats_task``): the model
+is built from its checkpoint bytes with transformers, run on the batch, and its sums come back.
+The driver adds each model's batches in batch order (float64: the same sums whatever ran
+where), divides by the count and writes one safetensors file, ``{i}/<tensor>`` per model i, to
+``OUTPUT/raymerge-stats/<kind>-<key>.safetensors``; the key covers the models, data and
+settings, so a re-run (other merge params) reads it back instead. The merge tasks read the
+tensors they need from it. The file is listed in the manifest with the shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from orchestrator.config import DataConfig, JobConfig
+from orchestrator.data import model_ref, open_data, read_config
+from orchestrator.errors import ConfigError
+from orchestrator.index import index_checkpoint
+from orchestrator.schedule import run_tasks
+from orchestrator.storage import Store, open_store
+from workers.data_stats import COUNT, FISHER, NORM, DataStatsContext, data_stats_task
+from workers.merge import get_method
+from workers.tasks import torch_threads
+
+FOLDER = "raymerge-stats"
+
+
+def model_data(cfg: JobConfig) -> list[DataConfig]:
+    """Each model's data: its own ``sources[i].data``, else the job's ``data``."""
+    out = []
+    for src in cfg.sources:
+        data = src.data or cfg.data
+        if data is None:
+            raise ConfigError(f"sources: {src.name} has no data (set sources[].data or data)")
+        out.append(data)
+    return out
+
+
+def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+    """Compute (or read back) the statistics; return the config whose ``statistics`` param
+    names the file, and the file (to be listed in the manifest)."""
+    kind = get_method(cfg.merge.method).statistics
+    stores = [open_store(s.uri) for s in cfg.sources]
+    refs = tuple(model_ref(index_checkpoint(s.name, st), st, read_config(st, s.name))
+                 for s, st in zip(cfg.sources, stores))
+    datas = model_data(cfg)
+    opened = [open_data(d, f"sources[{i}].data" if cfg.sources[i].data else "data")
+              for i, d in enumerate(datas)]
+    batch_size = datas[0].batch_size
+    key = hashlib.sha256(json.dumps(
+        [kind, [r.key for r in refs], [o.pin for o in opened], batch_size, cfg.seed,
+         cfg.runtime.threads_per_worker], sort_keys=True, default=str).encode()).hexdigest()
+    name = f"{FOLDER}/{kind}-{key[:24]}.safetensors"
+    if out.exists(name):
+        if not quiet:
+            print(f"{kind}: reusing {out.path(name)}", file=sys.stderr)
+        data = out.read_bytes(name)
+    else:
+        ctx = DataStatsContext(kind, refs, tuple(s.name for s in cfg.sources),
+                               tuple(o.task_input for o in opened), batch_size, cfg.seed,
+                               cfg.runtime.threads_per_worker)
+        items = [(i, b) for i, o in enumerate(opened)
+                 for b in range(math.ceil(o.samples / batch_size))]
+        parts = run_tasks(data_stats_task, items, (ctx,), cfg.runtime,
+                          label=f"{kind} statistics", quiet=quiet)
+        with torch_threads(cfg.runtime.threads_per_worker):
+            data = _reduced(kind, items, parts, len(refs))  # written by the job, before the
+            # merge tasks that read it
+    params = {**cfg.merge.params, "statistics": f"{out.uri}/{name}"}
+    merge = dataclasses.replace(cfg.merge, params=params)
+    return dataclasses.replace(cfg, merge=merge), {name: data}
+
+
+def _reduced(kind: str, items: list[tuple[int, int]], parts: list[dict], k: int) -> bytes:
+    """Per model, its batches' sums added in batch order in float64, divided by the count."""
+    totals: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
+    for (i, _), part in zip(items, parts):
+        for n, v in part.items():
+            totals[i][n] = totals[i][n] + v.double() if n in totals[i] else v.double()
+    tensors = {}
+    for i, total in enumerate(totals):
+        for n, v in total.items():
+            if n.endswith(COUNT):
+                continue
+            count = total[COUNT] if kind == FISHER else total[f"{n}/{COUNT}"]
+            tensors[f"{i}/{n}"] = (v / count).to(torch.float32 if kind == FISHER
+                                                 else torch.float64).contiguous()
+        if kind == FISHER:  # for ``normalize``: the norm of the model's whole Fisher
+            tensors[f"{i}/{NORM}"] = torch.tensor(
+                [math.sqrt(sum(float(t.double().square().sum()) for n, t in tensors.items()
+                               if n.startswith(f"{i}/")))])
+    return save_safetensors(tensors, metadata={"format": "pt"})
