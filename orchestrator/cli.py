@@ -187,6 +187,13 @@ def _cmd_similarity(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_task_model(ns: argparse.Namespace) -> int:
+    from orchestrator.taskaware import export_task
+
+    export_task(ns.output, ns.task, ns.dest, ns.base)
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
@@ -287,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     sim.set_defaults(fn=_cmd_similarity)
+
+    task = sub.add_parser(
+        "task-model", help="write one task's model of a task-aware merge (tall, emr)",
+        description="Rebuild one task's model from a task-aware output: base + its mask "
+                    "(x its EMR rescaler) times the unified task vector. Writes "
+                    "model.safetensors and the config/tokenizer files to DEST.")
+    task.add_argument("output", help="the finished tall or emr output (folder or s3://)")
+    task.add_argument("task", help="the task: a source name of the merge")
+    task.add_argument("dest", help="local folder for the task's model")
+    task.add_argument("--base", help="read the base from here (default: the manifest's)")
+    task.set_defaults(fn=_cmd_task_model)
 
     demo = sub.add_parser("demo", help="merge the bundled all-MiniLM-L6-v2 with perturbed "
                                        "copies of itself on a local Ray, then verify and load it")

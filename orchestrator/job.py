@@ -20,6 +20,7 @@ from orchestrator.index import CheckpointIndex, index_checkpoint
 from orchestrator.plan import Plan, make_plan, reference_member
 from orchestrator.schedule import ray_session, run_plan
 from orchestrator.storage import LocalStore, Store, open_store
+from orchestrator.taskaware import MASKS
 from orchestrator.vocab import build as build_vocabulary
 from workers.merge import get_method
 from workers.tasks import ShardRecord, TaskContext
@@ -54,7 +55,8 @@ def resolve_config(config: JobConfig | dict | str, overrides: list[str] = (),
     return config_from_dict(doc)
 
 
-def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[Store], dict]:
+def plan_job(cfg: JobConfig,
+             masks: bool = False) -> tuple[Plan, list[CheckpointIndex], list[Store], dict]:
     """Index every source (headers only), build the output tokenizer if one is asked for, and
     make the plan. Models first, then the base. Also returns the output's tokenizer files
     (empty: the reference's are copied)."""
@@ -72,7 +74,7 @@ def plan_job(cfg: JobConfig) -> tuple[Plan, list[CheckpointIndex], list[Store], 
     models = indexes[:len(cfg.sources)]
     base = indexes[len(cfg.sources)] if cfg.base is not None else None
     vocab = build_vocabulary(cfg, indexes, stores, reference_member(cfg))
-    return (make_plan(cfg, models, base, vocab), indexes, stores,
+    return (make_plan(cfg, models, base, vocab, masks), indexes, stores,
             vocab.files if vocab is not None else {})
 
 
@@ -96,6 +98,8 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     elif spec.statistics:
         from orchestrator.datastats import prepare
         phase = "data_stats"
+    elif spec.masks is not None:
+        return _run_task_aware(cfg, force, quiet, start)
     else:
         return _run(cfg, {}, force, quiet, start, {})
     with ray_session(cfg.runtime):  # statistics, solves and merge share one Ray
@@ -103,11 +107,26 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
         return _run(cfg, extra_files, force, quiet, start, {phase: time.monotonic() - start})
 
 
+def _run_task_aware(cfg: JobConfig, force: bool, quiet: bool, start: float) -> JobResult:
+    """A task-aware method (tall, emr): its per-task masks first, as a checkpoint of packed
+    masks in ``OUTPUT/masks/`` (committed by its own manifest), then the unified model, whose
+    manifest lists the masks' manifest: the output is finished only when both are."""
+    masks_out = f"{cfg.output.uri.rstrip('/')}/{MASKS}"
+    masks_cfg = dataclasses.replace(cfg, output=dataclasses.replace(
+        cfg.output, uri=masks_out, dtype=None, push_to_hub=None))
+    with ray_session(cfg.runtime):
+        masks = _run(masks_cfg, {}, force, quiet, start, {}, masks=True)
+        manifest = open_store(masks_out).read_bytes(MANIFEST)
+        return _run(cfg, {f"{MASKS}/{MANIFEST}": manifest}, force, quiet, start,
+                    {"masks": masks.seconds})
+
+
 def _run(cfg: JobConfig, extra_files: dict[str, bytes], force: bool, quiet: bool,
-         start: float, timings: dict[str, float]) -> JobResult:
-    """Plan, merge and commit (``timings``: what ran before, e.g. the alignment solve)."""
+         start: float, timings: dict[str, float], masks: bool = False) -> JobResult:
+    """Plan, merge and commit (``timings``: what ran before, e.g. the alignment solve);
+    with ``masks``, a task-aware method's masks instead of the merge."""
     planning = time.monotonic()
-    plan, indexes, stores, tokenizer_files = plan_job(cfg)
+    plan, indexes, stores, tokenizer_files = plan_job(cfg, masks)
     timings = {**timings, "plan": time.monotonic() - planning}
     out = open_store(cfg.output.uri)
     for src in plan.sources:

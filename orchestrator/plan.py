@@ -56,10 +56,14 @@ class WorkItem:
     stats_slot: int = -1  # this tensor's position among its group's tensors
     rows: tuple[RowMap, ...] | None = None  # vocabulary tensors: per input (then base), its
     # rows in the output vocabulary
+    masks: bool = False  # a task-aware method's per-task masks of this tensor, bit-packed:
+    # uint8 [ceil(numel / 8), K], bit j of row r = entry 8r + j (little-endian bit order)
 
     @property
     def shape(self) -> tuple[int, ...]:
         shape = self.inputs[0].info.shape
+        if self.masks:
+            return (math.ceil(math.prod(shape) / 8), len(self.inputs))
         return (self.rows[0].rows, *shape[1:]) if self.rows else shape
 
     @property
@@ -161,8 +165,13 @@ def layer_key(name: str) -> tuple:
 
 
 def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointIndex | None,
-              vocab: Vocabulary | None = None) -> Plan:
+              vocab: Vocabulary | None = None, masks: bool = False) -> Plan:
+    """The plan of the merge; with ``masks``, of a task-aware method's per-task masks instead
+    (one packed uint8 tensor per merged float tensor, no global statistics)."""
     spec = get_method(cfg.merge.method)
+    if masks and (spec.masks is None or vocab is not None):
+        raise PlanError(f"{spec.name}: no per-task masks (a task-aware method without a "
+                        "tokenizer block has them)")
     indexes = models + ([base] if base is not None else [])
     sources = tuple(source_ref(m, "model") for m in models) + (
         (source_ref(base, "base"),) if base is not None else ())
@@ -209,6 +218,8 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointInd
                             + ", ".join(mismatched) + ")")
             continue
         if first.info.dtype not in FLOAT_CODES:
+            if masks:  # integer buffers are copied, never masked
+                continue
             # integer buffers (position ids, counters) are copied from the reference model
             copy_from = base_ref if base_ref is not None else refs[0]
             items.append(WorkItem(place.name, (copy_from,), None, None, None, first.info.dtype))
@@ -220,6 +231,10 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointInd
             members = [r.source for r in refs] + ([base_ref.source] if base_ref else [])
             rows = row_maps(vocab, members, base_ref.source if base_ref else None)
         params = resolve_params(spec, cfg, place, matchers)
+        if masks:
+            items.append(WorkItem(place.name, refs, base_ref, spec.name, params, "U8",
+                                  masks=True))
+            continue
         group = slot = -1
         key = spec.stats.key(params) if spec.stats is not None else None
         if key is not None:

@@ -226,6 +226,11 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         return
     spec = get_method(item.method)
     dtype, out_dtype = torch_dtype(ctx.compute_dtype), torch_dtype(item.out_dtype)
+    if item.masks:  # chunks hold whole bytes of bits (CHUNK is a multiple of 8)
+        for _, values in _chunks(item, ctx):
+            tensors, base = _split(item, values, dtype)
+            yield pack_masks(spec.masks(tensors, item.params, base=base))
+        return
     kwargs: dict[str, Any] = {}
     if spec.stats is not None:
         kwargs["stats"] = (spec.stats.for_tensor(stats[item.stats_group], item.stats_slot)
@@ -250,6 +255,18 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         if spec.uses_rng:
             kwargs["rng"] = _generators(ctx, item, chunk)
         yield spec.fn(tensors, item.params, **kwargs).to(out_dtype)
+
+
+def pack_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Bool ``[K, n]`` -> uint8 ``[ceil(n / 8), K]``: bit j of row r is entry 8r + j."""
+    packed = np.packbits(masks.reshape(len(masks), -1).numpy(), axis=1, bitorder="little")
+    return torch.from_numpy(np.ascontiguousarray(packed.T))
+
+
+def unpack_masks(packed: torch.Tensor, task: int, numel: int) -> torch.Tensor:
+    """Task ``task``'s bool mask (flat, ``numel`` entries) from ``pack_masks``' layout."""
+    bits = np.unpackbits(np.ascontiguousarray(packed[:, task].numpy()), bitorder="little")
+    return torch.from_numpy(bits[:numel].astype(bool))
 
 
 def _whole(item: Any, ctx: TaskContext) -> list[torch.Tensor]:

@@ -10,14 +10,15 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from orchestrator.cli import main
 from tests.conftest import load_state
 from workers.data_stats import _renamed, fisher_sums, gram_sums, label_generator
-from workers.models import checkpoint_names
 from workers.merge.fisher import fisher_average
 from workers.merge.regmean import regmean_solve
+from workers.models import checkpoint_names
 
 pytestmark = pytest.mark.integration
 
@@ -125,8 +126,8 @@ def test_workers_agree_and_match_the_reference(method, family, ray_session, tmp_
                      "--quiet"]) == 0
     assert digests(outs["w1"]) == digests(outs["w2"]) == digests(outs["local"])
     stats = [f for f in digests(outs["w1"]) if f.startswith("raymerge-stats/")]
-    assert len(stats) == 1 and stats[0].startswith(f"raymerge-stats/{'fisher' if method == 'fisher' else 'grams'}-")
-    from safetensors import safe_open
+    kind = "fisher" if method == "fisher" else "grams"
+    assert len(stats) == 1 and stats[0].startswith(f"raymerge-stats/{kind}-")
 
     with safe_open(str(outs["w1"] / stats[0]), "pt") as f:
         covered = {k.split("/", 1)[1] for k in f.keys() if k.startswith("0/")}

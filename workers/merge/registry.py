@@ -141,6 +141,8 @@ class MethodSpec:
     wants_name: bool = False  # the kernel gets ``name=`` (the output tensor's name)
     statistics: str | None = None  # "fisher" or "grams": each model's statistics over its
     # data, computed by orchestrator/datastats.py before the merge
+    masks: Callable[..., torch.Tensor] | None = None  # task-aware: ``masks(tensors, p, *,
+    # base) -> bool [K, *shape]``, each task's mask, stored bit-packed next to the output
 
     @property
     def uses_base(self) -> bool:
@@ -170,7 +172,8 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
                  tensor_stats: TensorStats | None = None, takes_base: bool = False,
                  models_for: Callable[[dict], int | None] | None = None,
                  alignment: str | None = None, wants_name: bool = False,
-                 statistics: str | None = None):
+                 statistics: str | None = None,
+                 masks: Callable[..., torch.Tensor] | None = None):
     """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
 
     def register(fn):
@@ -178,7 +181,7 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
             raise RuntimeError(f"merge method {name!r} registered twice")
         METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
                                    uses_rng, stats, elementwise, tensor_stats, takes_base,
-                                   models_for, alignment, wants_name, statistics)
+                                   models_for, alignment, wants_name, statistics, masks)
         return fn
 
     return register
