@@ -49,6 +49,7 @@ CASES = {
     "ramplus_tl": ({"epsilon": 0.002, "r": 0.5}, {}),
     "lines": ({"alpha": 0.2, "beta": 0.6}, {"ft2": {"weight": 0.5}}),
     "consensus": ({"scale": 0.7}, {"ft1": {"mask_lambda": 0.3}}),
+    "pcb": ({"ratio": 0.3, "scale": 0.9}, {}),
 }
 
 
@@ -87,8 +88,14 @@ def reference(doc, family):
         default = values.get(f, default)
         values[f] = [s["params"].get(f, default) for s in doc["sources"]]
     p = params(spec.params, len(names), **values)
+    if spec.name == "pcb":  # global order statistics: the whole model as one flat tensor
+        order = sorted(base, key=natural_key)
+        flat = [torch.cat([s[n].reshape(-1) for n in order]) for s in states]
+        merged = spec.fn(flat, p, base=torch.cat([base[n].reshape(-1) for n in order]))
+        pieces = merged.split([base[n].numel() for n in order])
+        return {n: piece.reshape(base[n].shape) for n, piece in zip(order, pieces)}
     stats = {}
-    if spec.stats is not None and p.trim_scope == "global":
+    if spec.name == "ties" and p.trim_scope == "global":
         # exactly k entries per model: largest |τ| first, ties in plan (tensor, index) order
         order = sorted(base, key=natural_key)
         for i in range(len(names)):

@@ -22,6 +22,7 @@ from workers.merge import (  # noqa: F401  (imported to register each method)
     nuslerp,
     opcm,
     passthrough,
+    pcb,
     ram,
     ramplus_tl,
     regmean,

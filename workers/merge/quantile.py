@@ -43,3 +43,23 @@ def select(hist: torch.Tensor, rank: int) -> tuple[int, int]:
 
 def bits_to_float(high: int, low: int) -> float:
     return struct.unpack("<f", struct.pack("<I", (high << 16) | low))[0]
+
+
+def signed_keys(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving non-negative int64 keys < 2^32 of the float32 values of ``x`` (any
+    sign), flattened: non-negative floats map to 2^31 + bits, negative ones to −1 − bits (as
+    int32); ``high_histogram``/``low_histogram``/``select`` then work on them unchanged."""
+    bits = x.float().contiguous().reshape(-1).view(torch.int32).to(torch.int64)
+    return torch.where(bits >= 0, bits + (1 << 31), -1 - bits)
+
+
+def key_to_float(high: int, low: int) -> float:
+    """The float32 value of a ``signed_keys`` key given as (high, low) halves."""
+    key = (high << 16) | low
+    bits = key - (1 << 31) if key >= 1 << 31 else -1 - key
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def kth_smallest_rank(n: int, index: int) -> int:
+    """``select``'s rank (1 = largest) of the value at ``index`` of the ascending order."""
+    return n - index
