@@ -69,3 +69,21 @@ def test_disjoint_quality_benchmark_smoke(tmp_path):
                 "zipit", "mudsc_perm", "mudsc_zip", "zipit_partial_1", "zipit_partial_2"):
         assert 0 <= row[key]["task_aware"] <= 1 and 0 <= row[key]["joint"] <= 1
     assert "ZipIt! (full)" in proc.stdout
+
+
+@pytest.mark.parametrize("model", ["mlp", "vit"])
+def test_multitask_quality_benchmark_smoke(model, tmp_path):
+    """The same-base multi-task benchmark runs end to end for both model families (few
+    epochs, one seed, one grid point) and reports every method; numbers are not ranked."""
+    out = tmp_path / "multitask.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality",
+                                                        "multitask.py"), "--smoke", "--model",
+                           model, "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    for key in ("individual", "base", "averaging", "fisher", "regmean", "task_arithmetic",
+                "ties_global", "ties_tensor", "dare_0.5", "dare_0.9", "lines", "consensus",
+                "pcb", "tall", "emr"):
+        assert 0 <= row[key] <= 1, key
+    assert "EMR (task-aware, data-free)" in proc.stdout
