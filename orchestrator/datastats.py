@@ -7,7 +7,8 @@ The driver adds each model's batches in batch order (float64: the same sums what
 where), divides by the count and writes one safetensors file, ``{i}/<tensor>`` per model i, to
 ``OUTPUT/raymerge-stats/<kind>-<key>.safetensors``; the key covers the models, data and
 settings, so a re-run (other merge params) reads it back instead. The merge tasks read the
-tensors they need from it. The file is listed in the manifest with the shards.
+tensors they need from it. Next to it, ``<kind>-<key>.json`` records the data each model used
+(file, tensor, samples, the file's pin); both are listed in the manifest with the shards.
 """
 
 from __future__ import annotations
@@ -77,7 +78,13 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
             # merge tasks that read it
     params = {**cfg.merge.params, "statistics": f"{out.uri}/{name}"}
     merge = dataclasses.replace(cfg.merge, params=params)
-    return dataclasses.replace(cfg, merge=merge), {name: data}
+    used = [{"model": s.name, "data": d.uri, "key": d.key, "input_name": o.input_name,
+             "samples": o.samples, "batch_size": batch_size, "pin": o.pin[0]}
+            for s, d, o in zip(cfg.sources, datas, opened)]
+    record = json.dumps({"statistics": kind, "file": name, "seed": cfg.seed, "data": used},
+                        indent=1, sort_keys=True, default=str).encode()
+    return dataclasses.replace(cfg, merge=merge), {name: data,
+                                                   name.replace(".safetensors", ".json"): record}
 
 
 def _reduced(kind: str, items: list[tuple[int, int]], parts: list[dict], k: int) -> bytes:

@@ -128,6 +128,9 @@ def test_workers_agree_and_match_the_reference(method, family, ray_session, tmp_
     stats = [f for f in digests(outs["w1"]) if f.startswith("raymerge-stats/")]
     kind = "fisher" if method == "fisher" else "grams"
     assert len(stats) == 1 and stats[0].startswith(f"raymerge-stats/{kind}-")
+    used = json.loads((outs["w1"] / stats[0].replace(".safetensors", ".json")).read_text())
+    assert [(d["model"], d["data"], d["samples"]) for d in used["data"]] == [
+        ("a", family["data_a"], 20), ("b", family["data_b"], 20)]
 
     with safe_open(str(outs["w1"] / stats[0]), "pt") as f:
         covered = {k.split("/", 1)[1] for k in f.keys() if k.startswith("0/")}
