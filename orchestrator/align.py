@@ -1,4 +1,5 @@
-"""Alignment merges (weight_matching, activation_matching, zipit): solve, then merge.
+"""Alignment merges (weight_matching, activation_matching, ot_fusion, zipit, mudsc): solve, then
+merge.
 
 Before the usual merge, the driver builds the alignment spec from the first model's tensors
 and config.json, gathers what the method needs (both models' weights for weight matching; for
@@ -33,8 +34,9 @@ from orchestrator.schedule import run_tasks
 from orchestrator.settings import tensor_matcher
 from orchestrator.storage import Store, open_store
 from workers.align import spec as specs
-from workers.align.match import ActivationStats, weight_matching
+from workers.align.match import ActivationStats, _members_of, weight_matching
 from workers.align.mudsc import mudsc_perm, mudsc_zip
+from workers.align.ot import moved as ot_moved
 from workers.align.transforms import (
     SolveContext,
     StatsContext,
@@ -152,9 +154,11 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
              if method.alignment in ("activations", "dual") else [])
     zips: dict = {}
     perms = []  # per model after the first: aligned to the first
-    if name in ("activation_matching", "zipit"):  # independent solves: one Ray task each
-        return _solved(cfg, spec, refs, shapes[0], out, *_groups_on_ray(cfg, spec, stats, p,
-                                                                       name == "zipit", quiet))
+    if name in ("activation_matching", "zipit", "ot_fusion"):  # independent solves: one Ray
+        # task each
+        free = {"zipit": "zip", "ot_fusion": "plan"}.get(name, "perm")
+        return _solved(cfg, spec, refs, shapes[0], out,
+                       *_groups_on_ray(cfg, spec, stats, p, free, quiet))
     for i in range(1, len(refs)):
         a, b = (states[0], states[i]) if states else (None, None)
         pair = stats[i - 1] if stats else None
@@ -174,27 +178,32 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     return _solved(cfg, spec, refs, shapes[0], out, zips, perms)
 
 
-def _groups_on_ray(cfg: JobConfig, spec: specs.Spec, stats: list, p, zip_: bool,
-                   quiet: bool) -> tuple[dict, list]:
-    """Activation matching / ZipIt!: every (model, group) solve is independent of the others
-    (statistics come from the original models), so each is a Ray task."""
+def _groups_on_ray(cfg: JobConfig, spec: specs.Spec, stats: list, p, free: str,
+                   quiet: bool) -> tuple[dict, list, list]:
+    """Activation matching / ZipIt! / OT fusion: every (model, group) solve is independent of
+    the others (statistics come from the original models), so each is a Ray task."""
     items = [(i, g.name) for i in range(len(stats)) for g in spec.groups]
-    ctx = SolveContext(spec, tuple(stats), zip_, getattr(p, "alpha", 0.0),
-                       getattr(p, "beta", 0.0), cfg.runtime.threads_per_worker)
+    ctx = SolveContext(spec, tuple(stats), free, getattr(p, "alpha", 0.0),
+                       getattr(p, "beta", 0.0), cfg.runtime.threads_per_worker,
+                       getattr(p, "solver", "emd"), getattr(p, "reg", 0.05))
     results = run_tasks(solve_task, items, (ctx,), cfg.runtime, label="alignment solve",
                         quiet=quiet)
     zips: dict = {}
     perms: list[dict] = [{} for _ in stats]
-    for (i, name), result in zip(items, results):
-        if isinstance(result, tuple):
+    plans: list[dict] = [{} for _ in stats] if free == "plan" else []
+    for (i, name), (kind, result) in zip(items, results):
+        if kind == "zip":
             zips[name] = result
+        elif kind == "plan":
+            plans[i][name] = result
         else:
             perms[i][name] = result
-    return zips, perms
+    return zips, perms, plans
 
 
 def _solved(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes: dict,
-            out: Store, zips: dict, perms: list) -> tuple[JobConfig, dict[str, bytes]]:
+            out: Store, zips: dict, perms: list,
+            plans: list = ()) -> tuple[JobConfig, dict[str, bytes]]:
     """The transforms file, the heads, and the config pointing at them."""
     params = dict(cfg.merge.params)
     matchers = [(p, tensor_matcher(p)) for p in cfg.align.heads]
@@ -203,13 +212,18 @@ def _solved(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes
         if not any(m(n) for n in shapes):
             raise ConfigError(f"align.heads: {pattern!r} matches no tensor of "
                               f"{cfg.sources[0].name}")
-    data = dump(spec, zips, perms, heads)
+    data = dump(spec, zips, perms, heads, plans)
     files = {TRANSFORMS: data}
     if heads:
         for i, (src, ref) in enumerate(zip(cfg.sources, refs)):
             state = {n: read_tensor(ref.store, f, info) for n, f, info in ref.tensors
                      if n in heads}
-            moved = head(spec, state, min(i, 1), heads, zips, perms[max(i - 1, 0)])
+            if plans and i > 0:  # OT fusion: moved by the transport plans
+                touching = _members_of(spec)
+                moved = {n: ot_moved(state[n], touching.get(n, []), plans[i - 1],
+                                     perms[i - 1]).to(state[n].dtype) for n in heads}
+            else:
+                moved = head(spec, state, min(i, 1), heads, zips, perms[max(i - 1, 0)])
             files[f"heads/{src.name}.safetensors"] = save_safetensors(
                 {k: v.contiguous() for k, v in moved.items()},
                 metadata={"format": "pt"})  # one key: safetensors orders keys by hash

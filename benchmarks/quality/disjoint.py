@@ -9,11 +9,12 @@ own head, moved into the merged unit space. Reported on the test split:
 * joint accuracy: both heads' logits concatenated, argmax over 10 classes.
 
 Methods: weight averaging (no alignment), weight matching (Git Re-Basin), activation matching,
+OT fusion (exact EMD transport, and Sinkhorn with its regularisation chosen on validation),
 ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute and zip
-(balance f chosen the same way), and for MLPs partial ZipIt! (the first one or two hidden spaces
-zipped, each model keeping its later layers: a multi-head model), next to the individual models
-and their output ensemble.
-Alignment data: the training images of both tasks, unlabelled.
+(balance f chosen the same way), and for MLPs partial ZipIt! (the first one or two hidden
+spaces zipped, each model keeping its later layers: a multi-head model), next to the individual
+models and their output ensemble. Alignment data: the training images of both tasks,
+unlabelled.
 
     python benchmarks/quality/disjoint.py --model mlp --seeds 3 --width 128 --out results.json
 
@@ -38,12 +39,14 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from workers.align import spec as specs  # noqa: E402
 from workers.align.features import activation_stats  # noqa: E402
-from workers.align.match import activation_matching, weight_matching  # noqa: E402
+from workers.align.match import _members_of, activation_matching, weight_matching  # noqa: E402
 from workers.align.mudsc import mudsc_perm, mudsc_zip  # noqa: E402
+from workers.align.ot import fuse, moved, ot_fusion  # noqa: E402
 from workers.align.zip import head, merge, zipit  # noqa: E402
 
 ALPHAS, BETAS = (0.0, 0.3, 0.5), (0.125, 0.5, 1.0)
 BALANCES = (0.1, 0.3, 0.5, 0.7, 0.9)  # MuDSC's f
+REGS = (0.01, 0.05, 0.2)  # Sinkhorn's regularisation (relative to the largest cost)
 class Mlp:
     """64 -> W -> W -> W -> 5, ReLU."""
 
@@ -152,6 +155,17 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
         heads = [head(spec, s, i, family.head, zips, perms) for i, s in enumerate((a, b))]
         return scores(family, body, heads, splits[split])
 
+    touching = _members_of(spec)
+
+    def evaluate_ot(solved, split="test"):
+        plans, perms = solved
+        body = {k: fuse(touching.get(k, []), [v, b[k]], [plans], [perms]).to(v.dtype)
+                if v.is_floating_point() else v for k, v in a.items() if k not in family.head}
+        heads = [{n: a[n] for n in family.head},
+                 {n: moved(b[n], touching.get(n, []), plans, perms).to(b[n].dtype)
+                  for n in family.head}]
+        return scores(family, body, heads, splits[split])
+
     identity = {g.name: torch.arange(g.size) for g in spec.groups}
     row = {"seed": seed,
            "individual": {"task_aware": statistics.mean(
@@ -173,6 +187,11 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
                                              split="val")["joint"])
     row["mudsc_zip"] = evaluate(*mudsc_zip(spec, a, b, stats, f=f, seed=seed))
     row["mudsc_zip_f"] = f
+    row["ot_emd"] = evaluate_ot(ot_fusion(spec, stats, solver="emd"))
+    reg = max(REGS, key=lambda r: evaluate_ot(ot_fusion(spec, stats, solver="sinkhorn", reg=r),
+                                              split="val")["joint"])
+    row["ot_sinkhorn"] = evaluate_ot(ot_fusion(spec, stats, solver="sinkhorn", reg=reg))
+    row["ot_sinkhorn_reg"] = reg
     if isinstance(family, Vit):  # the residual stream couples every layer: no partial zip
         return row
     for label, groups in (("zipit_partial_1", ["hidden.0"]),
@@ -221,7 +240,10 @@ def _ensemble(family: Mlp, models: list[nn.Module], data: dict) -> dict:
 
 METHODS = (("individual models (own heads)", "individual"), ("output ensemble", "ensemble"),
            ("weight averaging", "weight_averaging"), ("weight matching", "weight_matching"),
-           ("activation matching", "activation_matching"), ("ZipIt! (full)", "zipit"),
+           ("activation matching", "activation_matching"),
+           ("OT fusion, exact transport (EMD)", "ot_emd"),
+           ("OT fusion, Sinkhorn (regularisation on validation)", "ot_sinkhorn"),
+           ("ZipIt! (full)", "zipit"),
            ("MuDSC, permute (f on validation)", "mudsc_perm"),
            ("MuDSC, zip (f on validation, α 0.5, β 1)", "mudsc_zip"),
            ("ZipIt! partial: first hidden space zipped (MLP)", "zipit_partial_1"),

@@ -67,7 +67,8 @@ def digests(out):
             if not f["file"].endswith(("README.md", ".json"))}
 
 
-@pytest.mark.parametrize("method", ["zipit", "activation_matching", "weight_matching", "mudsc"])
+@pytest.mark.parametrize("method", ["zipit", "activation_matching", "weight_matching", "mudsc",
+                                    "ot_fusion"])
 def test_cli_flow_workers_agree_and_output_loads(method, vits, ray_session, tmp_path):
     from transformers import ViTForImageClassification
 
@@ -89,7 +90,8 @@ def test_cli_flow_workers_agree_and_output_loads(method, vits, ray_session, tmp_
         assert torch.isfinite(model(pixel_values=torch.rand(2, 1, 8, 8)).logits).all()
 
 
-@pytest.mark.parametrize("method", ["zipit", "activation_matching", "weight_matching", "mudsc"])
+@pytest.mark.parametrize("method", ["zipit", "activation_matching", "weight_matching", "mudsc",
+                                    "ot_fusion"])
 def test_a_model_merged_with_its_permuted_copy_comes_back(method, vits, tmp_path):
     out = tmp_path / "self"
     assert main(["run", write_job(tmp_path, vits, method, out, second="a_perm",
@@ -99,7 +101,8 @@ def test_a_model_merged_with_its_permuted_copy_comes_back(method, vits, tmp_path
         torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["activation_matching", "weight_matching", "mudsc"])
+@pytest.mark.parametrize("method", ["activation_matching", "weight_matching", "mudsc",
+                                    "ot_fusion"])
 def test_three_models_align_to_the_first(method, vits, ray_session, tmp_path):
     """K = 3: each model is aligned to the first and all are averaged; two permuted copies
     of a model merged with it give it back, on 2 workers as in-process."""

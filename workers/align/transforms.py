@@ -18,16 +18,20 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from workers.align import spec as specs
+from workers.align.ot import fuse
 from workers.align.spec import Group, Member, Spec
 from workers.align.zip import Zip, _term, merge_tensor
 from workers.models import ModelRef, build_models, read_batch
 
 
 def dump(spec: Spec, zips: Mapping[str, Zip], perms: list[Mapping[str, torch.Tensor]],
-         heads: list[str]) -> bytes:
-    """``perms``: for each model after the first, its groups' permutations (zips: 2 models)."""
+         heads: list[str], plans: list[Mapping[str, torch.Tensor]] = ()) -> bytes:
+    """``perms``: for each model after the first, its groups' permutations (zips: 2 models);
+    ``plans``: likewise its free groups' transport plans (OT fusion)."""
     tensors = {f"{g}/perm": torch.stack([p[g] for p in perms]).contiguous()
                for g in (perms[0] if perms else {})}
+    tensors.update({f"{g}/plan": torch.stack([p[g] for p in plans]).contiguous()
+                    for g in (plans[0] if plans else {})})
     for g, (m, u) in zips.items():
         tensors[f"{g}/merge"], tensors[f"{g}/unmerge"] = m.contiguous(), u.contiguous()
     meta = {"family": spec.family, "heads": heads, "groups": {
@@ -43,6 +47,7 @@ class Alignment:
     zips: dict[str, Zip]
     perms: list[dict[str, torch.Tensor]]  # per model after the first
     heads: frozenset[str]
+    plans: list[dict[str, torch.Tensor]]  # per model after the first (OT fusion; else empty)
 
 
 def load(data: bytes) -> Alignment:
@@ -58,9 +63,11 @@ def load(data: bytes) -> Alignment:
     zips = {k[:-len("/merge")]: (v, tensors[k[:-len("/merge")] + "/unmerge"])
             for k, v in tensors.items() if k.endswith("/merge")}
     stacked = {k[:-len("/perm")]: v for k, v in tensors.items() if k.endswith("/perm")}
-    models = len(next(iter(stacked.values()))) if stacked else 1
+    planned = {k[:-len("/plan")]: v for k, v in tensors.items() if k.endswith("/plan")}
+    models = len(next(iter({**stacked, **planned}.values()))) if stacked or planned else 1
     perms = [{g: v[i] for g, v in stacked.items()} for i in range(models)]
-    return Alignment(touching, zips, perms, frozenset(meta["heads"]))
+    plans = [{g: v[i] for g, v in planned.items()} for i in range(models)] if planned else []
+    return Alignment(touching, zips, perms, frozenset(meta["heads"]), plans)
 
 
 @functools.lru_cache(maxsize=2)
@@ -88,6 +95,8 @@ def merged(tensors: list[torch.Tensor], location: str, name: str) -> torch.Tenso
         out = _term(tensors[0], 0, touching, a.zips, a.perms[0])[0]
     elif a.zips:
         out = merge_tensor(tensors[0], tensors[1], touching, a.zips, a.perms[0])
+    elif a.plans:
+        out = fuse(touching, list(tensors), a.plans, a.perms)
     else:
         out = tensors[0].double()
         for t, perms in zip(tensors[1:], a.perms):
@@ -136,16 +145,21 @@ def stats_task(batch: int, ctx: StatsContext) -> Any:
 class SolveContext:
     spec: Spec
     stats: tuple[dict[str, Any], ...]  # per model after the first: its groups' statistics
-    zip: bool  # zip the free groups (ZipIt!), else assign every group (activation matching)
+    free: str  # what a free group gets: "perm" (activation matching), "zip" (ZipIt!) or
+    # "plan" (OT fusion); head groups are always assigned
     alpha: float
     beta: float
     threads: int
+    solver: str = "emd"  # OT fusion's transport solver
+    reg: float = 0.05  # and Sinkhorn's regularisation
 
 
-def solve_task(item: tuple[int, str], ctx: SolveContext) -> Any:
+def solve_task(item: tuple[int, str], ctx: SolveContext) -> tuple[str, Any]:
     """One independent solve of activation statistics: (model i after the first, group) ->
-    a zip (merge, unmerge) for a free group when zipping, else a permutation."""
+    ("zip", (merge, unmerge)) or ("plan", transport) for a free group when zipping or
+    transporting, else ("perm", permutation)."""
     from workers.align.match import assign
+    from workers.align.ot import transport, transport_cost
     from workers.align.zip import zip_features
     from workers.tasks import torch_threads
 
@@ -153,7 +167,9 @@ def solve_task(item: tuple[int, str], ctx: SolveContext) -> Any:
     group = ctx.spec.group(name)
     stats = ctx.stats[i][name]
     with torch_threads(ctx.threads):
-        if ctx.zip and group.head_dim is None:
-            return zip_features(stats.joint_correlation(), group.size, alpha=ctx.alpha,
-                                beta=ctx.beta)
-        return assign(group, stats.correlation())
+        if group.head_dim is None and ctx.free == "zip":
+            return "zip", zip_features(stats.joint_correlation(), group.size, alpha=ctx.alpha,
+                                       beta=ctx.beta)
+        if group.head_dim is None and ctx.free == "plan":
+            return "plan", transport(transport_cost(stats), ctx.solver, ctx.reg)
+        return "perm", assign(group, stats.correlation())

@@ -21,6 +21,7 @@ from workers.merge import (  # noqa: F401  (imported to register each method)
     nearswap,
     nuslerp,
     opcm,
+    ot_fusion,
     passthrough,
     pcb,
     ram,

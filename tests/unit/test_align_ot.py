@@ -1,0 +1,64 @@
+"""OT fusion: the cost is the activations' mean squared difference; EMD on a permuted copy is
+the permutation (the model comes back); the identity plan is plain averaging; Sinkhorn's plan
+is soft with uniform marginals."""
+
+import copy
+
+import torch
+
+from tests.unit.test_align_match import _forward, _inputs
+from tests.unit.test_align_spec import model_state
+from workers.align import spec as specs
+from workers.align.features import activation_stats
+from workers.align.match import ActivationStats, _members_of
+from workers.align.ot import fuse, ot_fusion, transport, transport_cost
+
+
+def test_cost_is_the_mean_squared_activation_difference():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 5, generator=g, dtype=torch.float64) + 3
+    b = torch.randn(200, 5, generator=g, dtype=torch.float64) - 1
+    stats = ActivationStats(5)
+    stats.update(a[:50], b[:50])
+    stats.update(a[50:], b[50:])
+    want = ((a[:, :, None] - b[:, None, :]) ** 2).mean(0)
+    torch.testing.assert_close(transport_cost(stats), want)
+
+
+def test_emd_on_a_permuted_copy_returns_the_model():
+    for name in ("mlp", "vit"):
+        model, a, spec = model_state(name)
+        other = copy.deepcopy(model)
+        perms = specs.random_permutations(spec, torch.Generator().manual_seed(5))
+        other.load_state_dict(specs.apply(spec, perms, a))
+        stats = activation_stats(spec, model, other, _inputs(name), _forward(name))
+        plans, head_perms = ot_fusion(spec, stats, solver="emd")
+        for plan in plans.values():  # a permutation, scaled by 1/n
+            n = len(plan)
+            assert torch.equal((plan * n).round(), plan * n) and (plan > 0).sum() == n
+        touching = _members_of(spec)
+        b = other.state_dict()
+        for k in a:
+            got = fuse(touching.get(k, []), [a[k], b[k]], [plans], [head_perms])
+            torch.testing.assert_close(got.float(), a[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_identity_plan_is_averaging():
+    model, a, spec = model_state("mlp")
+    b = {k: v + 1 for k, v in a.items()}
+    plans = {g.name: torch.eye(g.size, dtype=torch.float64) / g.size for g in spec.groups}
+    touching = _members_of(spec)
+    for k in a:
+        got = fuse(touching.get(k, []), [a[k], b[k]], [plans], [{}])
+        torch.testing.assert_close(got.float(), (a[k] + b[k]) / 2)
+
+
+def test_sinkhorn_is_soft_with_uniform_marginals():
+    g = torch.Generator().manual_seed(2)
+    cost = torch.rand(6, 6, generator=g, dtype=torch.float64)
+    plan = transport(cost, "sinkhorn", reg=0.1)
+    torch.testing.assert_close(plan.sum(1), torch.full((6,), 1 / 6, dtype=torch.float64))
+    torch.testing.assert_close(plan.sum(0), torch.full((6,), 1 / 6, dtype=torch.float64))
+    assert (plan > 1e-6).sum() > 6  # not a permutation
+    exact = transport(cost, "emd")
+    assert (cost * exact).sum() <= (cost * plan).sum()  # EMD is the cheapest plan

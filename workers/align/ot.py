@@ -1,0 +1,93 @@
+"""Optimal-transport fusion (Singh & Jaggi, 2020, arXiv:1910.05653; for transformers Imfeld
+et al., ICLR 2024, arXiv:2310.05719): soft alignment of each free group's units by a transport
+map between the models' activations, then averaging.
+
+Per free group, the cost of moving model B's unit k onto model A's unit j is the mean squared
+difference of their activations, E[(a_j − b_k)²], from the same statistics pass as activation
+matching; the transport T (uniform marginals) is exact (EMD) or entropic (Sinkhorn), via POT.
+B's tensors are moved into A's units by T̂ = n T (rows sum to 1): every axis of the group, on
+the producing side (rows) and the consuming side (inputs) alike, is contracted with T̂. With
+EMD on equal widths T̂ is a permutation (a permuted copy comes back exactly); with T̂ = I the
+fusion is plain averaging. Head groups (attention) are aligned by activation matching
+(permutations of whole heads), as in the ZipIt! path.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from workers.align.match import ActivationStats, assign
+from workers.align.spec import Member, Spec, member_index
+
+SOLVERS = ("emd", "sinkhorn")
+
+
+def transport_cost(stats: ActivationStats) -> torch.Tensor:
+    """E[(a_j − b_k)²] for A's units j (rows) and B's units k (columns), float64."""
+    n = stats.size
+    mean = stats.sum / stats.n
+    second = stats.outer / stats.n - torch.outer(mean, mean)  # covariance of the shifted values
+    raw_mean = mean + stats.shift
+    second = second + torch.outer(raw_mean, raw_mean)  # E[x y] of the original values
+    diag = second.diagonal()
+    cost = diag[:n, None] + diag[None, n:2 * n] - 2 * second[:n, n:2 * n]
+    return cost.clamp(min=0)
+
+
+def transport(cost: torch.Tensor, solver: str = "emd", reg: float = 0.05) -> torch.Tensor:
+    """The transport plan between uniform marginals (rows: A's units, columns: B's), float64;
+    ``reg`` is Sinkhorn's entropic regularisation relative to the largest cost."""
+    import ot
+
+    c = cost.double().numpy()
+    scale = c.max() if c.max() > 0 else 1.0
+    a = np.full(c.shape[0], 1 / c.shape[0])
+    b = np.full(c.shape[1], 1 / c.shape[1])
+    if solver == "emd":
+        plan = ot.emd(a, b, c / scale, numItermax=1_000_000)
+    elif solver == "sinkhorn":
+        plan = ot.sinkhorn(a, b, c / scale, reg, numItermax=10_000, stopThr=1e-12)
+    else:
+        raise ValueError(f"unknown OT solver {solver!r}; expected one of {', '.join(SOLVERS)}")
+    return torch.from_numpy(np.ascontiguousarray(plan))
+
+
+def ot_fusion(spec: Spec, stats: Mapping[str, ActivationStats], *, solver: str = "emd",
+              reg: float = 0.05) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(transport plans of the free groups, permutations of the head groups) aligning B to A."""
+    plans, perms = {}, {}
+    for g in spec.groups:
+        if g.head_dim is None:
+            plans[g.name] = transport(transport_cost(stats[g.name]), solver, reg)
+        else:
+            perms[g.name] = assign(g, stats[g.name].correlation())
+    return plans, perms
+
+
+def moved(t: torch.Tensor, touching: list, plans: Mapping[str, torch.Tensor],
+          perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Model B's tensor ``t`` in A's units (float64): each free-group axis contracted with
+    T̂ = n T (T̂[j, k]: how much of B's unit k goes to A's unit j), head groups permuted."""
+    t = t.double()
+    for g, m in touching:
+        if g.name in plans:
+            t = _contract(t, m, plans[g.name] * plans[g.name].shape[0])
+        elif g.name in perms:
+            t = t.index_select(m.dim, member_index(g, m, perms[g.name]))
+    return t
+
+
+def _contract(t: torch.Tensor, m: Member, plan: torch.Tensor) -> torch.Tensor:
+    return torch.movedim(torch.tensordot(plan, torch.movedim(t, m.dim, 0), dims=1), 0, m.dim)
+
+
+def fuse(touching: list, tensors: list[torch.Tensor], plans: list[Mapping[str, torch.Tensor]],
+         perms: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """The mean of the first model's tensor and the others moved into its units (float64)."""
+    total = tensors[0].double()
+    for t, p, q in zip(tensors[1:], plans, perms):
+        total = total + moved(t, touching, p, q)
+    return total / len(tensors)

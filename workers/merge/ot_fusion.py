@@ -1,0 +1,34 @@
+"""Optimal-transport fusion (Singh & Jaggi, 2020, arXiv:1910.05653; Imfeld et al., 2024,
+arXiv:2310.05719)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from workers.align.ot import SOLVERS
+from workers.align.transforms import merged
+from workers.merge.registry import internal, merge_method, param
+
+
+@dataclass(frozen=True)
+class OtFusionParams:
+    solver: str = param("emd", choices=SOLVERS)  # exact transport, or entropic (Sinkhorn)
+    reg: float = param(0.05, ge=0)  # Sinkhorn's regularisation, relative to the largest cost
+    transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
+
+
+@merge_method("ot_fusion", params=OtFusionParams, needs_base=False, min_models=2,
+              alignment="activations", wants_name=True)
+def ot_fusion(tensors: Sequence[torch.Tensor], p: OtFusionParams, *,
+              name: str) -> torch.Tensor:
+    """Soft-align the other models' units to the first's by optimal transport, then average.
+
+    Per free group (residual stream, MLP hidden), the transport between the models' unit
+    activations on the job's ``data`` (cost: mean squared difference) moves the other model's
+    units into the first's: exact (``emd``; a permutation at equal widths) or entropic
+    (``sinkhorn``, a soft map). Attention heads are matched whole, as in activation matching.
+    """
+    return merged(list(tensors), p.transforms, name)
