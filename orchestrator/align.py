@@ -30,7 +30,7 @@ from orchestrator.config import JobConfig
 from orchestrator.data import model_ref, open_data, read_config
 from orchestrator.errors import ConfigError, PlanError
 from orchestrator.index import index_checkpoint
-from orchestrator.schedule import run_tasks
+from orchestrator.schedule import fold_tasks, run_tasks
 from orchestrator.settings import tensor_matcher
 from orchestrator.storage import Store, open_store
 from workers.align import spec as specs
@@ -103,13 +103,18 @@ def statistics(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], qui
         sets = _load_stats(cache.read_bytes(cached))
         return sets[0] if joint else sets
     batches = list(range(math.ceil(data.samples / cfg.data.batch_size)))
-    parts = run_tasks(stats_task, batches, (ctx,), cfg.runtime, label="activation statistics",
-                      quiet=quiet)
-    total = [parts[0]] if joint else parts[0]
-    for part in parts[1:]:  # batch order: the same sums whatever ran where
-        for pair, more in zip(total, [part] if joint else part):
+
+    def add(total, _batch, part):  # in batch order: the same sums whatever ran where
+        part = [part] if joint else part
+        if total is None:
+            return part
+        for pair, more in zip(total, part):
             for g, s in more.items():
                 pair[g].add(s)
+        return total
+
+    total = fold_tasks(stats_task, batches, (ctx,), cfg.runtime, add, None,
+                       label="activation statistics", quiet=quiet)
     if cache is not None:
         cache.check_writable()
         cache.write_bytes(cached, _save_stats(total))

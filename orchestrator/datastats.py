@@ -26,7 +26,7 @@ from orchestrator.config import DataConfig, JobConfig
 from orchestrator.data import model_ref, open_data, read_config
 from orchestrator.errors import ConfigError
 from orchestrator.index import index_checkpoint
-from orchestrator.schedule import run_tasks
+from orchestrator.schedule import fold_tasks
 from orchestrator.storage import Store, open_store
 from workers.data_stats import COUNT, FISHER, NORM, DataStatsContext, data_stats_task
 from workers.merge import get_method
@@ -71,11 +71,10 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
                                cfg.runtime.threads_per_worker)
         items = [(i, b) for i, o in enumerate(opened)
                  for b in range(math.ceil(o.samples / batch_size))]
-        parts = run_tasks(data_stats_task, items, (ctx,), cfg.runtime,
-                          label=f"{kind} statistics", quiet=quiet)
+        totals = fold_tasks(data_stats_task, items, (ctx,), cfg.runtime, _add,
+                            [{} for _ in refs], label=f"{kind} statistics", quiet=quiet)
         with torch_threads(cfg.runtime.threads_per_worker):
-            data = _reduced(kind, items, parts, len(refs))  # written by the job, before the
-            # merge tasks that read it
+            data = _reduced(kind, totals)  # written by the job, before the merge tasks
     params = {**cfg.merge.params, "statistics": f"{out.uri}/{name}"}
     merge = dataclasses.replace(cfg.merge, params=params)
     used = [{"model": s.name, "data": d.uri, "key": d.key, "input_name": o.input_name,
@@ -87,12 +86,17 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
                                                    name.replace(".safetensors", ".json"): record}
 
 
-def _reduced(kind: str, items: list[tuple[int, int]], parts: list[dict], k: int) -> bytes:
-    """Per model, its batches' sums added in batch order in float64, divided by the count."""
-    totals: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
-    for (i, _), part in zip(items, parts):
-        for n, v in part.items():
-            totals[i][n] = totals[i][n] + v.double() if n in totals[i] else v.double()
+def _add(totals: list[dict[str, torch.Tensor]], item: tuple[int, int],
+         part: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Fold one batch's sums into its model's totals (float64; batches come in order)."""
+    total = totals[item[0]]
+    for n, v in part.items():
+        total[n] = total[n] + v.double() if n in total else v.double()
+    return totals
+
+
+def _reduced(kind: str, totals: list[dict[str, torch.Tensor]]) -> bytes:
+    """Each model's sums divided by their count, as one safetensors file."""
     tensors = {}
     for i, total in enumerate(totals):
         for n, v in total.items():

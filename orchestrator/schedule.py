@@ -93,13 +93,28 @@ def run_tasks(fn: Callable, items: Sequence[Any], args: tuple, runtime: RuntimeC
               label: str, quiet: bool = False) -> list[Any]:
     """``fn(item, *args)`` for every item, as Ray tasks (or in-process with the local
     executor); results in item order. For work other than merge units (alignment statistics)."""
+    return fold_tasks(fn, items, args, runtime, lambda done, _, result: done + [result], [],
+                      label=label, quiet=quiet)
+
+
+def fold_tasks(fn: Callable, items: Sequence[Any], args: tuple, runtime: RuntimeConfig,
+               fold: Callable[[Any, Any, Any], Any], state: Any, *, label: str,
+               quiet: bool = False) -> Any:
+    """``fn(item, *args)`` for every item, each result folded into ``state`` as
+    ``state = fold(state, item, result)`` in item order (whatever order tasks finish in), as
+    soon as the results before it are folded: the driver keeps only results waiting for a
+    slower predecessor, not all of them."""
     executor = _RayExecutor(runtime) if runtime.executor == "ray" else _LocalExecutor()
     position = {item: i for i, item in enumerate(items)}  # items are distinct and hashable
-    results: dict[int, Any] = {}
+    waiting: dict[int, Any] = {}
+    folded = 0
     with executor:
         for item, result in executor.imap(fn, items, args, _Progress(label, items, quiet)):
-            results[position[item]] = result
-    return [results[i] for i in range(len(items))]
+            waiting[position[item]] = result
+            while folded in waiting:
+                state = fold(state, items[folded], waiting.pop(folded))
+                folded += 1
+    return state
 
 
 class _Progress:
