@@ -75,7 +75,7 @@ def _load_stats(data: bytes) -> list[dict[str, ActivationStats]]:
             continue
         i, g = key[:-2].split("/", 1)
         n, size = tensors[key].tolist()
-        st = ActivationStats(size, len(tensors[f"{i}/{g}/sum"]) // size)
+        st = ActivationStats(size, other=len(tensors[f"{i}/{g}/sum"]) - size)
         st.n, st.shift = n, tensors[f"{i}/{g}/shift"]
         st.sum, st.outer = tensors[f"{i}/{g}/sum"], tensors[f"{i}/{g}/outer"]
         sets.setdefault(int(i), {})[g] = st
@@ -138,12 +138,15 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     shapes = [{n: loc.info.shape for n, loc in idx.tensors.items()
                if loc.info.dtype in ("F16", "BF16", "F32", "F64")} for idx in indexes]
     name = cfg.merge.method
-    for src, other in zip(cfg.sources[1:], shapes[1:]):
-        if other != shapes[0]:
-            raise PlanError(f"{name}: {src.name} must have the tensors and shapes of "
-                            f"{cfg.sources[0].name} (different widths are not supported yet)")
     try:
         spec = specs.build(shapes[0], configs[0])
+        for src, other, config in zip(cfg.sources[1:], shapes[1:], configs[1:]):
+            if other == shapes[0]:
+                continue
+            if not method.any_widths or set(other) != set(shapes[0]):
+                raise PlanError(f"{name}: {src.name} must have the tensors and shapes of "
+                                f"{cfg.sources[0].name} (other widths: ot_fusion only)")
+            _same_heads(spec, specs.build(other, config), src.name, cfg.sources[0].name)
     except specs.SpecError as e:
         raise PlanError(f"{name}: {e}") from None
     refs = tuple(model_ref(i, st, c) for i, st, c in zip(indexes, stores, configs))
@@ -181,6 +184,16 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
                                 seed=cfg.seed)
         perms.append(solved)
     return _solved(cfg, spec, refs, shapes[0], out, zips, perms)
+
+
+def _same_heads(spec: specs.Spec, other: specs.Spec, name: str, first: str) -> None:
+    """Models of other widths: the same groups, attention heads of the same sizes."""
+    if [g.name for g in other.groups] != [g.name for g in spec.groups]:
+        raise PlanError(f"{name}: its alignment groups differ from {first}'s")
+    for g in spec.groups:
+        if g.head_dim is not None and other.group(g.name).size != g.size:
+            raise PlanError(f"{name}: attention group {g.name} has {other.group(g.name).size} "
+                            f"dims, {first} {g.size}: only MLP and residual widths may differ")
 
 
 def _groups_on_ray(cfg: JobConfig, spec: specs.Spec, stats: list, p, free: str,

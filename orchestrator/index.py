@@ -134,8 +134,10 @@ def read_header(store: Store, file: str) -> tuple[dict[str, TensorInfo], bytes]:
     return tensors, raw
 
 
-def validate_models(indexes: list[CheckpointIndex], reference: CheckpointIndex) -> None:
-    """Check that every checkpoint has exactly the reference's tensors, shapes and dtypes.
+def validate_models(indexes: list[CheckpointIndex], reference: CheckpointIndex,
+                    widths: bool = False) -> None:
+    """Check that every checkpoint has exactly the reference's tensors, shapes and dtypes
+    (with ``widths``, only the number of dimensions of each shape).
 
     All problems of all models are collected into one PlanError, before any tensor is read.
     """
@@ -149,7 +151,7 @@ def validate_models(indexes: list[CheckpointIndex], reference: CheckpointIndex) 
         shapes, dtypes = [], []
         for t in sorted(set(ref) & set(idx.tensors)):
             a, b = ref[t].info, idx.tensors[t].info
-            if a.shape != b.shape:
+            if (len(a.shape) != len(b.shape)) if widths else (a.shape != b.shape):
                 shapes.append(f"{t} {list(b.shape)} vs {list(a.shape)}")
             elif a.dtype != b.dtype:
                 dtypes.append(f"{t} {b.dtype} vs {a.dtype}")

@@ -179,7 +179,7 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointInd
     if cfg.slices:
         placements, layer_map = sliced(cfg, indexes)
     else:
-        validate_models(indexes, indexes[reference])
+        validate_models(indexes, indexes[reference], spec.any_widths)
         order = sorted(indexes[reference].tensors, key=natural_key)
         placements = whole_models(indexes[reference], len(models),
                                   len(models) if base is not None else None, order)
@@ -210,8 +210,10 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointInd
         skip = 1 if vocab_item else 0  # vocabulary rows may differ: they are permuted
         mismatched = [f"{indexes[r.source].name}: {r.info.dtype} {list(r.info.shape)}"
                       for r in every
-                      if (r.info.shape[skip:], r.info.dtype)
-                      != (first.info.shape[skip:], first.info.dtype)]
+                      if (len(r.info.shape) if spec.any_widths else r.info.shape[skip:],
+                          r.info.dtype)
+                      != (len(first.info.shape) if spec.any_widths else first.info.shape[skip:],
+                          first.info.dtype)]
         if mismatched:
             problems.append(f"{place.name} (from {indexes[first.source].name}: "
                             f"{first.info.dtype} {list(first.info.shape)}; "

@@ -9,12 +9,12 @@ own head, moved into the merged unit space. Reported on the test split:
 * joint accuracy: both heads' logits concatenated, argmax over 10 classes.
 
 Methods: weight averaging (no alignment), weight matching (Git Re-Basin), activation matching,
-OT fusion (exact EMD transport, and Sinkhorn with its regularisation chosen on validation),
-ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute and zip
-(balance f chosen the same way), and for MLPs partial ZipIt! (the first one or two hidden
-spaces zipped, each model keeping its later layers: a multi-head model), next to the individual
-models and their output ensemble. Alignment data: the training images of both tasks,
-unlabelled.
+OT fusion (exact EMD transport, and Sinkhorn with its regularisation chosen on validation; for
+MLPs also of a model of task B twice as wide into A's widths), ZipIt! (alpha, beta chosen on a
+validation split by joint accuracy), MuDSC permute and zip (balance f chosen the same way), and
+for MLPs partial ZipIt! (the first one or two hidden spaces zipped, each model keeping its
+later layers: a multi-head model), next to the individual models and their output ensemble.
+Alignment data: the training images of both tasks, unlabelled.
 
     python benchmarks/quality/disjoint.py --model mlp --seeds 3 --width 128 --out results.json
 
@@ -157,12 +157,12 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
 
     touching = _members_of(spec)
 
-    def evaluate_ot(solved, split="test"):
+    def evaluate_ot(solved, split="test", other=b):
         plans, perms = solved
-        body = {k: fuse(touching.get(k, []), [v, b[k]], [plans], [perms]).to(v.dtype)
+        body = {k: fuse(touching.get(k, []), [v, other[k]], [plans], [perms]).to(v.dtype)
                 if v.is_floating_point() else v for k, v in a.items() if k not in family.head}
         heads = [{n: a[n] for n in family.head},
-                 {n: moved(b[n], touching.get(n, []), plans, perms).to(b[n].dtype)
+                 {n: moved(other[n], touching.get(n, []), plans, perms).to(other[n].dtype)
                   for n in family.head}]
         return scores(family, body, heads, splits[split])
 
@@ -194,6 +194,22 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
     row["ot_sinkhorn_reg"] = reg
     if isinstance(family, Vit):  # the residual stream couples every layer: no partial zip
         return row
+    # wider into narrower: task B learnt by a model twice as wide, fused into A's widths
+    wide_family = Mlp(2 * family.width)
+    torch.manual_seed(1000 * seed + 2)
+    wide = wide_family.make()
+    keep = (splits["fit"]["y"] // 5) == 1
+    train(wide_family, wide, splits["fit"]["x"][keep], splits["fit"]["y"][keep] - 5, epochs,
+          1000 * seed + 2)
+    b_wide = wide.state_dict()
+    spec_wide = specs.build({k: tuple(v.shape) for k, v in b_wide.items()}, {})
+    stats_wide = activation_stats(spec, models[0], wide, batches, family.logits, spec_wide)
+    row["ensemble_wide"] = _ensemble(family, [models[0], wide], splits["test"])
+    row["ot_emd_wide"] = evaluate_ot(ot_fusion(spec, stats_wide, solver="emd"), other=b_wide)
+    reg = max(REGS, key=lambda r: evaluate_ot(ot_fusion(spec, stats_wide, solver="sinkhorn",
+                                                        reg=r), "val", b_wide)["joint"])
+    row["ot_sinkhorn_wide"] = evaluate_ot(ot_fusion(spec, stats_wide, solver="sinkhorn",
+                                                    reg=reg), other=b_wide)
     for label, groups in (("zipit_partial_1", ["hidden.0"]),
                           ("zipit_partial_2", ["hidden.0", "hidden.2"])):
         def partial(ab, split="test"):
@@ -246,6 +262,9 @@ METHODS = (("individual models (own heads)", "individual"), ("output ensemble", 
            ("ZipIt! (full)", "zipit"),
            ("MuDSC, permute (f on validation)", "mudsc_perm"),
            ("MuDSC, zip (f on validation, α 0.5, β 1)", "mudsc_zip"),
+           ("output ensemble, B twice as wide (MLP)", "ensemble_wide"),
+           ("OT fusion of the wider B into A's widths, EMD (MLP)", "ot_emd_wide"),
+           ("OT fusion of the wider B into A's widths, Sinkhorn (MLP)", "ot_sinkhorn_wide"),
            ("ZipIt! partial: first hidden space zipped (MLP)", "zipit_partial_1"),
            ("ZipIt! partial: two of three hidden spaces zipped (MLP)", "zipit_partial_2"))
 

@@ -217,3 +217,76 @@ def test_multihead_loader_gives_each_source_its_head(vits, tmp_path):
         body.load_state_dict(head_b, strict=False)
         torch.testing.assert_close(logits["b"], body(pixel_values=x).logits)
         assert not torch.allclose(logits["a"], logits["b"])
+
+
+def widened_vit(folder, source):
+    """``source`` with every MLP hidden unit duplicated (shuffled) and its outgoing weights
+    halved: the same function, intermediate_size twice as large."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    narrow = ViTForImageClassification.from_pretrained(source).eval()
+    config = ViTConfig.from_pretrained(source)
+    config.intermediate_size *= 2
+    wide = ViTForImageClassification(config).eval()
+    n = narrow.config.intermediate_size
+    idx = torch.cat([torch.arange(n)] * 2)[torch.randperm(2 * n,
+                                                          generator=torch.Generator().manual_seed(3))]
+    state = {}
+    for k, v in narrow.state_dict().items():
+        want = wide.state_dict()[k].shape
+        if v.shape == want:
+            state[k] = v
+        elif v.shape[0] == n:  # fc1: rows are the hidden units
+            state[k] = v[idx]
+        else:  # fc2: columns read them
+            state[k] = v[:, idx] / 2
+    wide.load_state_dict(state)
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(pixel_values=x).logits, narrow(pixel_values=x).logits,
+                                   rtol=1e-4, atol=1e-5)
+    wide.save_pretrained(folder)
+    return str(folder)
+
+
+def test_ot_fusion_of_a_wider_model_keeps_the_anchor_shapes(vits, ray_session, tmp_path):
+    """Wider into narrower: a function-preserving copy with twice the MLP width fuses back
+    into the anchor (the same bits on 1 and 2 workers and in-process; the anchor's shapes,
+    loaded by transformers; the other head moved into the anchor's units). Other widths are
+    refused for the other methods, and where attention heads would differ."""
+    from transformers import ViTForImageClassification
+
+    vits = {**vits, "a_wide": widened_vit(tmp_path / "wide", vits["a"])}
+    outs = {}
+    for label, runtime in (("w1", {"num_workers": 1}), ("w2", {"num_workers": 2}),
+                           ("local", {"executor": "local"})):
+        outs[label] = tmp_path / label
+        assert main(["run", write_job(tmp_path, vits, "ot_fusion", outs[label], second="a_wide",
+                                      **runtime), "--quiet"]) == 0
+    assert digests(outs["w1"]) == digests(outs["w2"]) == digests(outs["local"])
+    merged, original = load_state(str(outs["w2"])), load_state(vits["a"])
+    for name, tensor in original.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    heads = load_file(str(outs["w2"] / "heads" / "b.safetensors"))
+    assert heads["classifier.weight"].shape == original["classifier.weight"].shape
+
+    model = ViTForImageClassification.from_pretrained(str(outs["w2"]))
+    assert model.config.intermediate_size == 32
+
+    from transformers import ViTConfig
+
+    from orchestrator.errors import PlanError
+    from orchestrator.job import run_job
+
+    path = write_job(tmp_path, vits, "activation_matching", tmp_path / "am", second="a_wide",
+                     executor="local")
+    with pytest.raises(PlanError, match="other widths: ot_fusion only"):
+        run_job(path, quiet=True)
+    config = ViTConfig.from_pretrained(vits["a"])
+    config.hidden_size = 24  # head dims 6, not 4
+    ViTForImageClassification(config).save_pretrained(tmp_path / "broad")
+    vits["broad"] = str(tmp_path / "broad")
+    path = write_job(tmp_path, vits, "ot_fusion", tmp_path / "broad-out", second="broad",
+                     executor="local")
+    with pytest.raises(PlanError, match="attention group .* has 24 dims, a 16"):
+        run_job(path, quiet=True)

@@ -66,7 +66,7 @@ def test_disjoint_quality_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     for key in ("ensemble", "weight_averaging", "weight_matching", "activation_matching",
-                "ot_emd", "ot_sinkhorn",
+                "ot_emd", "ot_sinkhorn", "ensemble_wide", "ot_emd_wide", "ot_sinkhorn_wide",
                 "zipit", "mudsc_perm", "mudsc_zip", "zipit_partial_1", "zipit_partial_2"):
         assert 0 <= row[key]["task_aware"] <= 1 and 0 <= row[key]["joint"] <= 1
     assert "ZipIt! (full)" in proc.stdout

@@ -62,3 +62,35 @@ def test_sinkhorn_is_soft_with_uniform_marginals():
     assert (plan > 1e-6).sum() > 6  # not a permutation
     exact = transport(cost, "emd")
     assert (cost * exact).sum() <= (cost * plan).sum()  # EMD is the cheapest plan
+
+
+def test_a_widened_copy_fuses_back_into_the_narrower_model():
+    """B = A with every hidden unit duplicated (in shuffled order) and its outgoing weights
+    halved (function-preserving, twice as wide): fused into A by EMD, A comes back, shapes
+    A's."""
+    from torch import nn
+
+    from workers.align.spec import build
+
+    model, a, spec = model_state("mlp")  # 6 -> 12 -> 10 -> 3
+    g = torch.Generator().manual_seed(7)
+    idx1 = torch.cat([torch.arange(12)] * 2)[torch.randperm(24, generator=g)]
+    idx2 = torch.cat([torch.arange(10)] * 2)[torch.randperm(20, generator=g)]
+    wide = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 20), nn.ReLU(),
+                         nn.Linear(20, 3)).eval()
+    b = {"0.weight": a["0.weight"][idx1], "0.bias": a["0.bias"][idx1],
+         "2.weight": a["2.weight"][idx2][:, idx1] / 2, "2.bias": a["2.bias"][idx2],
+         "4.weight": a["4.weight"][:, idx2] / 2, "4.bias": a["4.bias"]}
+    wide.load_state_dict(b)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(wide(x), model(x), rtol=1e-5, atol=1e-6)
+    spec_b = build({k: tuple(v.shape) for k, v in b.items()}, {})
+    stats = activation_stats(spec, model, wide, _inputs("mlp"), _forward("mlp"), spec_b)
+    plans, head_perms = ot_fusion(spec, stats, solver="emd")
+    assert {k: tuple(v.shape) for k, v in plans.items()} == {"hidden.0": (12, 24),
+                                                             "hidden.2": (10, 20)}
+    touching = _members_of(spec)
+    for k in a:
+        got = fuse(touching.get(k, []), [a[k], b[k]], [plans], [head_perms])
+        assert got.shape == a[k].shape
+        torch.testing.assert_close(got.float(), a[k], rtol=1e-6, atol=1e-6, msg=k)

@@ -66,25 +66,30 @@ def _probed(model: nn.Module, spec: Spec) -> Iterator[dict[str, list[torch.Tenso
 
 
 def _features(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
-              forward: Callable[[nn.Module, Any], Any]) -> Iterator[list[dict[str, torch.Tensor]]]:
+              forward: Callable[[nn.Module, Any], Any], specs: list[Spec] | None = None
+              ) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Per batch: each model's [samples, size] activations of every group (one forward pass
-    per model; each probe's activations become samples: every token, every residual probe)."""
+    per model; each probe's activations become samples: every token, every residual probe);
+    ``specs``: each model's own spec, where widths differ."""
     with torch.no_grad():
         for batch in batches:
             features = []
-            for model in models:
-                with _probed(model, spec) as seen:
+            for i, model in enumerate(models):
+                with _probed(model, specs[i] if specs else spec) as seen:
                     forward(model, batch)
                 features.append({g: torch.cat(v) for g, v in seen.items()})
             yield features
 
 
 def pairwise_stats(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
-                   forward: Callable[[nn.Module, Any], Any]) -> list[dict[str, ActivationStats]]:
+                   forward: Callable[[nn.Module, Any], Any], specs: list[Spec] | None = None
+                   ) -> list[dict[str, ActivationStats]]:
     """Statistics of every group over ``batches`` for each pair (model 0, model i), i >= 1;
-    ``forward(model, batch)`` runs a model."""
-    stats = [{g.name: ActivationStats(g.size) for g in spec.groups} for _ in models[1:]]
-    for features in _features(spec, models, batches, forward):
+    ``forward(model, batch)`` runs a model; ``specs``: each model's own spec (other widths)."""
+    specs = specs or [spec] * len(models)
+    stats = [{g.name: ActivationStats(g.size, other=other.group(g.name).size)
+              for g in spec.groups} for other in specs[1:]]
+    for features in _features(spec, models, batches, forward, specs):
         for i, pair in enumerate(stats, start=1):
             for g in spec.groups:
                 pair[g.name].update(features[0][g.name], features[i][g.name])
@@ -102,7 +107,8 @@ def joint_stats(spec: Spec, models: list[nn.Module], batches: Iterable[Any],
 
 
 def activation_stats(spec: Spec, model_a: nn.Module, model_b: nn.Module,
-                     batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any]
-                     ) -> dict[str, ActivationStats]:
-    """``pairwise_stats`` of two models."""
-    return pairwise_stats(spec, [model_a, model_b], batches, forward)[0]
+                     batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
+                     spec_b: Spec | None = None) -> dict[str, ActivationStats]:
+    """``pairwise_stats`` of two models (``spec_b``: B's spec, if its widths differ)."""
+    return pairwise_stats(spec, [model_a, model_b], batches, forward,
+                          [spec, spec_b] if spec_b else None)[0]

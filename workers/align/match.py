@@ -113,11 +113,14 @@ class ActivationStats:
     in float64 and shifted by the first batch's mean (so large means do not cancel the variance
     away): enough for correlations and CKA. Partial statistics add up exactly as sums do."""
 
-    def __init__(self, size: int, models: int = 2):
+    def __init__(self, size: int, models: int = 2, other: int | None = None):
+        """``size`` units per model; two models of different widths: ``other`` units for the
+        second (``size`` stays the first's)."""
         self.size, self.n = size, 0
-        self.shift = torch.zeros(models * size, dtype=torch.float64)
-        self.sum = torch.zeros(models * size, dtype=torch.float64)
-        self.outer = torch.zeros(models * size, models * size, dtype=torch.float64)
+        total = models * size if other is None else size + other
+        self.shift = torch.zeros(total, dtype=torch.float64)
+        self.sum = torch.zeros(total, dtype=torch.float64)
+        self.outer = torch.zeros(total, total, dtype=torch.float64)
 
     def update(self, *features: torch.Tensor) -> None:
         """One batch: each model's [samples, size] activations, in model order."""
@@ -155,7 +158,7 @@ class ActivationStats:
 
     def correlation(self) -> torch.Tensor:
         """Pearson correlation between model 0's units (rows) and model 1's (columns)."""
-        return self.joint_correlation()[:self.size, self.size:2 * self.size]
+        return self.joint_correlation()[:self.size, self.size:]
 
     def cka(self) -> torch.Tensor:
         """Linear CKA between every two models' activations (models x models)."""

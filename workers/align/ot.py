@@ -5,11 +5,11 @@ map between the models' activations, then averaging.
 Per free group, the cost of moving model B's unit k onto model A's unit j is the mean squared
 difference of their activations, E[(a_j − b_k)²], from the same statistics pass as activation
 matching; the transport T (uniform marginals) is exact (EMD) or entropic (Sinkhorn), via POT.
-B's tensors are moved into A's units by T̂ = n T (rows sum to 1): every axis of the group, on
-the producing side (rows) and the consuming side (inputs) alike, is contracted with T̂. With
-EMD on equal widths T̂ is a permutation (a permuted copy comes back exactly); with T̂ = I the
-fusion is plain averaging. Head groups (attention) are aligned by activation matching
-(permutations of whole heads), as in the ZipIt! path.
+B's tensors are moved into A's units by contracting every axis of the group with the plan
+(``moved``). With EMD on equal widths the plan is a permutation (a permuted copy comes back
+exactly); with T = I / n the fusion is plain averaging. B may be wider than A (its free groups
+larger; heads equal): the output has A's shapes. Head groups (attention) are aligned by
+activation matching (permutations of whole heads), as in the ZipIt! path.
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ SOLVERS = ("emd", "sinkhorn")
 
 
 def transport_cost(stats: ActivationStats) -> torch.Tensor:
-    """E[(a_j − b_k)²] for A's units j (rows) and B's units k (columns), float64."""
+    """E[(a_j − b_k)²] for A's units j (rows) and B's units k (columns; B may be wider),
+    float64."""
     n = stats.size
     mean = stats.sum / stats.n
     second = stats.outer / stats.n - torch.outer(mean, mean)  # covariance of the shifted values
     raw_mean = mean + stats.shift
     second = second + torch.outer(raw_mean, raw_mean)  # E[x y] of the original values
     diag = second.diagonal()
-    cost = diag[:n, None] + diag[None, n:2 * n] - 2 * second[:n, n:2 * n]
+    cost = diag[:n, None] + diag[None, n:] - 2 * second[:n, n:]
     return cost.clamp(min=0)
 
 
@@ -69,12 +70,17 @@ def ot_fusion(spec: Spec, stats: Mapping[str, ActivationStats], *, solver: str =
 
 def moved(t: torch.Tensor, touching: list, plans: Mapping[str, torch.Tensor],
           perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Model B's tensor ``t`` in A's units (float64): each free-group axis contracted with
-    T̂ = n T (T̂[j, k]: how much of B's unit k goes to A's unit j), head groups permuted."""
+    """Model B's tensor ``t`` in A's units (float64), head groups permuted and each free-group
+    axis contracted with the plan T [n, m]: a producing axis with n T (rows sum to 1: A's
+    unit j gets the mean of the B units sent to it), a consuming axis with m T (columns sum
+    to 1: every B unit's input weight goes, whole, to the A units it was sent to). For equal
+    widths both are n T; a function-preserving widened copy (units duplicated, outgoing
+    weights split) fuses back into the original exactly."""
     t = t.double()
     for g, m in touching:
         if g.name in plans:
-            t = _contract(t, m, plans[g.name] * plans[g.name].shape[0])
+            plan = plans[g.name]
+            t = _contract(t, m, plan * plan.shape[1 if m.consumes else 0])
         elif g.name in perms:
             t = t.index_select(m.dim, member_index(g, m, perms[g.name]))
     return t

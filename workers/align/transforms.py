@@ -131,14 +131,21 @@ def stats_task(batch: int, ctx: StatsContext) -> Any:
         x = read_batch(ctx.data_store, ctx.data_file, ctx.data_info, batch, ctx.batch_size,
                        ctx.samples)
         models = build_models(ctx.models)
-        # probes name the modules of the loaded model, which may differ from the checkpoint's
-        spec = specs.build({k: tuple(v.shape) for k, v in models[0].state_dict().items()
-                            if v.is_floating_point()}, ctx.models[0].config)
-        if [(g.name, g.size) for g in spec.groups] != [(g.name, g.size)
-                                                       for g in ctx.spec.groups]:
+        # probes name the modules of the loaded model, which may differ from the checkpoint's;
+        # each model has its own spec (OT fusion takes wider models)
+        loaded = [specs.build({k: tuple(v.shape) for k, v in model.state_dict().items()
+                               if v.is_floating_point()}, ref.config)
+                  for model, ref in zip(models, ctx.models)]
+        if [(g.name, g.size) for g in loaded[0].groups] != [(g.name, g.size)
+                                                           for g in ctx.spec.groups]:
             raise ValueError("the loaded model's alignment groups differ from the checkpoint's")
-        collect = joint_stats if ctx.joint else pairwise_stats
-        return collect(spec, models, [x], lambda model, inputs: model(**{ctx.input_name: inputs}))
+
+        def forward(model, inputs):
+            return model(**{ctx.input_name: inputs})
+
+        if ctx.joint:
+            return joint_stats(loaded[0], models, [x], forward)
+        return pairwise_stats(loaded[0], models, [x], forward, loaded)
 
 
 @dataclass(frozen=True)

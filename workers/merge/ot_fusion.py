@@ -21,7 +21,7 @@ class OtFusionParams:
 
 
 @merge_method("ot_fusion", params=OtFusionParams, needs_base=False, min_models=2,
-              alignment="activations", wants_name=True)
+              alignment="activations", wants_name=True, any_widths=True)
 def ot_fusion(tensors: Sequence[torch.Tensor], p: OtFusionParams, *,
               name: str) -> torch.Tensor:
     """Soft-align the other models' units to the first's by optimal transport, then average.
@@ -30,5 +30,7 @@ def ot_fusion(tensors: Sequence[torch.Tensor], p: OtFusionParams, *,
     activations on the job's ``data`` (cost: mean squared difference) moves the other model's
     units into the first's: exact (``emd``; a permutation at equal widths) or entropic
     (``sinkhorn``, a soft map). Attention heads are matched whole, as in activation matching.
+    The other models may be wider (MLP and residual widths; same tensors and heads): the
+    output has the first model's shapes.
     """
     return merged(list(tensors), p.transforms, name)

@@ -143,6 +143,8 @@ class MethodSpec:
     # data, computed by orchestrator/datastats.py before the merge
     masks: Callable[..., torch.Tensor] | None = None  # task-aware: ``masks(tensors, p, *,
     # base) -> bool [K, *shape]``, each task's mask, stored bit-packed next to the output
+    any_widths: bool = False  # models after the first may differ in width (same tensors);
+    # the output has the first's shapes
 
     @property
     def uses_base(self) -> bool:
@@ -173,7 +175,7 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
                  models_for: Callable[[dict], int | None] | None = None,
                  alignment: str | None = None, wants_name: bool = False,
                  statistics: str | None = None,
-                 masks: Callable[..., torch.Tensor] | None = None):
+                 masks: Callable[..., torch.Tensor] | None = None, any_widths: bool = False):
     """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
 
     def register(fn):
@@ -181,7 +183,8 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
             raise RuntimeError(f"merge method {name!r} registered twice")
         METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
                                    uses_rng, stats, elementwise, tensor_stats, takes_base,
-                                   models_for, alignment, wants_name, statistics, masks)
+                                   models_for, alignment, wants_name, statistics, masks,
+                                   any_widths)
         return fn
 
     return register
