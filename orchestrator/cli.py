@@ -194,6 +194,27 @@ def _cmd_task_model(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(ns: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.config import DataConfig
+    from orchestrator.data import open_data
+    from orchestrator.dynamic import predict
+    from workers.models import read_batch
+
+    data = open_data(DataConfig(uri=ns.inputs, key=ns.key), "inputs")
+    x = read_batch(data.store, data.file, data.info, 0, data.samples, data.samples)
+    result = predict(ns.output, x, ns.task)
+    text = json.dumps(result if ns.logits else {k: v for k, v in result.items()
+                                                 if k not in ("logits", "task_probabilities")})
+    if ns.out:
+        with open(ns.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
@@ -305,6 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("dest", help="local folder for the task's model")
     task.add_argument("--base", help="read the base from here (default: the manifest's)")
     task.set_defaults(fn=_cmd_task_model)
+
+    pred = sub.add_parser(
+        "predict", help="run an input-dependent merge (wemoe, gating) on a batch",
+        description="Load the runtime of a finished wemoe or gating output and run it on the "
+                    "inputs of a safetensors file: prints the predicted classes (gating: and "
+                    "the task each input was routed to) as JSON.")
+    pred.add_argument("output", help="the finished wemoe or gating output")
+    pred.add_argument("inputs", help="safetensors file with model-ready inputs [N, ...]")
+    pred.add_argument("--key", default="inputs", help="its tensor (default: %(default)s)")
+    pred.add_argument("--task", help="use this task's head (required for wemoe)")
+    pred.add_argument("--logits", action="store_true", help="also print logits and gate "
+                                                             "probabilities")
+    pred.add_argument("--out", help="write the JSON here instead of printing it")
+    pred.set_defaults(fn=_cmd_predict)
 
     demo = sub.add_parser("demo", help="merge the bundled all-MiniLM-L6-v2 with perturbed "
                                        "copies of itself on a local Ray, then verify and load it")

@@ -406,7 +406,7 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
         if spec.alignment in ("activations", "dual") and not isinstance(doc.get("data"), dict):
             errors.append(f"data: method {method!r} needs unlabelled inputs: "
                           "data: {uri: inputs.safetensors, key: inputs}")
-    if spec.statistics and not isinstance(doc.get("data"), dict):
+    if (spec.statistics or spec.dynamic) and not isinstance(doc.get("data"), dict):
         for i, src in enumerate(sources):
             if isinstance(src, dict) and not isinstance(src.get("data"), dict):
                 errors.append(f"sources[{i}].data: method {method!r} needs each model's "

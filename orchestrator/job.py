@@ -98,6 +98,9 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     elif spec.statistics:
         from orchestrator.datastats import prepare
         phase = "data_stats"
+    elif spec.dynamic:
+        from orchestrator.dynamic import prepare
+        phase = "training"
     elif spec.masks is not None:
         return _run_task_aware(cfg, force, quiet, start)
     else:

@@ -20,6 +20,12 @@ consensus (λ_t, λ), PCB (λ), and the task-aware TALL (λ_t per task) and EMR.
 
     python benchmarks/quality/multitask.py --model mlp --domains mild --seeds 3 --out r.json
 
+``--dynamic`` (ViT) adds the input-dependent merges: gating (gate trained on each task's
+unlabelled training images; scored with the head of the task it picks and with each task's own
+head) and WEMoE (routers adapted on each task's unlabelled test images, by entropy minimisation
+or by distillation from the individual models), as ``raymerge`` jobs run by their runtime.
+``--domains all``: the twelve mild and hard tasks together (merges of 12 models).
+
 ``--smoke``: one seed, few epochs, small grids (CI: it runs; numbers are not ranked).
 """
 
@@ -42,11 +48,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from benchmarks.continual import DOMAINS, transform  # noqa: E402
 from orchestrator import run_job  # noqa: E402
+from orchestrator.dynamic import load as load_runtime  # noqa: E402
 from orchestrator.taskaware import task_state  # noqa: E402
 from workers.data_stats import fisher_sums, gram_sums, label_generator  # noqa: E402
 from workers.merge.fisher import fisher_average  # noqa: E402
 from workers.merge.regmean import regmean_solve  # noqa: E402
 
+TASK_SETS = {**DOMAINS, "all": DOMAINS["mild"] + DOMAINS["hard"]}
 LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 GRIDS = {
     "task_arithmetic": [{"scale": s} for s in LAMBDAS],
@@ -187,7 +195,7 @@ class Setup:
         train(base, torch.from_numpy(x_fit), torch.from_numpy(y_fit), epochs[0], seed)
         self.base = family.save(base, f"{work}/base")
         self.tasks = {}
-        for i, task in enumerate(DOMAINS[domains]):
+        for i, task in enumerate(TASK_SETS[domains]):
             torch.manual_seed(seed * 100 + i)
             net = family.make()
             fresh = family.head(net)
@@ -198,8 +206,11 @@ class Setup:
             train(net, fit, torch.from_numpy(y_fit), epochs[1], seed * 100 + i)
             data = f"{work}/{task}-inputs.safetensors"
             save_file({"inputs": fit[:DATA_SAMPLES].reshape(-1, 1, 8, 8).contiguous()}, data)
+            test_data = f"{work}/{task}-test-inputs.safetensors"  # unlabelled, for TTA
+            save_file({"inputs": test.reshape(-1, 1, 8, 8).contiguous()}, test_data)
             self.tasks[task] = {"uri": family.save(net, f"{work}/{task}"),
                                 "head": family.head(net), "data": data, "fit": fit,
+                                "test_data": test_data,
                                 "val": (val, torch.from_numpy(y_val)),
                                 "test": (test, torch.from_numpy(y_test)),
                                 "individual": accuracy(net, test, torch.from_numpy(y_test))}
@@ -269,6 +280,35 @@ class Setup:
                 out[k] = torch.stack(values).mean(0)
         return out
 
+    def dynamic(self, method: str, params: dict, label: str) -> dict:
+        """A wemoe / gating job (ViT): the runtime's test accuracy with each task's own head
+        and (gating) with the head of the task the gate picks, and the gate's accuracy.
+        WEMoE adapts on each task's unlabelled test images (as the paper), the gate learns
+        from the unlabelled training images of each task."""
+        key = "test_data" if method == "wemoe" else "data"
+        job = {"base": {"name": "base", "uri": self.base},
+               "sources": [{"name": n, "uri": t["uri"], "data": {"uri": t[key]}}
+                           for n, t in self.tasks.items()],
+               "merge": {"method": method, "params": params},
+               "align": {"heads": ["classifier.*"]},
+               "output": {"uri": f"{self.work}/{label}"}, "seed": self.seed,
+               "runtime": {"executor": "local"}}
+        runtime = load_runtime(run_job(job, force=True, quiet=True).output)
+        aware, picked, routed = [], [], []
+        with torch.no_grad():
+            for k, (name, t) in enumerate(self.tasks.items()):
+                x, y = t["test"][0].reshape(-1, 1, 8, 8), t["test"][1]
+                aware.append(float((runtime(x, name).argmax(1) == y).float().mean()))
+                if method == "gating":
+                    p = runtime.probabilities(x)
+                    picked.append(float((runtime(x, probabilities=p).argmax(1) == y)
+                                        .float().mean()))
+                    routed.append(float((p.argmax(1) == k).float().mean()))
+        out = {"task_aware": statistics.mean(aware)}
+        if picked:
+            out.update(gate_head=statistics.mean(picked), gate_accuracy=statistics.mean(routed))
+        return out
+
     def tall(self) -> tuple[float, dict]:
         """TALL: each task's λ_t chosen on its own validation images (a task's mask depends on
         its λ_t only, so one run per λ serves every task)."""
@@ -293,7 +333,8 @@ class Setup:
             for n, t in self.tasks.items())
 
 
-def one_seed(family: Mlp, domains: str, seed: int, epochs: tuple[int, int], work: str) -> dict:
+def one_seed(family: Mlp, domains: str, seed: int, epochs: tuple[int, int], work: str,
+             dynamic: dict | None = None) -> dict:
     s = Setup(family, domains, seed, epochs, work)
     row: dict = {"seed": seed,
                  "individual": statistics.mean(t["individual"] for t in s.tasks.values()),
@@ -306,6 +347,15 @@ def one_seed(family: Mlp, domains: str, seed: int, epochs: tuple[int, int], work
     row["tall"], chosen["tall"] = s.tall()
     row["emr"] = s.emr()
     row["chosen"] = chosen
+    if dynamic is not None:
+        gate = s.dynamic("gating", dynamic["gating"], "gating")
+        row["gating"], row["gating_task_aware"] = gate["gate_head"], gate["task_aware"]
+        row["gate_accuracy"] = gate["gate_accuracy"]
+        for objective in ("entropy", "distill"):
+            row[f"wemoe_{objective}"] = s.dynamic(
+                "wemoe", {**dynamic["wemoe"], "objective": objective,
+                          "lr": dynamic["lr"][objective]}, f"wemoe-{objective}")["task_aware"]
+        row["wemoe_init"] = s.dynamic("wemoe", {"steps": 0}, "wemoe-init")["task_aware"]
     return row
 
 
@@ -317,11 +367,17 @@ ROWS = (("individual fine-tunes (upper bound)", "individual"),
         ("DARE p = 0.9 + TA", "dare_0.9"), ("TIES, global trim k = 20 %", "ties_global"),
         ("TIES, per-tensor trim k = 20 %", "ties_tensor"), ("PCB (r = 0.1)", "pcb"),
         ("weight averaging", "averaging"), ("base body + task heads", "base"))
+DYNAMIC_ROWS = (("gating, head of the task the gate picks", "gating"),
+                ("gating, each task's own head", "gating_task_aware"),
+                ("gate accuracy (inputs routed to their own task)", "gate_accuracy"),
+                ("WEMoE at init (= task arithmetic λ 0.3)", "wemoe_init"),
+                ("WEMoE, entropy TTA on unlabelled test images", "wemoe_entropy"),
+                ("WEMoE, distillation from the individual models", "wemoe_distill"))
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| method | task-aware accuracy (mean ± std over seeds) |", "|---|---|"]
-    for label, key in ROWS:
+    for label, key in ROWS + (DYNAMIC_ROWS if "gating" in rows[0] else ()):
         values = [r[key] for r in rows]
         cell = (f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
                 if len(values) > 1 else f"{values[0]:.3f}")
@@ -329,14 +385,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dynamic_params(smoke: bool) -> dict:
+    """Gating: 300 gate steps; WEMoE: 200 router steps of 16 inputs per task (entropy at the
+    paper's lr 1e-4; distillation at 1e-3)."""
+    steps = (5, 2) if smoke else (300, 200)
+    return {"gating": {"steps": steps[0], "lr": 1e-3, "threshold": 1.0},
+            "wemoe": {"steps": steps[1], "batch_size": 16},
+            "lr": {"entropy": 1e-4, "distill": 1e-3}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("mlp", "vit"), default="mlp")
-    parser.add_argument("--domains", choices=list(DOMAINS), default="mild")
+    parser.add_argument("--domains", choices=list(TASK_SETS), default="mild")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--smoke", action="store_true", help="1 seed, few epochs, small grids")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="also the input-dependent merges, gating and WEMoE (ViT only)")
     args = parser.parse_args()
+    if args.dynamic and args.model != "vit":
+        parser.error("--dynamic needs --model vit (the runtimes run transformers models)")
     torch.set_num_threads(1)
     family = Mlp() if args.model == "mlp" else Vit()
     seeds, epochs = (1, (3, 2)) if args.smoke else (args.seeds, (40, 15))
@@ -349,7 +418,8 @@ def main() -> int:
     rows = []
     for seed in range(seeds):
         with tempfile.TemporaryDirectory(prefix="raymerge-multitask-") as work:
-            rows.append(one_seed(family, args.domains, seed, epochs, work))
+            rows.append(one_seed(family, args.domains, seed, epochs, work,
+                                 dynamic_params(args.smoke) if args.dynamic else None))
         print(f"seed {seed}: " + "  ".join(f"{k} {rows[-1][k]:.3f}" for _, k in ROWS),
               file=sys.stderr)
     print(table(rows))

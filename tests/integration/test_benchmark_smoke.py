@@ -75,11 +75,13 @@ def test_disjoint_quality_benchmark_smoke(tmp_path):
 @pytest.mark.parametrize("model", ["mlp", "vit"])
 def test_multitask_quality_benchmark_smoke(model, tmp_path):
     """The same-base multi-task benchmark runs end to end for both model families (few
-    epochs, one seed, one grid point) and reports every method; numbers are not ranked."""
+    epochs, one seed, one grid point; the ViT also with gating and WEMoE) and reports every
+    method; numbers are not ranked."""
     out = tmp_path / "multitask.json"
+    extra = ["--dynamic"] if model == "vit" else []  # the runtimes need transformers models
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality",
                                                         "multitask.py"), "--smoke", "--model",
-                           model, "--out", str(out)], capture_output=True, text=True,
+                           model, "--out", str(out), *extra], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
@@ -88,3 +90,8 @@ def test_multitask_quality_benchmark_smoke(model, tmp_path):
                 "pcb", "tall", "emr"):
         assert 0 <= row[key] <= 1, key
     assert "EMR (task-aware, data-free)" in proc.stdout
+    if extra:
+        for key in ("gating", "gating_task_aware", "gate_accuracy", "wemoe_init",
+                    "wemoe_entropy", "wemoe_distill"):
+            assert 0 <= row[key] <= 1, key
+        assert "WEMoE, distillation" in proc.stdout

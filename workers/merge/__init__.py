@@ -12,6 +12,7 @@ from workers.merge import (  # noqa: F401  (imported to register each method)
     della_linear,
     emr,
     fisher,
+    gating,
     karcher,
     linear,
     lines,
@@ -33,6 +34,7 @@ from workers.merge import (  # noqa: F401  (imported to register each method)
     task_arithmetic,
     ties,
     weight_matching,
+    wemoe,
     zipit,
 )
 from workers.merge.registry import METHODS, MethodSpec, get_method

@@ -145,6 +145,8 @@ class MethodSpec:
     # base) -> bool [K, *shape]``, each task's mask, stored bit-packed next to the output
     any_widths: bool = False  # models after the first may differ in width (same tensors);
     # the output has the first's shapes
+    dynamic: str | None = None  # "wemoe" or "gating": an input-dependent runtime, trained by
+    # orchestrator/dynamic.py before the merge (which writes its static part)
 
     @property
     def uses_base(self) -> bool:
@@ -175,7 +177,8 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
                  models_for: Callable[[dict], int | None] | None = None,
                  alignment: str | None = None, wants_name: bool = False,
                  statistics: str | None = None,
-                 masks: Callable[..., torch.Tensor] | None = None, any_widths: bool = False):
+                 masks: Callable[..., torch.Tensor] | None = None, any_widths: bool = False,
+                 dynamic: str | None = None):
     """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
 
     def register(fn):
@@ -184,7 +187,7 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
         METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
                                    uses_rng, stats, elementwise, tensor_stats, takes_base,
                                    models_for, alignment, wants_name, statistics, masks,
-                                   any_widths)
+                                   any_widths, dynamic)
         return fn
 
     return register

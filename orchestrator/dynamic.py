@@ -1,0 +1,122 @@
+"""Input-dependent merges (wemoe, gating): train the runtime, then write its static part.
+
+``prepare`` runs one Ray task (``workers.dynamic.train_task``) that reads the models and the
+base, assembles the runtime (experts, heads), trains its router or gate on each model's
+unlabelled inputs (``sources[].data``, else ``data``) and returns the runtime's files; the job
+then merges the static part (the method's kernel) and commits both, the manifest last.
+``load`` and ``predict`` (``raymerge predict``) run a finished output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import torch
+
+from orchestrator.config import JobConfig
+from orchestrator.data import model_ref, open_data, read_config
+from orchestrator.datastats import model_data
+from orchestrator.errors import ConfigError, MergeError
+from orchestrator.index import index_checkpoint
+from orchestrator.schedule import run_tasks
+from orchestrator.settings import tensor_matcher
+from orchestrator.storage import Store, open_store
+from workers.merge import get_method
+from workers.merge.registry import internal_fields
+
+RUNTIME = "runtime"
+
+
+def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+    from workers.dynamic import DynamicContext, train_task
+
+    method = get_method(cfg.merge.method)
+    if not cfg.align.heads:
+        raise ConfigError(f"align.heads: {method.name} needs the classifier tensors each task "
+                          "keeps, e.g. [\"classifier.*\"]")
+    stores = [open_store(s.uri) for s in cfg.sources]
+    refs = tuple(model_ref(index_checkpoint(s.name, st), st, read_config(st, s.name))
+                 for s, st in zip(cfg.sources, stores))
+    base_store = open_store(cfg.base.uri)
+    base = model_ref(index_checkpoint(cfg.base.name, base_store), base_store,
+                     read_config(base_store, cfg.base.name))
+    names = [n for n, _, _ in refs[0].tensors]
+    heads = []
+    for pattern in cfg.align.heads:
+        hit = [n for n in names if tensor_matcher(pattern)(n)]
+        if not hit:
+            raise ConfigError(f"align.heads: {pattern!r} matches no tensor of "
+                              f"{cfg.sources[0].name}")
+        heads += [n for n in hit if n not in heads]
+    opened = [open_data(d, f"sources[{i}].data" if cfg.sources[i].data else "data")
+              for i, d in enumerate(model_data(cfg))]
+    if len({o.input_name for o in opened}) > 1:
+        raise ConfigError("data: every model's inputs must feed the same forward() argument")
+    hidden = internal_fields(method.params)
+    p = method.params(**{k: v for k, v in cfg.merge.params.items() if k not in hidden})
+    ctx = DynamicContext(method.dynamic, refs, base, tuple(s.name for s in cfg.sources),
+                         tuple(heads), tuple(o.task_input for o in opened), p, cfg.seed,
+                         cfg.runtime.threads_per_worker)
+    files = run_tasks(train_task, [0], (ctx,), cfg.runtime, label=f"{method.name} training",
+                      quiet=quiet)[0]
+    trained = hashlib.sha256(files[f"{RUNTIME}/router.safetensors"]).hexdigest()
+    merge = dataclasses.replace(cfg.merge, params={**cfg.merge.params, "runtime": trained})
+    return dataclasses.replace(cfg, merge=merge), files
+
+
+def load(output: str):
+    """The runtime of a finished wemoe or gating output (``workers.dynamic.DynamicModel``)."""
+    from safetensors.torch import load as load_safetensors
+
+    from orchestrator.commit import read_manifest
+    from workers.dynamic import load_runtime
+    from workers.safetensors_io import read_tensor
+
+    out = open_store(output)
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise MergeError(f"{output}: no finished merge (no raymerge manifest)")
+    if get_method(manifest["method"]).dynamic is None:
+        raise ConfigError(f"{output}: a {manifest['method']} merge is a plain checkpoint; "
+                          "load it with transformers (runtimes: wemoe, gating)")
+    listed = {f["file"]: f["sha256"] for f in manifest["files"]}
+    files = {}
+    for name in ("runtime.json", "router.safetensors", "experts.safetensors",
+                 "heads.safetensors"):
+        data = out.read_bytes(f"{RUNTIME}/{name}")
+        if hashlib.sha256(data).hexdigest() != listed.get(f"{RUNTIME}/{name}"):
+            raise MergeError(f"{output}/{RUNTIME}/{name} is not the file the manifest lists")
+        files[name] = data
+    index = index_checkpoint("output", out)
+    static = {n: read_tensor(out, loc.file, loc.info) for n, loc in index.tensors.items()}
+    return load_runtime(json.loads(out.read_bytes("config.json")), static,
+                        json.loads(files["runtime.json"]),
+                        load_safetensors(files["router.safetensors"]),
+                        load_safetensors(files["experts.safetensors"]),
+                        load_safetensors(files["heads.safetensors"]))
+
+
+def predict(output: str, inputs: torch.Tensor, task: str | None = None) -> dict:
+    """Logits and predicted classes for a batch (gating: also the task probabilities and the
+    task whose head was used; WEMoE needs ``task``)."""
+    model = load(output)
+    if task is not None and task not in model.tasks:
+        raise ConfigError(f"{output}: no task {task!r}; tasks: {', '.join(model.tasks)}")
+    if model.kind == "wemoe" and task is None:
+        raise ConfigError(f"{output}: WEMoE runs one task's head: pass a task "
+                          f"({', '.join(model.tasks)})")
+    x = inputs.float() if inputs.is_floating_point() else inputs
+    with torch.no_grad():
+        result: dict = {}
+        if model.kind == "gating":
+            p = model.probabilities(x)
+            result["task_probabilities"] = p.tolist()
+            result["tasks"] = [task or model.tasks[int(i)] for i in p.argmax(1)]
+            logits = model(x, task, probabilities=p)
+        else:
+            logits = model(x, task)
+    result["logits"] = logits.tolist()
+    result["predictions"] = logits.argmax(-1).tolist()
+    return result
