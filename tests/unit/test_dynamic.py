@@ -5,7 +5,7 @@ cosine, and training moves only the router or gate."""
 import torch
 from torch import nn
 
-from workers.dynamic import Gate, Router, RoutedMLP, layer_similarity, train
+from workers.dynamic import Gate, RoutedMLP, Router, layer_similarity, train
 
 
 class Mlp(nn.Module):
