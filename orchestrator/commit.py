@@ -55,6 +55,16 @@ def read_manifest(out: Store) -> dict | None:
     return doc if isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT else None
 
 
+def finished_manifest(out: Store) -> dict:
+    """The manifest of a finished output, or a MergeError saying there is none."""
+    from orchestrator.errors import MergeError
+
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise MergeError(f"{out.uri}: no finished merge (no raymerge manifest)")
+    return manifest
+
+
 def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
            indexes: list[CheckpointIndex], stores: list[Store], out: Store,
            tokenizer_files: dict[str, bytes] | None = None,

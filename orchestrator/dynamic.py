@@ -70,14 +70,12 @@ def load(output: str):
     """The runtime of a finished wemoe or gating output (``workers.dynamic.DynamicModel``)."""
     from safetensors.torch import load as load_safetensors
 
-    from orchestrator.commit import read_manifest
+    from orchestrator.commit import finished_manifest
     from workers.dynamic import load_runtime
     from workers.safetensors_io import read_tensor
 
     out = open_store(output)
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise MergeError(f"{output}: no finished merge (no raymerge manifest)")
+    manifest = finished_manifest(out)
     if get_method(manifest["method"]).dynamic is None:
         raise ConfigError(f"{output}: a {manifest['method']} merge is a plain checkpoint; "
                           "load it with transformers (runtimes: wemoe, gating)")

@@ -34,7 +34,7 @@ def _open(uri: str, hub_settings: dict):
 def task_state(output: str, task: str, base: str | None = None) -> dict[str, torch.Tensor]:
     """Task ``task``'s model (a source name of the merge) from a finished task-aware output;
     ``base`` overrides where the base is read (default: the manifest's base source)."""
-    from orchestrator.commit import MANIFEST, read_manifest
+    from orchestrator.commit import MANIFEST, finished_manifest
     from orchestrator.index import index_checkpoint
     from orchestrator.storage import open_store
     from workers.merge import get_method
@@ -42,9 +42,7 @@ def task_state(output: str, task: str, base: str | None = None) -> dict[str, tor
     from workers.tasks import unpack_masks
 
     out = open_store(output)
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise MergeError(f"{output}: no finished merge (no raymerge manifest)")
+    manifest = finished_manifest(out)
     if get_method(manifest["method"]).masks is None:
         raise ConfigError(f"{output}: a {manifest['method']} merge has no per-task models "
                           "(task-aware methods: tall, emr)")

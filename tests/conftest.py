@@ -38,6 +38,26 @@ def tiny_llama(folder: str, *, seed: int = 0, base: str | None = None, scale: fl
     return folder
 
 
+def tiny_vit_finetune(folder, noise_seed: int | None = None, head_scale: float = 0.1) -> str:
+    """A tiny ViTForImageClassification from one init (seed 0); with ``noise_seed``, a
+    fine-tune stand-in: seeded deltas (0.1 x N(0, 1); ``head_scale`` for the classifier)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, num_channels=1,
+                                                hidden_size=16, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=32,
+                                                num_labels=5))
+    if noise_seed is not None:
+        gen = torch.Generator().manual_seed(noise_seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                scale = head_scale if name.startswith("classifier") else 0.1
+                p += scale * torch.randn(p.shape, generator=gen)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 def tiny_tokenizer(folder: str, words: list[str]) -> str:
     """A word-level fast tokenizer (<unk>, <s>, </s>, then ``words``) saved into ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers

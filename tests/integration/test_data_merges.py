@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from orchestrator.cli import main
-from tests.conftest import load_state
+from tests.conftest import load_state, tiny_vit_finetune
 from workers.data_stats import _renamed, fisher_sums, gram_sums, label_generator
 from workers.merge.fisher import fisher_average
 from workers.merge.regmean import regmean_solve
@@ -25,31 +25,13 @@ pytestmark = pytest.mark.integration
 BATCH = 8
 
 
-def vit(folder, noise_seed=None):
-    """A tiny ViT from one init (seed 0); a fine-tune stand-in with seeded noise added."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, num_channels=1,
-                                                hidden_size=16, num_hidden_layers=2,
-                                                num_attention_heads=4, intermediate_size=32,
-                                                num_labels=5))
-    if noise_seed is not None:
-        gen = torch.Generator().manual_seed(noise_seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p += 0.05 * torch.randn(p.shape, generator=gen)
-    model.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("fine-tunes")
-    out = {"base": vit(root / "base")}
+    out = {"base": tiny_vit_finetune(root / "base")}
     for i, name in enumerate(("a", "b")):
         gen = torch.Generator().manual_seed(20 + i)
-        out[name] = vit(root / name, 10 + i)
+        out[name] = tiny_vit_finetune(root / name, 10 + i, head_scale=0.05)
         data = root / f"{name}.safetensors"
         save_file({"inputs": torch.rand(20, 1, 8, 8, generator=gen) + i}, str(data))
         out[f"data_{name}"] = str(data)

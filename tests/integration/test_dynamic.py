@@ -15,37 +15,19 @@ from safetensors.torch import save_file
 from orchestrator.cli import main
 from orchestrator.dynamic import load, predict
 from orchestrator.errors import ConfigError
-from tests.conftest import load_state
+from tests.conftest import load_state, tiny_vit_finetune
 
 pytestmark = pytest.mark.integration
 
 TASKS = ("t0", "t1", "t2")
 
 
-def vit(folder, noise_seed=None):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    model = ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, num_channels=1,
-                                                hidden_size=16, num_hidden_layers=2,
-                                                num_attention_heads=4, intermediate_size=32,
-                                                num_labels=5))
-    if noise_seed is not None:  # a fine-tune stand-in: seeded deltas, a fresh head
-        gen = torch.Generator().manual_seed(noise_seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                scale = 1.0 if name.startswith("classifier") else 0.1
-                p += scale * torch.randn(p.shape, generator=gen)
-    model.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("dynamic")
-    out = {"base": vit(root / "base")}
-    for k, t in enumerate(TASKS):
-        out[t] = vit(root / t, 10 + k)
+    out = {"base": tiny_vit_finetune(root / "base")}
+    for k, t in enumerate(TASKS):  # fine-tunes with fresh heads
+        out[t] = tiny_vit_finetune(root / t, 10 + k, head_scale=1.0)
         data = root / f"{t}.safetensors"  # each task's inputs: its own brightness range
         gen = torch.Generator().manual_seed(20 + k)
         save_file({"inputs": torch.rand(24, 1, 8, 8, generator=gen) * 0.3 + 0.35 * k},
