@@ -58,7 +58,7 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
     p = method.params(**{k: v for k, v in cfg.merge.params.items() if k not in hidden})
     ctx = DynamicContext(method.dynamic, refs, base, tuple(s.name for s in cfg.sources),
                          tuple(heads), tuple(o.task_input for o in opened), p, cfg.seed,
-                         cfg.runtime.threads_per_worker)
+                         cfg.runtime.threads_per_worker, quiet)
     files = run_tasks(train_task, [0], (ctx,), cfg.runtime, label=f"{method.name} training",
                       quiet=quiet)[0]
     trained = hashlib.sha256(files[f"{RUNTIME}/router.safetensors"]).hexdigest()

@@ -208,7 +208,8 @@ def _batches(data: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tens
 
 def train(dyn: DynamicModel, data: Sequence[torch.Tensor], *, steps: int, lr: float,
           batch_size: int, seed: int, objective: str = "entropy",
-          teachers: Sequence[nn.Module] | None = None) -> list[float]:
+          teachers: Sequence[nn.Module] | None = None,
+          progress: Any = None) -> list[float]:
     """Train the router (WEMoE: ``entropy`` of each task's predictions on its own unlabelled
     inputs, or ``distill``: KL from each individual model's predictions) or the gate (gating:
     cross-entropy of the task each input came from). Returns the loss per step."""
@@ -238,6 +239,8 @@ def train(dyn: DynamicModel, data: Sequence[torch.Tensor], *, steps: int, lr: fl
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(len(losses), steps, losses[-1])
     return losses
 
 
@@ -317,6 +320,18 @@ class DynamicContext:
     params: Any  # the method's params (init_lambda, threshold, objective, steps, lr, ...)
     seed: int
     threads: int
+    quiet: bool = True
+
+
+def _progress(label: str):
+    """A line on stderr (forwarded to the driver by Ray) about every 10 % of the steps."""
+    import sys
+
+    def report(step: int, steps: int, loss: float) -> None:
+        if step == steps or step % max(1, steps // 10) == 0:
+            print(f"[{label} training] step {step}/{steps}  loss {loss:.4f}", file=sys.stderr,
+                  flush=True)
+    return report
 
 
 def _state(ref: Any) -> dict[str, torch.Tensor]:
@@ -351,7 +366,8 @@ def runtime_files(ctx: DynamicContext) -> dict[str, bytes]:
         objective = getattr(p, "objective", "gate")
         teachers = [build_model(r) for r in ctx.models] if objective == "distill" else None
         losses = train(dyn, data, steps=p.steps, lr=p.lr, batch_size=p.batch_size,
-                       seed=ctx.seed, objective=objective, teachers=teachers)
+                       seed=ctx.seed, objective=objective, teachers=teachers,
+                       progress=None if ctx.quiet else _progress(ctx.kind))
         gate_accuracy = None
         if ctx.kind == "gating":
             with torch.no_grad():
