@@ -24,7 +24,9 @@ consensus (λ_t, λ), PCB (λ), and the task-aware TALL (λ_t per task) and EMR.
 unlabelled training images; scored with the head of the task it picks and with each task's own
 head) and WEMoE (routers adapted on each task's unlabelled test images, by entropy minimisation
 or by distillation from the individual models), as ``raymerge`` jobs run by their runtime.
-``--domains all``: the twelve mild and hard tasks together (merges of 12 models).
+``--domains all``: the twelve mild and hard tasks together (merges of 12 models);
+``--domains tasks``: the "tasks" setting instead of domains: five fine-tunes on disjoint label
+sets (digits 0-1, 2-3, ..., plain images), each scored on its own classes.
 
 ``--smoke``: one seed, few epochs, small grids (CI: it runs; numbers are not ranked).
 """
@@ -54,7 +56,8 @@ from workers.data_stats import fisher_sums, gram_sums, label_generator  # noqa: 
 from workers.merge.fisher import fisher_average  # noqa: E402
 from workers.merge.regmean import regmean_solve  # noqa: E402
 
-TASK_SETS = {**DOMAINS, "all": DOMAINS["mild"] + DOMAINS["hard"]}
+TASK_SETS = {**DOMAINS, "all": DOMAINS["mild"] + DOMAINS["hard"],
+             "tasks": ("digits01", "digits23", "digits45", "digits67", "digits89")}
 LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 GRIDS = {
     "task_arithmetic": [{"scale": s} for s in LAMBDAS],
@@ -201,19 +204,24 @@ class Setup:
             fresh = family.head(net)
             net.load_state_dict(base.state_dict())
             (net.head if family.name == "mlp" else net.classifier).load_state_dict(fresh)
-            fit, val, test = (torch.from_numpy(transform(task, a, seed * 10 + i + k))
-                              for k, a in enumerate((x_fit, x_val, x_test)))
-            train(net, fit, torch.from_numpy(y_fit), epochs[1], seed * 100 + i)
+            splits = [(x_fit, y_fit), (x_val, y_val), (x_test, y_test)]
+            if task.startswith("digits"):  # the "tasks" setting: own classes, plain images
+                keep = [np.isin(ys, [int(c) for c in task[6:]]) for _, ys in splits]
+                splits = [(xs[k], ys[k]) for (xs, ys), k in zip(splits, keep)]
+            else:  # a domain: every class, transformed images
+                splits = [(transform(task, xs, seed * 10 + i + k), ys)
+                          for k, (xs, ys) in enumerate(splits)]
+            (fit, y_task), val, test = [(torch.from_numpy(xs), torch.from_numpy(ys))
+                                        for xs, ys in splits]
+            train(net, fit, y_task, epochs[1], seed * 100 + i)
             data = f"{work}/{task}-inputs.safetensors"
             save_file({"inputs": fit[:DATA_SAMPLES].reshape(-1, 1, 8, 8).contiguous()}, data)
             test_data = f"{work}/{task}-test-inputs.safetensors"  # unlabelled, for TTA
-            save_file({"inputs": test.reshape(-1, 1, 8, 8).contiguous()}, test_data)
+            save_file({"inputs": test[0].reshape(-1, 1, 8, 8).contiguous()}, test_data)
             self.tasks[task] = {"uri": family.save(net, f"{work}/{task}"),
                                 "head": family.head(net), "data": data, "fit": fit,
                                 "test_data": test_data,
-                                "val": (val, torch.from_numpy(y_val)),
-                                "test": (test, torch.from_numpy(y_test)),
-                                "individual": accuracy(net, test, torch.from_numpy(y_test))}
+                                "val": val, "test": test, "individual": accuracy(net, *test)}
 
     def score(self, body: dict, split: str, tasks: list[str] | None = None) -> float:
         """Mean task-aware accuracy of ``body`` with each task's own head."""
