@@ -1,9 +1,11 @@
 """Input-dependent merges (wemoe, gating): train the runtime, then write its static part.
 
-``prepare`` runs one Ray task (``workers.dynamic.train_task``) that reads the models and the
-base, assembles the runtime (experts, heads), trains its router or gate on each model's
-unlabelled inputs (``sources[].data``, else ``data``) and returns the runtime's files; the job
-then merges the static part (the method's kernel) and commits both, the manifest last.
+``prepare`` trains the runtime data-parallel: one Ray actor per worker (``workers.dynamic.
+Trainer``) assembles the runtime from the models and the base (experts, heads) and computes,
+each step, the loss gradients of its share of the tasks on their unlabelled inputs
+(``sources[].data``, else ``data``); this driver adds them in task order and takes the Adam
+step (so 1 and N workers train the same bits), then the first actor returns the runtime's
+files. The job merges the static part (the method's kernel) and commits both, manifest last.
 ``load`` and ``predict`` (``raymerge predict``) run a finished output.
 """
 
@@ -20,7 +22,7 @@ from orchestrator.data import model_ref, open_data, read_config
 from orchestrator.datastats import model_data
 from orchestrator.errors import ConfigError, MergeError
 from orchestrator.index import index_checkpoint
-from orchestrator.schedule import run_tasks
+from orchestrator.schedule import actor_pool, pool_size
 from orchestrator.settings import tensor_matcher
 from orchestrator.storage import Store, open_store
 from workers.merge import get_method
@@ -30,7 +32,7 @@ RUNTIME = "runtime"
 
 
 def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
-    from workers.dynamic import DynamicContext, train_task
+    from workers.dynamic import DynamicContext, Trainer, fit, progress_printer
 
     method = get_method(cfg.merge.method)
     if not cfg.align.heads:
@@ -58,9 +60,20 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
     p = method.params(**{k: v for k, v in cfg.merge.params.items() if k not in hidden})
     ctx = DynamicContext(method.dynamic, refs, base, tuple(s.name for s in cfg.sources),
                          tuple(heads), tuple(o.task_input for o in opened), p, cfg.seed,
-                         cfg.runtime.threads_per_worker, quiet)
-    files = run_tasks(train_task, [0], (ctx,), cfg.runtime, label=f"{method.name} training",
-                      quiet=quiet)[0]
+                         cfg.runtime.threads_per_worker)
+    k = len(cfg.sources)
+    workers = pool_size(cfg.runtime, k)
+    shares = [list(range(i, k, workers)) for i in range(workers)]  # tasks per worker
+    with actor_pool(Trainer, [(ctx, share) for share in shares], cfg.runtime) as pool:
+        def gradients(values, step):  # every task's, from the workers holding them
+            parts: dict = {}
+            for part in pool.call_all("gradients", values, step):
+                parts.update(part)
+            return parts
+
+        values, losses = fit(pool.call(0, "initial"), gradients, tasks=k, steps=p.steps,
+                             lr=p.lr, progress=None if quiet else progress_printer(method.name))
+        files = pool.call(0, "files", values, losses)
     trained = hashlib.sha256(files[f"{RUNTIME}/router.safetensors"]).hexdigest()
     merge = dataclasses.replace(cfg.merge, params={**cfg.merge.params, "runtime": trained})
     return dataclasses.replace(cfg, merge=merge), files

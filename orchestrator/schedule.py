@@ -117,6 +117,64 @@ def fold_tasks(fn: Callable, items: Sequence[Any], args: tuple, runtime: Runtime
     return state
 
 
+class _LocalPool:
+    def __init__(self, objects: list[Any]):
+        self.objects = objects
+
+    def call(self, i: int, method: str, *args: Any) -> Any:
+        return getattr(self.objects[i], method)(*args)
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(o, method)(*args) for o in self.objects]
+
+
+class _RayPool:
+    def __init__(self, actors: list[Any]):
+        self.actors = actors
+
+    def call(self, i: int, method: str, *args: Any) -> Any:
+        import ray
+
+        return ray.get(getattr(self.actors[i], method).remote(*args))
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        refs = [ray.put(a) for a in args]
+        return ray.get([getattr(a, method).remote(*refs) for a in self.actors])
+
+
+@contextmanager
+def actor_pool(cls: type, init_args: Sequence[tuple], runtime: RuntimeConfig) -> Iterator[Any]:
+    """One stateful worker per ``init_args`` entry (Ray actors, one CPU each; in-process
+    objects with the local executor): ``pool.call(i, method, *args)`` on one,
+    ``pool.call_all(method, *args)`` on all, results in worker order (e.g. a data-parallel
+    training loop driven from here)."""
+    if runtime.executor != "ray":
+        yield _LocalPool([cls(*a) for a in init_args])
+        return
+    import ray
+    from ray.exceptions import RayError
+
+    with _RayExecutor(runtime):
+        remote = ray.remote(num_cpus=1, runtime_env={"env_vars": storage_env()})(cls)
+        actors = [remote.remote(*a) for a in init_args]
+        try:
+            yield _RayPool(actors)
+        except RayError as e:
+            raise WorkerError(f"a worker of {cls.__name__} failed: {e}") from None
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+
+def pool_size(runtime: RuntimeConfig, wanted: int) -> int:
+    """How many workers a pool of at most ``wanted`` gets: 1 in-process, else one per worker."""
+    if runtime.executor != "ray":
+        return 1
+    return max(1, min(wanted, runtime.num_workers or os.cpu_count() or 1))
+
+
 class _Progress:
     """Units done, bytes read, rate and ETA on stderr, at most about once a second."""
 

@@ -202,46 +202,75 @@ def layer_of_tensor(name: str) -> str:
     return m[1] if m else "other"
 
 
-def _batches(data: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
-    return data[torch.randint(len(data), (min(batch, len(data)),), generator=gen)]
+def _generator(seed: int, step: int, task: int) -> torch.Generator:
+    key = hashlib.sha256(f"{seed}\x00{step}\x00{task}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:7], "little"))
 
 
-def train(dyn: DynamicModel, data: Sequence[torch.Tensor], *, steps: int, lr: float,
-          batch_size: int, seed: int, objective: str = "entropy",
-          teachers: Sequence[nn.Module] | None = None,
-          progress: Any = None) -> list[float]:
-    """Train the router (WEMoE: ``entropy`` of each task's predictions on its own unlabelled
-    inputs, or ``distill``: KL from each individual model's predictions) or the gate (gating:
-    cross-entropy of the task each input came from). Returns the loss per step."""
-    gen = torch.Generator().manual_seed(int.from_bytes(
-        hashlib.sha256(f"{seed}\x00train".encode()).digest()[:7], "little"))
+def task_loss(dyn: DynamicModel, k: int, x: torch.Tensor, step: int, *, batch_size: int,
+              seed: int, objective: str, teacher: nn.Module | None = None) -> torch.Tensor:
+    """Task k's share (1/K) of the training loss at ``step``, on a batch of its inputs drawn
+    with a generator keyed by (seed, step, task): the router (WEMoE: ``entropy`` of the
+    task's predictions, or ``distill``: KL from the task's own model) or the gate (gating:
+    cross-entropy of the task the inputs came from)."""
+    gen = _generator(seed, step, k)
+    xb = x[torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)]
+    if dyn.kind == "gating":
+        target = torch.full((len(xb),), k, dtype=torch.long)
+        return nn.functional.cross_entropy(dyn.gate(xb), target) / len(dyn.tasks)
+    logp = torch.log_softmax(dyn(xb, dyn.tasks[k]), dim=-1)
+    if objective == "entropy":
+        return -(logp.exp() * logp).sum(-1).mean() / len(dyn.tasks)
+    with torch.no_grad():
+        target = torch.softmax(_logits(teacher(**{dyn.input_name: xb})), -1)
+    return nn.functional.kl_div(logp, target, reduction="batchmean") / len(dyn.tasks)
+
+
+Gradients = dict[int, tuple[list[torch.Tensor], float]]  # task -> (gradient per parameter,
+# its loss share)
+
+
+def task_gradients(dyn: DynamicModel, tasks: Sequence[int], data: Sequence[torch.Tensor],
+                   values: Sequence[torch.Tensor], step: int, **loss_args: Any) -> Gradients:
+    """Each of ``tasks``' loss gradients at the trainable parameters ``values``, separately
+    (so that any split of the tasks over workers adds up to the same sum)."""
     params = dyn.trainable()
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    out = {}
+    teachers = loss_args.pop("teachers", None)
+    for k in tasks:
+        for p in params:
+            p.grad = None
+        loss = task_loss(dyn, k, data[k], step,
+                         teacher=teachers[k] if teachers else None, **loss_args)
+        loss.backward()
+        out[k] = ([p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                   for p in params], float(loss.detach()))
+    return out
+
+
+def fit(initial: Sequence[torch.Tensor], gradients, *, tasks: int, steps: int, lr: float,
+        progress: Any = None) -> tuple[list[torch.Tensor], list[float]]:
+    """Adam on the trainable parameters: each step, ``gradients(values, step)`` gives every
+    task's gradients (from one or several workers), added in task order. Returns the final
+    values and the loss per step."""
+    params = [v.detach().clone().requires_grad_(True) for v in initial]
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.zeros(())
-        for k, (task, x) in enumerate(zip(dyn.tasks, data)):
-            xb = _batches(x, batch_size, gen)
-            if dyn.kind == "gating":
-                target = torch.full((len(xb),), k, dtype=torch.long)
-                loss = loss + nn.functional.cross_entropy(dyn.gate(xb), target)
-                continue
-            logits = dyn(xb, task)
-            logp = torch.log_softmax(logits, dim=-1)
-            if objective == "entropy":
-                loss = loss - (logp.exp() * logp).sum(-1).mean()
-            else:
-                with torch.no_grad():
-                    target = torch.softmax(_logits(teachers[k](**{dyn.input_name: xb})), -1)
-                loss = loss + nn.functional.kl_div(logp, target, reduction="batchmean")
-        loss = loss / len(data)
-        loss.backward()
+    for step in range(steps):
+        parts = gradients([p.detach() for p in params], step)
+        for j, p in enumerate(params):
+            total = parts[0][0][j]
+            for k in range(1, tasks):
+                total = total + parts[k][0][j]
+            p.grad = total
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(sum(parts[k][1] for k in range(tasks)))
         if progress is not None:
-            progress(len(losses), steps, losses[-1])
-    return losses
+            progress(step + 1, steps, losses[-1])
+    return [p.detach().clone() for p in params], losses
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -320,18 +349,6 @@ class DynamicContext:
     params: Any  # the method's params (init_lambda, threshold, objective, steps, lr, ...)
     seed: int
     threads: int
-    quiet: bool = True
-
-
-def _progress(label: str):
-    """A line on stderr (forwarded to the driver by Ray) about every 10 % of the steps."""
-    import sys
-
-    def report(step: int, steps: int, loss: float) -> None:
-        if step == steps or step % max(1, steps // 10) == 0:
-            print(f"[{label} training] step {step}/{steps}  loss {loss:.4f}", file=sys.stderr,
-                  flush=True)
-    return report
 
 
 def _state(ref: Any) -> dict[str, torch.Tensor]:
@@ -340,60 +357,96 @@ def _state(ref: Any) -> dict[str, torch.Tensor]:
     return {n: read_tensor(ref.store, f, info) for n, f, info in ref.tensors}
 
 
-def runtime_files(ctx: DynamicContext) -> dict[str, bytes]:
-    """Assemble, build and train the runtime (one Ray task); its files, relative to the
-    output: ``runtime/{runtime.json, router, experts, heads}.safetensors``."""
-    import json
+class Trainer:
+    """One training worker: the runtime assembled from the models, and the gradients of its
+    share of the tasks; the first also writes the runtime's files."""
 
-    from safetensors.torch import save
+    def __init__(self, ctx: DynamicContext, tasks: Sequence[int]):
+        from workers.models import build_model, read_batch
+        from workers.tasks import torch_threads
 
-    from workers.models import build_model, read_batch
-    from workers.tasks import torch_threads
+        self.ctx, self.tasks, p = ctx, list(tasks), ctx.params
+        with torch_threads(ctx.threads):
+            states = [_state(r) for r in ctx.models]
+            static, self.experts, heads, self.similarity = assemble(
+                ctx.kind, states, _state(ctx.base), ctx.heads,
+                init_lambda=getattr(p, "init_lambda", 0.0),
+                threshold=getattr(p, "threshold", 0.0))
+            self.data = [read_batch(store, file, info, 0, samples, samples)
+                         for store, file, info, samples, _ in ctx.data]
+            self.input_name = ctx.data[0][4]
+            self.features = int(self.data[0][0].numel())
+            self.heads = {t: heads[k] for k, t in enumerate(ctx.tasks)}
+            self.dyn, self.used = build(ctx.kind, ctx.models[0].config, static, self.experts,
+                                        self.heads, ctx.tasks, self.input_name,
+                                        getattr(p, "init_lambda", 0.0), self.features,
+                                        ctx.seed)
+            self.objective = getattr(p, "objective", "gate")
+            self.teachers = ([build_model(r) for r in ctx.models]
+                             if self.objective == "distill" else None)
 
-    p = ctx.params
-    with torch_threads(ctx.threads):
-        states = [_state(r) for r in ctx.models]
-        static, experts, heads, similarity = assemble(
-            ctx.kind, states, _state(ctx.base), ctx.heads,
-            init_lambda=getattr(p, "init_lambda", 0.0), threshold=getattr(p, "threshold", 0.0))
-        data = [read_batch(store, file, info, 0, samples, samples)
-                for store, file, info, samples, _ in ctx.data]
-        input_name = ctx.data[0][4]
-        features = int(data[0][0].numel())
-        by_task = {t: heads[k] for k, t in enumerate(ctx.tasks)}
-        dyn, used = build(ctx.kind, ctx.models[0].config, static, experts, by_task, ctx.tasks,
-                          input_name, getattr(p, "init_lambda", 0.0), features, ctx.seed)
-        objective = getattr(p, "objective", "gate")
-        teachers = [build_model(r) for r in ctx.models] if objective == "distill" else None
-        losses = train(dyn, data, steps=p.steps, lr=p.lr, batch_size=p.batch_size,
-                       seed=ctx.seed, objective=objective, teachers=teachers,
-                       progress=None if ctx.quiet else _progress(ctx.kind))
-        gate_accuracy = None
-        if ctx.kind == "gating":
-            with torch.no_grad():
-                hits = sum(int((dyn.probabilities(x).argmax(1) == k).sum())
-                           for k, x in enumerate(data))
-            gate_accuracy = hits / sum(len(x) for x in data)
-    description = {
-        "format": "raymerge-dynamic/1", "kind": ctx.kind, "tasks": list(ctx.tasks),
-        "input_name": input_name, "input_features": features, "heads": list(ctx.heads),
-        "experts": used, "init_lambda": getattr(p, "init_lambda", 0.0),
-        "objective": objective, "steps": p.steps, "lr": p.lr, "batch_size": p.batch_size,
-        "losses": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None},
-        "layer_similarity": similarity, "threshold": getattr(p, "threshold", None),
-        "gate_training_accuracy": gate_accuracy}
-    expert_tensors = {}
-    for n in used:
-        expert_tensors[f"{n}/base"], expert_tensors[f"{n}/tau"] = experts[n]
-    meta = {"format": "pt"}
-    return {
-        "runtime/runtime.json": json.dumps(description, indent=1, sort_keys=True).encode(),
-        "runtime/router.safetensors": save(dyn.router_state(), metadata=meta),
-        "runtime/experts.safetensors": save({k: v.contiguous() for k, v in
-                                             expert_tensors.items()}, metadata=meta),
-        "runtime/heads.safetensors": save({f"{t}/{n}": v.contiguous()
-                                           for t, h in by_task.items() for n, v in h.items()},
-                                          metadata=meta)}
+    def initial(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.dyn.trainable()]
+
+    def gradients(self, values: Sequence[torch.Tensor], step: int) -> Gradients:
+        from workers.tasks import torch_threads
+
+        p = self.ctx.params
+        with torch_threads(self.ctx.threads):
+            return task_gradients(self.dyn, self.tasks, self.data, values, step,
+                                  batch_size=p.batch_size, seed=self.ctx.seed,
+                                  objective=self.objective, teachers=self.teachers)
+
+    def files(self, values: Sequence[torch.Tensor], losses: Sequence[float]) -> dict[str, bytes]:
+        """The runtime's files, relative to the output: ``runtime/runtime.json``,
+        ``router.safetensors``, ``experts.safetensors`` (θ0 and τ of each expert tensor),
+        ``heads.safetensors``."""
+        import json
+
+        from safetensors.torch import save
+
+        ctx, p = self.ctx, self.ctx.params
+        with torch.no_grad():
+            for param, v in zip(self.dyn.trainable(), values):
+                param.copy_(v)
+            gate_accuracy = None
+            if ctx.kind == "gating":
+                hits = sum(int((self.dyn.probabilities(x).argmax(1) == k).sum())
+                           for k, x in enumerate(self.data))
+                gate_accuracy = hits / sum(len(x) for x in self.data)
+        description = {
+            "format": "raymerge-dynamic/1", "kind": ctx.kind, "tasks": list(ctx.tasks),
+            "input_name": self.input_name, "input_features": self.features,
+            "heads": list(ctx.heads), "experts": self.used,
+            "init_lambda": getattr(p, "init_lambda", 0.0), "objective": self.objective,
+            "steps": p.steps, "lr": p.lr, "batch_size": p.batch_size,
+            "losses": {"first": losses[0] if losses else None,
+                       "last": losses[-1] if losses else None},
+            "layer_similarity": self.similarity, "threshold": getattr(p, "threshold", None),
+            "gate_training_accuracy": gate_accuracy}
+        experts = {}
+        for n in self.used:
+            experts[f"{n}/base"], experts[f"{n}/tau"] = self.experts[n]
+        meta = {"format": "pt"}
+        return {
+            "runtime/runtime.json": json.dumps(description, indent=1, sort_keys=True).encode(),
+            "runtime/router.safetensors": save(self.dyn.router_state(), metadata=meta),
+            "runtime/experts.safetensors": save({k: v.contiguous() for k, v in experts.items()},
+                                                metadata=meta),
+            "runtime/heads.safetensors": save({f"{t}/{n}": v.contiguous()
+                                               for t, h in self.heads.items()
+                                               for n, v in h.items()}, metadata=meta)}
+
+
+def progress_printer(label: str):
+    """A line on stderr about every 10 % of the steps."""
+    import sys
+
+    def report(step: int, steps: int, loss: float) -> None:
+        if step == steps or step % max(1, steps // 10) == 0:
+            print(f"[{label} training] step {step}/{steps}  loss {loss:.4f}", file=sys.stderr,
+                  flush=True)
+    return report
 
 
 def load_runtime(config: dict, static: Mapping[str, torch.Tensor], description: dict,
@@ -410,7 +463,3 @@ def load_runtime(config: dict, static: Mapping[str, torch.Tensor], description: 
     dyn.load_router(router)
     return dyn.eval()
 
-
-def train_task(_item: int, ctx: DynamicContext) -> dict[str, bytes]:
-    """The Ray task body: ``runtime_files`` of the job."""
-    return runtime_files(ctx)

@@ -1,11 +1,11 @@
 """The dynamic runtimes' building blocks: a fresh router gives λ0 for any input, a routed MLP
 at λ computes the MLP with θ0 + Σ λ_k τ_k (per sample), layer similarity is the mean pairwise
-cosine, and training moves only the router or gate."""
+cosine, and training adds per-task gradients in task order (the same for any split)."""
 
 import torch
 from torch import nn
 
-from workers.dynamic import Gate, RoutedMLP, Router, layer_similarity, train
+from workers.dynamic import Gate, RoutedMLP, Router, fit, layer_similarity, task_gradients
 
 
 class Mlp(nn.Module):
@@ -48,6 +48,8 @@ def test_layer_similarity_is_the_mean_pairwise_cosine():
 
 
 def test_gate_training_learns_which_task_an_input_came_from():
+    """Per-task gradients added in task order: the same values whether one worker computes
+    every task or each task is computed alone (two workers)."""
     class Shell(nn.Module):
         kind, tasks = "gating", ["a", "b"]
 
@@ -61,7 +63,21 @@ def test_gate_training_learns_which_task_an_input_came_from():
     torch.manual_seed(0)
     shell = Shell()
     data = [torch.randn(40, 3) - 2, torch.randn(40, 3) + 2]
-    losses = train(shell, data, steps=60, lr=1e-2, batch_size=16, seed=0)
+    args = dict(batch_size=16, seed=0, objective="gate")
+    start = [p.detach().clone() for p in shell.trainable()]
+
+    def together(values, step):
+        return task_gradients(shell, [0, 1], data, values, step, **args)
+
+    def apart(values, step):
+        return {**task_gradients(shell, [1], data, values, step, **args),
+                **task_gradients(shell, [0], data, values, step, **args)}
+
+    values, losses = fit(start, together, tasks=2, steps=60, lr=1e-2)
+    again, _ = fit(start, apart, tasks=2, steps=60, lr=1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(values, again))
     assert losses[-1] < losses[0] / 4
     with torch.no_grad():
+        for p, v in zip(shell.trainable(), values):
+            p.copy_(v)
         assert (shell.gate(data[1]).argmax(1) == 1).float().mean() > 0.95
