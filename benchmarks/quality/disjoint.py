@@ -42,6 +42,7 @@ from workers.align.features import activation_stats  # noqa: E402
 from workers.align.match import _members_of, activation_matching, weight_matching  # noqa: E402
 from workers.align.mudsc import mudsc_perm, mudsc_zip  # noqa: E402
 from workers.align.ot import fuse, moved, ot_fusion  # noqa: E402
+from workers.align.pleas import pleas  # noqa: E402
 from workers.align.zip import head, merge, zipit  # noqa: E402
 
 ALPHAS, BETAS = (0.0, 0.3, 0.5), (0.125, 0.5, 1.0)
@@ -194,6 +195,15 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
     row["ot_sinkhorn_reg"] = reg
     if isinstance(family, Vit):  # the residual stream couples every layer: no partial zip
         return row
+    # PLeaS: partial matching to widths n, 1.5n, 2n, then layer-wise least squares
+    corrs = [stats[g.name].correlation() for g in spec.groups]
+    x_fit = splits["fit"]["x"]
+    for label, factor in (("pleas_1", 1.0), ("pleas_1.5", 1.5), ("pleas_2", 2.0)):
+        widths = [int(round(g.size * factor)) for g in spec.groups]
+        hidden, heads = pleas([m for m in models[0] if isinstance(m, nn.Linear)],
+                              [m for m in models[1] if isinstance(m, nn.Linear)], corrs,
+                              widths, x_fit)
+        row[label] = _multihead(hidden, heads, splits["test"])
     # wider into narrower: task B learnt by a model twice as wide, fused into A's widths
     wide_family = Mlp(2 * family.width)
     torch.manual_seed(1000 * seed + 2)
@@ -239,6 +249,20 @@ def _partial(family: Mlp, spec, a: dict, b: dict, models: list[nn.Module], solve
     return _ensemble(family, nets, data)
 
 
+def _multihead(hidden: list, heads: list, data: dict) -> dict:
+    """A shared trunk (PLeaS' merged layers) with each model's head: scored as the ensemble."""
+    with torch.no_grad():
+        h = data["x"]
+        for w, b in hidden:
+            h = torch.relu(h @ w.T + b)
+        logits = [h @ w.T + b for w, b in heads]
+    task = data["y"] // 5
+    aware = statistics.mean(float((logits[t][task == t].argmax(1) == data["y"][task == t] - 5 * t)
+                                  .float().mean()) for t in (0, 1))
+    joint = torch.cat(logits, 1).argmax(1)
+    return {"task_aware": aware, "joint": float((joint == data["y"]).float().mean())}
+
+
 def _own(family: Mlp, model: nn.Module, t: int, data: dict) -> float:
     keep = data["y"] // 5 == t
     with torch.no_grad():
@@ -265,6 +289,9 @@ METHODS = (("individual models (own heads)", "individual"), ("output ensemble", 
            ("output ensemble, B twice as wide (MLP)", "ensemble_wide"),
            ("OT fusion of the wider B into A's widths, EMD (MLP)", "ot_emd_wide"),
            ("OT fusion of the wider B into A's widths, Sinkhorn (MLP)", "ot_sinkhorn_wide"),
+           ("PLeaS, merged width n (MLP)", "pleas_1"),
+           ("PLeaS, merged width 1.5n (MLP)", "pleas_1.5"),
+           ("PLeaS, merged width 2n (MLP)", "pleas_2"),
            ("ZipIt! partial: first hidden space zipped (MLP)", "zipit_partial_1"),
            ("ZipIt! partial: two of three hidden spaces zipped (MLP)", "zipit_partial_2"))
 

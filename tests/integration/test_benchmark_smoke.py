@@ -67,6 +67,7 @@ def test_disjoint_quality_benchmark_smoke(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     for key in ("ensemble", "weight_averaging", "weight_matching", "activation_matching",
                 "ot_emd", "ot_sinkhorn", "ensemble_wide", "ot_emd_wide", "ot_sinkhorn_wide",
+                "pleas_1", "pleas_1.5", "pleas_2",
                 "zipit", "mudsc_perm", "mudsc_zip", "zipit_partial_1", "zipit_partial_2"):
         assert 0 <= row[key]["task_aware"] <= 1 and 0 <= row[key]["joint"] <= 1
     assert "ZipIt! (full)" in proc.stdout
