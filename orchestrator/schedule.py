@@ -169,10 +169,17 @@ def actor_pool(cls: type, init_args: Sequence[tuple], runtime: RuntimeConfig) ->
 
 
 def pool_size(runtime: RuntimeConfig, wanted: int) -> int:
-    """How many workers a pool of at most ``wanted`` gets: 1 in-process, else one per worker."""
+    """How many workers a pool of at most ``wanted`` gets: 1 in-process, else one per worker,
+    no more than the running cluster has CPUs for (an actor waiting for a CPU would wait
+    forever)."""
     if runtime.executor != "ray":
         return 1
-    return max(1, min(wanted, runtime.num_workers or os.cpu_count() or 1))
+    cpus = os.cpu_count() or 1
+    import ray
+
+    if ray.is_initialized():
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(wanted, runtime.num_workers or cpus, cpus))
 
 
 class _Progress:
