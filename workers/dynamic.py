@@ -452,7 +452,7 @@ def progress_printer(label: str):
 def load_runtime(config: dict, static: Mapping[str, torch.Tensor], description: dict,
                  router: Mapping[str, torch.Tensor], experts: Mapping[str, torch.Tensor],
                  heads: Mapping[str, torch.Tensor]) -> DynamicModel:
-    """The runtime from the files ``runtime_files`` wrote and the output's static weights."""
+    """The runtime from the files ``Trainer.files`` wrote and the output's static weights."""
     tasks = description["tasks"]
     pairs = {n: (experts[f"{n}/base"], experts[f"{n}/tau"]) for n in description["experts"]}
     by_task = {t: {k[len(t) + 1:]: v for k, v in heads.items() if k.startswith(t + "/")}
