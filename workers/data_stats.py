@@ -25,7 +25,12 @@ NORM = "__norm__"  # in the reduced file: the L2 norm of a model's whole Fisher
 
 
 def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
+    logits = output.logits if hasattr(output, "logits") else output
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"fisher needs a model that returns logits (a transformers "
+                         f"*For...Classification or *ForCausalLM class); this one returns "
+                         f"{type(output).__name__}")
+    return logits
 
 
 def fisher_sums(model: nn.Module, inputs: torch.Tensor, input_name: str,

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -55,3 +56,12 @@ def test_fisher_squares_per_example_gradients():
     for n in want:
         torch.testing.assert_close(got[n], want[n])
     assert not torch.allclose(got["body.0.weight"], batch_grad["body.0.weight"].square())
+
+
+def test_a_model_without_logits_is_named():
+    class Encoder(nn.Module):
+        def forward(self, pixel_values):
+            return {"hidden": pixel_values}
+
+    with pytest.raises(ValueError, match="fisher needs a model that returns logits"):
+        fisher_sums(Encoder(), torch.randn(2, 3), "pixel_values", torch.Generator())
