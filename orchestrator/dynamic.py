@@ -32,7 +32,7 @@ RUNTIME = "runtime"
 
 
 def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
-    from workers.dynamic import DynamicContext, Trainer, fit, progress_printer
+    from workers.dynamic import DynamicContext
 
     method = get_method(cfg.merge.method)
     if not cfg.align.heads:
@@ -64,6 +64,17 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
     k = len(cfg.sources)
     workers = pool_size(cfg.runtime, k)
     shares = [list(range(i, k, workers)) for i in range(workers)]  # tasks per worker
+    try:
+        return _train(cfg, ctx, shares, p, method.name, quiet)
+    except ValueError as e:  # the models do not fit the method (no MLP sites, no logits, ...)
+        raise ConfigError(f"{method.name}: {e}") from None
+
+
+def _train(cfg: JobConfig, ctx, shares: list, p, name: str,
+           quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+    from workers.dynamic import Trainer, fit, progress_printer
+
+    k = len(cfg.sources)
     with actor_pool(Trainer, [(ctx, share) for share in shares], cfg.runtime) as pool:
         def gradients(values, step):  # every task's, from the workers holding them
             parts: dict = {}
@@ -72,7 +83,7 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
             return parts
 
         values, losses = fit(pool.call(0, "initial"), gradients, tasks=k, steps=p.steps,
-                             lr=p.lr, progress=None if quiet else progress_printer(method.name))
+                             lr=p.lr, progress=None if quiet else progress_printer(name))
         files = pool.call(0, "files", values, losses)
     trained = hashlib.sha256(files[f"{RUNTIME}/router.safetensors"]).hexdigest()
     merge = dataclasses.replace(cfg.merge, params={**cfg.merge.params, "runtime": trained})

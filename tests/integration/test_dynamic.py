@@ -157,3 +157,28 @@ def test_dynamic_merges_need_heads_and_data(family, tmp_path, capsys):
     assert main(["run", path]) == 2
     assert "sources[0].data: method 'gating' needs each model's unlabelled inputs" in \
         capsys.readouterr().err
+
+
+def test_wemoe_names_a_model_without_block_mlps(tmp_path, capsys):
+    """BERT's feed-forward is two modules (intermediate, output), not one ``mlp``: refused."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, num_labels=3)
+    folders = {}
+    for seed, name in enumerate(("base", "a", "b")):
+        torch.manual_seed(seed)
+        BertForSequenceClassification(config).save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+    data = tmp_path / "ids.safetensors"
+    save_file({"inputs": torch.randint(0, 30, (6, 5))}, str(data))
+    doc = {"base": {"name": "base", "uri": folders["base"]},
+           "sources": [{"name": n, "uri": folders[n]} for n in ("a", "b")],
+           "data": {"uri": str(data)}, "merge": {"method": "wemoe", "params": {"steps": 1}},
+           "align": {"heads": ["classifier.*"]}, "output": {"uri": str(tmp_path / "out")},
+           "runtime": {"executor": "local"}}
+    path = tmp_path / "bert.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["run", str(path), "--quiet"]) == 2
+    assert "wemoe: BertForSequenceClassification: no transformer block MLP modules" in \
+        capsys.readouterr().err
