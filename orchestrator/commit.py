@@ -73,7 +73,8 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
     """Write everything but the shards, then the manifest; return the manifest.
     ``tokenizer_files`` (a built tokenizer) replace the reference's tokenizer files;
     ``method_state`` (a continual method's running state) is recorded for the next step;
-    ``extra_files`` (an alignment's transforms and heads) are listed with the others."""
+    ``extra_files`` (an alignment's transforms and heads, statistics, a runtime), written by
+    the job before the merge, are listed with the others, not written again."""
     files: dict[str, bytes] = {}
     weight_map = {it.tensor_name: u.shard for u in plan.units for it in u.items}
     files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
@@ -84,9 +85,9 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
         copied.update(tokenizer_files)
     files.update(copied)
     files[MODEL_CARD] = model_card(plan, cfg, indexes).encode()
-    files.update(extra_files or {})
     for name, data in files.items():
         out.write_bytes(name, data)
+    files.update(extra_files or {})
     planned = {u.shard for u in plan.units}
     for stale in out.list_files():  # shards of an earlier layout, temp files of killed tasks
         if (_SHARD_NAME.match(stale) and stale not in planned) or stale.endswith(TMP_SUFFIX):

@@ -158,7 +158,8 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], force: bool, quiet: bool
         finished.append(record)
         write_progress(out, plan, finished)
 
-    for name, data in extra_files.items():  # the alignment the merge tasks read
+    for name, data in extra_files.items():  # what the merge tasks read, and the method's
+        # other files (commit lists them)
         out.write_bytes(name, data)
     ctx = TaskContext(
         stores=tuple(stores), output=out, source_names=plan.source_names,
