@@ -27,11 +27,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from orchestrator.config import JobConfig
-from orchestrator.data import model_ref, open_data, read_config
+from orchestrator.data import head_names, model_ref, open_data, read_config
 from orchestrator.errors import ConfigError, PlanError
 from orchestrator.index import index_checkpoint
 from orchestrator.schedule import fold_tasks, run_tasks
-from orchestrator.settings import tensor_matcher
 from orchestrator.storage import Store, open_store
 from workers.align import spec as specs
 from workers.align.match import ActivationStats, _members_of, weight_matching
@@ -46,15 +45,12 @@ from workers.align.transforms import (
 )
 from workers.align.zip import head
 from workers.merge import get_method
-from workers.models import ModelRef
+from workers.merge.registry import internal_fields
+from workers.models import ModelRef, read_state
 from workers.safetensors_io import read_tensor
 from workers.tasks import torch_threads
 
 TRANSFORMS = "raymerge-align/transforms.safetensors"
-
-
-def _state(ref: ModelRef) -> dict[str, torch.Tensor]:
-    return {n: read_tensor(ref.store, f, info) for n, f, info in ref.tensors}
 
 
 def _save_stats(sets: list[dict[str, ActivationStats]]) -> bytes:
@@ -151,13 +147,14 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
         raise PlanError(f"{name}: {e}") from None
     refs = tuple(model_ref(i, st, c) for i, st, c in zip(indexes, stores, configs))
     params = dict(cfg.merge.params)
-    p = method.params(**{k: v for k, v in params.items() if k != "transforms"})
+    hidden = internal_fields(method.params)
+    p = method.params(**{k: v for k, v in params.items() if k not in hidden})
     zipped = name == "zipit" or (name == "mudsc" and p.variant == "zip")
     if zipped and len(refs) > 2:
         raise ConfigError(f"sources: {name} zips exactly 2 models; for more, use "
                           "activation_matching, weight_matching or mudsc with variant: perm "
                           "(each model aligned to the first)")
-    states = [_state(r) for r in refs] if method.alignment in ("weights", "dual") else []
+    states = [read_state(r) for r in refs] if method.alignment in ("weights", "dual") else []
     stats = (statistics(cfg, spec, refs, quiet, cache=out)
              if method.alignment in ("activations", "dual") else [])
     zips: dict = {}
@@ -224,12 +221,7 @@ def _solved(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes
             plans: list = ()) -> tuple[JobConfig, dict[str, bytes]]:
     """The transforms file, the heads, and the config pointing at them."""
     params = dict(cfg.merge.params)
-    matchers = [(p, tensor_matcher(p)) for p in cfg.align.heads]
-    heads = sorted(n for n in shapes if any(m(n) for _, m in matchers))
-    for pattern, m in matchers:
-        if not any(m(n) for n in shapes):
-            raise ConfigError(f"align.heads: {pattern!r} matches no tensor of "
-                              f"{cfg.sources[0].name}")
+    heads = head_names(cfg, sorted(shapes))
     data = dump(spec, zips, perms, heads, plans)
     files = {TRANSFORMS: data}
     if heads:

@@ -9,9 +9,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.config import DataConfig
+from orchestrator.config import DataConfig, JobConfig, SourceConfig
 from orchestrator.errors import ConfigError
-from orchestrator.index import CheckpointIndex, read_header
+from orchestrator.index import CheckpointIndex, index_checkpoint, read_header
+from orchestrator.settings import tensor_matcher
 from orchestrator.storage import Store, open_store
 from workers.models import ModelRef
 
@@ -30,6 +31,26 @@ def model_ref(idx: CheckpointIndex, store: Store, config: dict) -> ModelRef:
     key = hashlib.sha256(json.dumps([idx.uri, idx.pins], sort_keys=True, default=str)
                          .encode()).hexdigest()
     return ModelRef(store, tensors, config, key)
+
+
+def open_model(source: SourceConfig) -> ModelRef:
+    """A source as a model for a statistics pass or training (its headers and config)."""
+    store = open_store(source.uri)
+    return model_ref(index_checkpoint(source.name, store), store,
+                     read_config(store, source.name))
+
+
+def head_names(cfg: JobConfig, names: list[str]) -> list[str]:
+    """The tensors of ``names`` that ``align.heads`` picks (each task's classifier), in
+    ``names`` order; a pattern that picks none is an error."""
+    picked = set()
+    for pattern in cfg.align.heads:
+        hit = {n for n in names if tensor_matcher(pattern)(n)}
+        if not hit:
+            raise ConfigError(f"align.heads: {pattern!r} matches no tensor of "
+                              f"{cfg.sources[0].name}")
+        picked |= hit
+    return [n for n in names if n in picked]
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,10 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from orchestrator.config import DataConfig, JobConfig
-from orchestrator.data import model_ref, open_data, read_config
+from orchestrator.data import open_data, open_model
 from orchestrator.errors import ConfigError
-from orchestrator.index import index_checkpoint
 from orchestrator.schedule import fold_tasks
-from orchestrator.storage import Store, open_store
+from orchestrator.storage import Store
 from workers.data_stats import COUNT, FISHER, NORM, DataStatsContext, data_stats_task
 from workers.merge import get_method
 from workers.tasks import torch_threads
@@ -50,9 +49,7 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
     """Compute (or read back) the statistics; return the config whose ``statistics`` param
     names the file, and the file (to be listed in the manifest)."""
     kind = get_method(cfg.merge.method).statistics
-    stores = [open_store(s.uri) for s in cfg.sources]
-    refs = tuple(model_ref(index_checkpoint(s.name, st), st, read_config(st, s.name))
-                 for s, st in zip(cfg.sources, stores))
+    refs = tuple(open_model(s) for s in cfg.sources)
     datas = model_data(cfg)
     opened = [open_data(d, f"sources[{i}].data" if cfg.sources[i].data else "data")
               for i, d in enumerate(datas)]

@@ -18,12 +18,11 @@ import json
 import torch
 
 from orchestrator.config import JobConfig
-from orchestrator.data import model_ref, open_data, read_config
+from orchestrator.data import head_names, open_data, open_model
 from orchestrator.datastats import model_data
 from orchestrator.errors import ConfigError, MergeError
 from orchestrator.index import index_checkpoint
 from orchestrator.schedule import actor_pool, pool_size
-from orchestrator.settings import tensor_matcher
 from orchestrator.storage import Store, open_store
 from workers.merge import get_method
 from workers.merge.registry import internal_fields
@@ -38,20 +37,9 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
     if not cfg.align.heads:
         raise ConfigError(f"align.heads: {method.name} needs the classifier tensors each task "
                           "keeps, e.g. [\"classifier.*\"]")
-    stores = [open_store(s.uri) for s in cfg.sources]
-    refs = tuple(model_ref(index_checkpoint(s.name, st), st, read_config(st, s.name))
-                 for s, st in zip(cfg.sources, stores))
-    base_store = open_store(cfg.base.uri)
-    base = model_ref(index_checkpoint(cfg.base.name, base_store), base_store,
-                     read_config(base_store, cfg.base.name))
-    names = [n for n, _, _ in refs[0].tensors]
-    heads = []
-    for pattern in cfg.align.heads:
-        hit = [n for n in names if tensor_matcher(pattern)(n)]
-        if not hit:
-            raise ConfigError(f"align.heads: {pattern!r} matches no tensor of "
-                              f"{cfg.sources[0].name}")
-        heads += [n for n in hit if n not in heads]
+    refs = tuple(open_model(s) for s in cfg.sources)
+    base = open_model(cfg.base)
+    heads = head_names(cfg, [n for n, _, _ in refs[0].tensors])
     opened = [open_data(d, f"sources[{i}].data" if cfg.sources[i].data else "data")
               for i, d in enumerate(model_data(cfg))]
     if len({o.input_name for o in opened}) > 1:

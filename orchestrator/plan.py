@@ -208,12 +208,12 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointInd
                       and all(is_vocab_tensor(r.info.shape, vocab.vocab_sizes.get(r.source))
                               for r in every))
         skip = 1 if vocab_item else 0  # vocabulary rows may differ: they are permuted
+
+        def kind(r: TensorRef) -> tuple:  # what must agree (widths may differ: ot_fusion)
+            return (len(r.info.shape) if spec.any_widths else r.info.shape[skip:], r.info.dtype)
+
         mismatched = [f"{indexes[r.source].name}: {r.info.dtype} {list(r.info.shape)}"
-                      for r in every
-                      if (len(r.info.shape) if spec.any_widths else r.info.shape[skip:],
-                          r.info.dtype)
-                      != (len(first.info.shape) if spec.any_widths else first.info.shape[skip:],
-                          first.info.dtype)]
+                      for r in every if kind(r) != kind(first)]
         if mismatched:
             problems.append(f"{place.name} (from {indexes[first.source].name}: "
                             f"{first.info.dtype} {list(first.info.shape)}; "

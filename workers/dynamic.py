@@ -351,25 +351,19 @@ class DynamicContext:
     threads: int
 
 
-def _state(ref: Any) -> dict[str, torch.Tensor]:
-    from workers.safetensors_io import read_tensor
-
-    return {n: read_tensor(ref.store, f, info) for n, f, info in ref.tensors}
-
-
 class Trainer:
     """One training worker: the runtime assembled from the models, and the gradients of its
     share of the tasks; the first also writes the runtime's files."""
 
     def __init__(self, ctx: DynamicContext, tasks: Sequence[int]):
-        from workers.models import build_model, read_batch
+        from workers.models import build_model, read_batch, read_state
         from workers.tasks import torch_threads
 
         self.ctx, self.tasks, p = ctx, list(tasks), ctx.params
         with torch_threads(ctx.threads):
-            states = [_state(r) for r in ctx.models]
+            states = [read_state(r) for r in ctx.models]
             static, self.experts, heads, self.similarity = assemble(
-                ctx.kind, states, _state(ctx.base), ctx.heads,
+                ctx.kind, states, read_state(ctx.base), ctx.heads,
                 init_lambda=getattr(p, "init_lambda", 0.0),
                 threshold=getattr(p, "threshold", 0.0))
             self.data = [read_batch(store, file, info, 0, samples, samples)

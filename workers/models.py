@@ -39,12 +39,17 @@ def build_model(ref: ModelRef) -> torch.nn.Module:
         raise ValueError(f"config.json names no transformers architecture raymerge can build "
                          f"({arch!r}); data-aware merges need one for the statistics pass")
     transformers.utils.logging.disable_progress_bar()
-    state = {name: read_tensor(ref.store, file, info) for name, file, info in ref.tensors}
+    state = read_state(ref)
     # from_pretrained applies the library's renamings of older checkpoints' tensor names
     model = cls.from_pretrained(None, config=cls.config_class.from_dict(ref.config),
                                 state_dict=state).eval()
     _MODELS[ref.key] = model
     return model
+
+
+def read_state(ref: ModelRef) -> dict[str, torch.Tensor]:
+    """Every tensor of the model, by checkpoint name."""
+    return {name: read_tensor(ref.store, file, info) for name, file, info in ref.tensors}
 
 
 def build_models(refs: tuple[ModelRef, ...]) -> list[torch.nn.Module]:
