@@ -46,7 +46,7 @@ from workers.align.transforms import (
 from workers.align.zip import head
 from workers.merge import get_method
 from workers.merge.registry import internal_fields
-from workers.models import ModelRef, read_state
+from workers.models import ModelRef, checkpoint_names, read_state
 from workers.safetensors_io import read_tensor
 from workers.tasks import torch_threads
 
@@ -63,7 +63,9 @@ def _save_stats(sets: list[dict[str, ActivationStats]]) -> bytes:
     return save_safetensors({k: v.contiguous() for k, v in tensors.items()})
 
 
-def _load_stats(data: bytes) -> list[dict[str, ActivationStats]]:
+def _load_stats(data: bytes, joint: bool) -> list[dict[str, ActivationStats]]:
+    """``joint``: each set holds all models (equal widths), else a pair (the second may be
+    wider)."""
     tensors = load_safetensors(data)
     sets: dict[int, dict[str, ActivationStats]] = {}
     for key in tensors:
@@ -71,7 +73,9 @@ def _load_stats(data: bytes) -> list[dict[str, ActivationStats]]:
             continue
         i, g = key[:-2].split("/", 1)
         n, size = tensors[key].tolist()
-        st = ActivationStats(size, other=len(tensors[f"{i}/{g}/sum"]) - size)
+        total = len(tensors[f"{i}/{g}/sum"])
+        st = (ActivationStats(size, total // size) if joint
+              else ActivationStats(size, other=total - size))
         st.n, st.shift = n, tensors[f"{i}/{g}/shift"]
         st.sum, st.outer = tensors[f"{i}/{g}/sum"], tensors[f"{i}/{g}/outer"]
         sets.setdefault(int(i), {})[g] = st
@@ -96,7 +100,7 @@ def statistics(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], qui
     if cache is not None and cache.exists(cached):
         if not quiet:
             print(f"activation statistics: reusing {cache.path(cached)}", file=sys.stderr)
-        sets = _load_stats(cache.read_bytes(cached))
+        sets = _load_stats(cache.read_bytes(cached), joint)
         return sets[0] if joint else sets
     batches = list(range(math.ceil(data.samples / cfg.data.batch_size)))
 
@@ -150,37 +154,51 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     hidden = internal_fields(method.params)
     p = method.params(**{k: v for k, v in params.items() if k not in hidden})
     zipped = name == "zipit" or (name == "mudsc" and p.variant == "zip")
-    if zipped and len(refs) > 2:
-        raise ConfigError(f"sources: {name} zips exactly 2 models; for more, use "
-                          "activation_matching, weight_matching or mudsc with variant: perm "
-                          "(each model aligned to the first)")
+    if name == "mudsc" and zipped and len(refs) > 2:
+        raise ConfigError("sources: mudsc with variant: zip zips exactly 2 models; for more, "
+                          "use zipit (one joint zip) or variant: perm (each model aligned to "
+                          "the first)")
+    joint = name == "zipit" and len(refs) > 2  # one zip over every model's units
+    if joint and p.alpha <= 0:
+        raise ConfigError(f"merge.params.alpha: a zip of {len(refs)} models needs alpha > 0 "
+                          "(a fused feature must be able to take a third model's unit)")
+    stop = getattr(p, "stop", -1)
+    if stop >= 0 and not zipped:
+        raise ConfigError("merge.params.stop: partial merging is for zips (mudsc with "
+                          "variant: zip)")
+    try:
+        solved, kept = specs.partial(spec, stop) if stop >= 0 else (None, [])
+    except specs.SpecError as e:
+        raise ConfigError(f"merge.params.stop: {e}") from None
     states = [read_state(r) for r in refs] if method.alignment in ("weights", "dual") else []
-    stats = (statistics(cfg, spec, refs, quiet, cache=out)
+    stats = (statistics(cfg, spec, refs, quiet, joint, cache=out)
              if method.alignment in ("activations", "dual") else [])
+    stats = [stats] if joint else stats
     zips: dict = {}
     perms = []  # per model after the first: aligned to the first
     if name in ("activation_matching", "zipit", "ot_fusion"):  # independent solves: one Ray
         # task each
         free = {"zipit": "zip", "ot_fusion": "plan"}.get(name, "perm")
         return _solved(cfg, spec, refs, shapes[0], out,
-                       *_groups_on_ray(cfg, spec, stats, p, free, quiet))
+                       *_groups_on_ray(cfg, spec, stats, p, free, quiet, solved,
+                                       len(refs) if joint else 0), kept=kept)
     for i in range(1, len(refs)):
         a, b = (states[0], states[i]) if states else (None, None)
         pair = stats[i - 1] if stats else None
         if name == "weight_matching":
-            solved, history = weight_matching(spec, a, b, max_sweeps=p.max_sweeps,
-                                              seed=cfg.seed)
+            found, history = weight_matching(spec, a, b, max_sweeps=p.max_sweeps,
+                                             seed=cfg.seed)
             if not quiet:
                 print(f"weight matching {cfg.sources[i].name}: {len(history)} sweeps, "
                       f"objective {history[-1]:.6g}", file=sys.stderr)
         elif zipped:
-            zips, solved = mudsc_zip(spec, a, b, pair, f=p.f, alpha=p.alpha, beta=p.beta,
-                                     max_sweeps=p.max_sweeps, seed=cfg.seed)
+            zips, found = mudsc_zip(spec, a, b, pair, f=p.f, alpha=p.alpha, beta=p.beta,
+                                    max_sweeps=p.max_sweeps, seed=cfg.seed, solved=solved)
         else:
-            solved = mudsc_perm(spec, a, b, pair, f=p.f, max_sweeps=p.max_sweeps,
-                                seed=cfg.seed)
-        perms.append(solved)
-    return _solved(cfg, spec, refs, shapes[0], out, zips, perms)
+            found = mudsc_perm(spec, a, b, pair, f=p.f, max_sweeps=p.max_sweeps,
+                               seed=cfg.seed)
+        perms.append(found)
+    return _solved(cfg, spec, refs, shapes[0], out, zips, perms, kept=kept)
 
 
 def _same_heads(spec: specs.Spec, other: specs.Spec, name: str, first: str) -> None:
@@ -194,17 +212,26 @@ def _same_heads(spec: specs.Spec, other: specs.Spec, name: str, first: str) -> N
 
 
 def _groups_on_ray(cfg: JobConfig, spec: specs.Spec, stats: list, p, free: str,
-                   quiet: bool) -> tuple[dict, list, list]:
+                   quiet: bool, solved: dict[str, str] | None,
+                   joint: int = 0) -> tuple[dict, list, list]:
     """Activation matching / ZipIt! / OT fusion: every (model, group) solve is independent of
-    the others (statistics come from the original models), so each is a Ray task."""
-    items = [(i, g.name) for i in range(len(stats)) for g in spec.groups]
+    the others (statistics come from the original models), so each is a Ray task. With
+    ``solved`` (partial zipping), only those groups. ``joint``: K models' joint statistics
+    (K-model zip): each zipped group is one task over all models, each permuted group one
+    per model after the first."""
+    groups = [g for g in spec.groups if solved is None or g.name in solved]
+    permuted = frozenset(k for k, v in (solved or {}).items() if v == "perm")
+    others = joint - 1 if joint else len(stats)
+    items = [(i, g.name) for i in range(others) for g in groups
+             if not (joint and i and g.head_dim is None and g.name not in permuted)]
     ctx = SolveContext(spec, tuple(stats), free, getattr(p, "alpha", 0.0),
                        getattr(p, "beta", 0.0), cfg.runtime.threads_per_worker,
-                       getattr(p, "solver", "emd"), getattr(p, "reg", 0.05))
+                       getattr(p, "solver", "emd"), getattr(p, "reg", 0.05), permuted,
+                       bool(joint))
     results = run_tasks(solve_task, items, (ctx,), cfg.runtime, label="alignment solve",
                         quiet=quiet)
     zips: dict = {}
-    perms: list[dict] = [{} for _ in stats]
+    perms: list[dict] = [{} for _ in range(others)]
     plans: list[dict] = [{} for _ in stats] if free == "plan" else []
     for (i, name), (kind, result) in zip(items, results):
         if kind == "zip":
@@ -217,11 +244,13 @@ def _groups_on_ray(cfg: JobConfig, spec: specs.Spec, stats: list, p, free: str,
 
 
 def _solved(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes: dict,
-            out: Store, zips: dict, perms: list,
-            plans: list = ()) -> tuple[JobConfig, dict[str, bytes]]:
-    """The transforms file, the heads, and the config pointing at them."""
+            out: Store, zips: dict, perms: list, plans: list = (),
+            kept: list[str] = ()) -> tuple[JobConfig, dict[str, bytes]]:
+    """The transforms file, the heads (``align.heads`` and, partial zipping, the layers each
+    model keeps), and the config pointing at them."""
     params = dict(cfg.merge.params)
-    heads = head_names(cfg, sorted(shapes))
+    picked = set(head_names(cfg, sorted(shapes))) | set(kept)
+    heads = [n for n in sorted(shapes) if n in picked]
     data = dump(spec, zips, perms, heads, plans)
     files = {TRANSFORMS: data}
     if heads:
@@ -233,7 +262,7 @@ def _solved(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes
                 moved = {n: ot_moved(state[n], touching.get(n, []), plans[i - 1],
                                      perms[i - 1]).to(state[n].dtype) for n in heads}
             else:
-                moved = head(spec, state, min(i, 1), heads, zips, perms[max(i - 1, 0)])
+                moved = head(spec, state, i, heads, zips, perms[i - 1] if i else {})
             files[f"heads/{src.name}.safetensors"] = save_safetensors(
                 {k: v.contiguous() for k, v in moved.items()},
                 metadata={"format": "pt"})  # one key: safetensors orders keys by hash
@@ -259,9 +288,10 @@ class MultiHead(torch.nn.Module):
 
 
 def load_multihead(folder: str) -> MultiHead:
-    """The output of an alignment merge with ``align.heads`` as a ready multi-head module:
-    the body loaded with transformers (``config.json``'s architecture, no remote code), the
-    heads from ``heads/<source>.safetensors``, in file-name order."""
+    """The output of an alignment merge with ``align.heads`` (or a partial zip) as a ready
+    multi-head module: the body loaded with transformers (``config.json``'s architecture, no
+    remote code), each source's head (and kept layers) from ``heads/<source>.safetensors``,
+    in file-name order."""
     import transformers
     from safetensors.torch import load_file
 
@@ -275,10 +305,13 @@ def load_multihead(folder: str) -> MultiHead:
         raise ConfigError(f"{folder}: config.json names no transformers architecture ({arch!r})")
     model = cls.from_pretrained(folder).eval()
     names = set(dict(model.named_parameters()))
+    # heads are saved under checkpoint names, which transformers may rename on load
+    loaded_as = {ckpt: name for name, ckpt in checkpoint_names(model).items()}
     heads = {}
     for file in sorted(os.listdir(heads_dir)):
         if file.endswith(".safetensors"):
-            state = load_file(os.path.join(heads_dir, file))
+            state = {loaded_as.get(k, k): v
+                     for k, v in load_file(os.path.join(heads_dir, file)).items()}
             unknown = sorted(set(state) - names)
             if unknown:
                 raise ConfigError(f"{heads_dir}/{file}: {unknown[:3]} are not parameters of "

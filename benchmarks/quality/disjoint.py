@@ -11,9 +11,10 @@ own head, moved into the merged unit space. Reported on the test split:
 Methods: weight averaging (no alignment), weight matching (Git Re-Basin), activation matching,
 OT fusion (exact EMD transport, and Sinkhorn with its regularisation chosen on validation; for
 MLPs also of a model of task B twice as wide into A's widths), ZipIt! (alpha, beta chosen on a
-validation split by joint accuracy), MuDSC permute and zip (balance f chosen the same way), and
-for MLPs partial ZipIt! (the first one or two hidden spaces zipped, each model keeping its
-later layers: a multi-head model), next to the individual models and their output ensemble.
+validation split by joint accuracy), MuDSC permute and zip (balance f chosen the same way),
+partial ZipIt! (the first one or two layers merged, each model keeping its later layers: a
+multi-head model; a ViT's residual stream permuted, not zipped) and for MLPs PLeaS, next to
+the individual models and their output ensemble.
 Alignment data: the training images of both tasks, unlabelled.
 
     python benchmarks/quality/disjoint.py --model mlp --seeds 3 --width 128 --out results.json
@@ -193,7 +194,17 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
                                               split="val")["joint"])
     row["ot_sinkhorn"] = evaluate_ot(ot_fusion(spec, stats, solver="sinkhorn", reg=reg))
     row["ot_sinkhorn_reg"] = reg
-    if isinstance(family, Vit):  # the residual stream couples every layer: no partial zip
+    # partial zipping: the first layers merged, each model keeping the rest (multi-head)
+    for stop in (0, 1, 2) if isinstance(family, Vit) else (1, 2):  # MLP stop 0: the ensemble
+        solved, kept = specs.partial(spec, stop)
+
+        def partial(ab, split="test"):
+            return _partial(family, spec, a, b, models, zipit(
+                spec, stats, alpha=ab[0], beta=ab[1], solved=solved), kept, splits[split])
+
+        best = max(itertools.product(ALPHAS, BETAS), key=lambda ab: partial(ab, "val")["joint"])
+        row[f"zipit_partial_{stop}"] = partial(best)
+    if isinstance(family, Vit):
         return row
     # PLeaS: partial matching to widths n, 1.5n, 2n, then layer-wise least squares
     corrs = [stats[g.name].correlation() for g in spec.groups]
@@ -220,31 +231,19 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
                                                         reg=r), "val", b_wide)["joint"])
     row["ot_sinkhorn_wide"] = evaluate_ot(ot_fusion(spec, stats_wide, solver="sinkhorn",
                                                     reg=reg), other=b_wide)
-    for label, groups in (("zipit_partial_1", ["hidden.0"]),
-                          ("zipit_partial_2", ["hidden.0", "hidden.2"])):
-        def partial(ab, split="test"):
-            return _partial(family, spec, a, b, models,
-                            zipit(spec, stats, alpha=ab[0], beta=ab[1], groups=groups),
-                            splits[split])
-
-        best = max(itertools.product(ALPHAS, BETAS), key=lambda ab: partial(ab, "val")["joint"])
-        row[label] = partial(best)
     return row
 
 
 def _partial(family: Mlp, spec, a: dict, b: dict, models: list[nn.Module], solved,
-             data: dict) -> dict:
-    """A multi-head model: the zipped first layers shared, each model's later layers reading
-    the shared features through its unmerge; scored like the ensemble."""
+             kept: list[str], data: dict) -> dict:
+    """A multi-head model: the merged first layers shared, each model's ``kept`` layers
+    reading the shared features (through its unmerge); scored like the ensemble."""
     zips, perms = solved
-    zipped = {m.tensor for g in spec.groups if g.name in zips for m in g.members
-              if not m.consumes}
-    trunk = {k: v for k, v in merge(spec, a, b, zips, perms).items() if k in zipped}
+    trunk = {k: v for k, v in merge(spec, a, b, zips, perms).items() if k not in kept}
     nets = []
     for i, (state, model) in enumerate(zip((a, b), models)):
         net = copy.deepcopy(model)
-        rest = [k for k in state if k not in zipped]
-        net.load_state_dict({**trunk, **head(spec, state, i, rest, zips, perms)})
+        net.load_state_dict({**trunk, **head(spec, state, i, kept, zips, perms)})
         nets.append(net.eval())
     return _ensemble(family, nets, data)
 
@@ -292,8 +291,9 @@ METHODS = (("individual models (own heads)", "individual"), ("output ensemble", 
            ("PLeaS, merged width n (MLP)", "pleas_1"),
            ("PLeaS, merged width 1.5n (MLP)", "pleas_1.5"),
            ("PLeaS, merged width 2n (MLP)", "pleas_2"),
-           ("ZipIt! partial: first hidden space zipped (MLP)", "zipit_partial_1"),
-           ("ZipIt! partial: two of three hidden spaces zipped (MLP)", "zipit_partial_2"))
+           ("ZipIt! partial: embeddings merged only (ViT)", "zipit_partial_0"),
+           ("ZipIt! partial: first layer merged", "zipit_partial_1"),
+           ("ZipIt! partial: first two of three layers merged", "zipit_partial_2"))
 
 
 def table(rows: list[dict]) -> str:

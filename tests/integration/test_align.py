@@ -50,9 +50,9 @@ def vits(tmp_path_factory):
             "a_perm2": tiny_vit(root / "ap2", 3, a), "data": str(data)}
 
 
-def write_job(tmp_path, vits, method, out, second="b", **runtime):
+def write_job(tmp_path, vits, method, out, second="b", params=None, **runtime):
     doc = {"sources": [{"name": "a", "uri": vits["a"]}, {"name": "b", "uri": vits[second]}],
-           "merge": {"method": method, "params": {}},
+           "merge": {"method": method, "params": params or {}},
            "data": {"uri": vits["data"], "batch_size": 16},
            "align": {"heads": ["classifier.*"]},
            "output": {"uri": str(out)}, "runtime": runtime}
@@ -102,10 +102,11 @@ def test_a_model_merged_with_its_permuted_copy_comes_back(method, vits, tmp_path
 
 
 @pytest.mark.parametrize("method", ["activation_matching", "weight_matching", "mudsc",
-                                    "ot_fusion"])
+                                    "ot_fusion", "zipit"])
 def test_three_models_align_to_the_first(method, vits, ray_session, tmp_path):
-    """K = 3: each model is aligned to the first and all are averaged; two permuted copies
-    of a model merged with it give it back, on 2 workers as in-process."""
+    """K = 3: each model is aligned to the first and all are averaged (zipit: one joint zip
+    of all three models' units); two permuted copies of a model merged with it give it back,
+    on 2 workers as in-process."""
     outs = {}
     for label, runtime in (("w2", {"num_workers": 2}), ("local", {"executor": "local"})):
         path = write_job(tmp_path, vits, method, tmp_path / label, second="a_perm", **runtime)
@@ -113,6 +114,8 @@ def test_three_models_align_to_the_first(method, vits, ray_session, tmp_path):
         doc["sources"].append({"name": "c", "uri": vits["a_perm2"]})
         if method == "mudsc":
             doc["merge"]["params"] = {"variant": "perm"}
+        if method == "zipit":  # a fused pair's similarity to the third copy stays 1
+            doc["merge"]["params"] = {"alpha": 1.0}
         open(path, "w").write(yaml.safe_dump(doc))
         assert main(["run", path, "--quiet"]) == 0
         outs[label] = tmp_path / label
@@ -134,13 +137,22 @@ def test_bad_alignment_input_is_named(vits, tmp_path, capsys):
     assert "data.key" in err and "no tensor 'pixels'" in err
     doc["data"]["key"] = "inputs"
     doc["sources"].append({"name": "c", "uri": vits["a_perm"]})
+    doc["merge"]["params"] = {"alpha": 0.0}
     open(path, "w").write(yaml.safe_dump(doc))
     assert main(["run", path, "--quiet"]) == 2
-    assert "'zipit' merges exactly 2 models, got 3" in capsys.readouterr().err
+    assert "merge.params.alpha: a zip of 3 models needs alpha > 0" in capsys.readouterr().err
+    doc["merge"] = {"method": "mudsc", "params": {"variant": "zip"}}
+    open(path, "w").write(yaml.safe_dump(doc))
+    assert main(["run", path, "--quiet"]) == 2
+    assert "mudsc with variant: zip zips exactly 2 models" in capsys.readouterr().err
     del doc["data"]
     open(path, "w").write(yaml.safe_dump(doc))
     assert main(["run", path, "--quiet"]) == 2
     assert "needs unlabelled inputs" in capsys.readouterr().err
+    path = write_job(tmp_path, vits, "mudsc", tmp_path / "bad",
+                     params={"variant": "perm", "stop": 1})
+    assert main(["run", path, "--quiet"]) == 2
+    assert "merge.params.stop: partial merging is for zips" in capsys.readouterr().err
 
 
 def test_similarity_of_three_models(vits, ray_session, tmp_path):
@@ -217,6 +229,54 @@ def test_multihead_loader_gives_each_source_its_head(vits, tmp_path):
         body.load_state_dict(head_b, strict=False)
         torch.testing.assert_close(logits["b"], body(pixel_values=x).logits)
         assert not torch.allclose(logits["a"], logits["b"])
+
+
+@pytest.mark.parametrize("params", [{"stop": 1}, {"variant": "zip", "stop": 0}])
+def test_partial_zip_writes_each_sources_kept_layers(params, vits, ray_session, tmp_path):
+    """Partial zipping from the CLI: the embeddings and first ``stop`` blocks merged, each
+    source's later blocks, final norm and classifier under heads/ (checkpoint names); 1 and 2
+    workers agree; the multi-head loader runs each source's path; with a permuted copy of
+    the model every path computes the model."""
+    from orchestrator.align import load_multihead
+    from orchestrator.errors import ConfigError
+    from orchestrator.job import run_job
+
+    method = "mudsc" if "variant" in params else "zipit"
+    outs = {}
+    for label, runtime in (("w1", {"num_workers": 1}), ("w2", {"num_workers": 2})):
+        outs[label] = tmp_path / label
+        assert main(["run", write_job(tmp_path, vits, method, outs[label], params=params,
+                                      **runtime), "--quiet"]) == 0
+    assert digests(outs["w1"]) == digests(outs["w2"])
+    out = outs["w2"]
+    heads = {n: load_file(str(out / "heads" / f"{n}.safetensors")) for n in ("a", "b")}
+    first_kept = params["stop"]  # the first block each source keeps
+    assert f"vit.encoder.layer.{first_kept}.output.dense.weight" in heads["b"]
+    assert {"vit.layernorm.weight", "classifier.weight"} <= set(heads["b"])
+    merged_part = ("vit.embeddings",) + tuple(f"vit.encoder.layer.{i}."
+                                              for i in range(params["stop"]))
+    assert not any(k.startswith(merged_part) for k in heads["b"])
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = load_multihead(str(out))(pixel_values=x)
+        assert not torch.allclose(logits["a"], logits["b"])
+
+    same = tmp_path / "same"
+    assert main(["run", write_job(tmp_path, vits, method, same, second="a_perm",
+                                  params=params, executor="local"), "--quiet"]) == 0
+    from transformers import ViTForImageClassification
+
+    original = ViTForImageClassification.from_pretrained(vits["a"]).eval()
+    with torch.no_grad():
+        logits = load_multihead(str(same))(pixel_values=x)
+        for name in ("a", "b"):
+            torch.testing.assert_close(logits[name], original(pixel_values=x).logits,
+                                       rtol=1e-4, atol=1e-5)
+
+    path = write_job(tmp_path, vits, method, tmp_path / "far", params={**params, "stop": 3},
+                     executor="local")
+    with pytest.raises(ConfigError, match=r"merge.params.stop: stop 3 outside \[0, 2\]"):
+        run_job(path, quiet=True)
 
 
 def widened_vit(folder, source):

@@ -3,6 +3,7 @@ U is a membership; beta = 0 forbids within-model fusions."""
 
 import copy
 
+import pytest
 import torch
 
 from tests.unit.test_align_match import _forward, _inputs
@@ -58,11 +59,15 @@ def test_partial_zip_ends_between_ensemble_and_full_zip():
     b = b_model.state_dict()
     stats = activation_stats(spec, a_model, b_model, _inputs("mlp"), _forward("mlp"))
     x = torch.randn(7, 6)
-    zips, perms = zipit(spec, stats, groups=[])
+    solved, kept = specs.partial(spec, 0)
+    zips, perms = zipit(spec, stats, solved=solved)
+    assert sorted(kept) == sorted(a)
     for i, (state, model) in enumerate(((a, a_model), (b, b_model))):
-        own = head(spec, state, i, list(state), zips, perms)
+        own = head(spec, state, i, kept, zips, perms)
         assert all(torch.equal(own[k], state[k]) for k in state)
-    zips, perms = zipit(spec, stats, groups=["hidden.0"])
+    solved, kept = specs.partial(spec, 1)
+    assert sorted(kept) == ["2.bias", "2.weight", "4.bias", "4.weight"]
+    zips, perms = zipit(spec, stats, solved=solved)
     assert set(zips) == {"hidden.0"} and not perms
     trunk = merge(spec, a, b, zips, perms)
     for i, (state, model) in enumerate(((a, a_model), (b, b_model))):
@@ -73,3 +78,57 @@ def test_partial_zip_ends_between_ensemble_and_full_zip():
         with torch.no_grad():
             shared = torch.relu(net[0](x))  # the zipped trunk's features
             torch.testing.assert_close(net(x), model[2:](shared @ unmerge.T))
+
+
+@pytest.mark.parametrize("name", ["vit", "bert", "llama"])
+def test_partial_zip_of_a_permuted_copy_gives_each_model_back(name):
+    """Transformers: the stem and first layer merged, the residual stream permuted (it runs
+    through the kept layers too); each model's kept layers moved into the merged spaces
+    compute that model's function."""
+    model, a, spec = model_state(name)
+    other = copy.deepcopy(model)
+    b = specs.apply(spec, specs.random_permutations(spec, torch.Generator().manual_seed(5)), a)
+    other.load_state_dict(b)
+    stats = activation_stats(spec, model, other, _inputs(name), _forward(name))
+    solved, kept = specs.partial(spec, 1)
+    assert solved["residual"] == "perm" and "mlp.0" in solved and "mlp.1" not in solved
+    zips, perms = zipit(spec, stats, solved=solved)
+    assert "residual" in perms and "residual" not in zips
+    trunk = merge(spec, a, b, zips, perms)
+    x = _inputs(name)[0]
+    with torch.no_grad():
+        expected = _forward(name)(model, x).logits
+        for i, state in enumerate((a, b)):
+            net = copy.deepcopy(model)
+            net.load_state_dict({**trunk, **head(spec, state, i, kept, zips, perms)})
+            torch.testing.assert_close(_forward(name)(net, x).logits, expected, rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_joint_zip_of_three_permuted_copies_returns_the_model():
+    """K-model zip: every unit fuses with its two copies (alpha 1 keeps a fused pair's
+    similarity to the third), each model's rows of U select one feature, and the merge of
+    the three is the model; K = 2 zips are the same function with ``models=2``."""
+    model, a, spec = model_state("mlp")
+    states = [a] + [specs.apply(spec, specs.random_permutations(
+        spec, torch.Generator().manual_seed(s)), a) for s in (7, 8)]
+    nets = []
+    for state in states:
+        net = copy.deepcopy(model)
+        net.load_state_dict(state)
+        nets.append(net)
+    from workers.align.features import joint_stats
+    from workers.align.match import _members_of
+    from workers.align.zip import merge_tensor
+
+    stats = joint_stats(spec, nets, _inputs("mlp"), _forward("mlp"))
+    zips = {g.name: zip_features(stats[g.name].joint_correlation(), g.size, alpha=1.0,
+                                 beta=0.0, models=3) for g in spec.groups}
+    for g in spec.groups:
+        merge_m, unmerge_m = zips[g.name]
+        assert merge_m.shape == (g.size, 3 * g.size)
+        assert torch.equal(unmerge_m.sum(0), torch.full((g.size,), 3, dtype=unmerge_m.dtype))
+    touching = _members_of(spec)
+    for name, value in a.items():
+        out = merge_tensor([s[name] for s in states], touching.get(name, []), zips, [{}, {}])
+        torch.testing.assert_close(out.float(), value, rtol=1e-5, atol=1e-6)

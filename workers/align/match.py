@@ -117,7 +117,8 @@ class ActivationStats:
         """``size`` units per model; two models of different widths: ``other`` units for the
         second (``size`` stays the first's)."""
         self.size, self.n = size, 0
-        total = models * size if other is None else size + other
+        self.widths = [size] * models if other is None else [size, other]
+        total = sum(self.widths)
         self.shift = torch.zeros(total, dtype=torch.float64)
         self.sum = torch.zeros(total, dtype=torch.float64)
         self.outer = torch.zeros(total, total, dtype=torch.float64)
@@ -156,9 +157,10 @@ class ActivationStats:
         std = cov.diagonal().clamp(min=0).sqrt().clamp(min=1e-12)
         return cov / torch.outer(std, std)
 
-    def correlation(self) -> torch.Tensor:
-        """Pearson correlation between model 0's units (rows) and model 1's (columns)."""
-        return self.joint_correlation()[:self.size, self.size:]
+    def correlation(self, model: int = 1) -> torch.Tensor:
+        """Pearson correlation between model 0's units (rows) and ``model``'s (columns)."""
+        start = sum(self.widths[:model])
+        return self.joint_correlation()[:self.size, start:start + self.widths[model]]
 
     def cka(self) -> torch.Tensor:
         """Linear CKA between every two models' activations (models x models)."""

@@ -76,14 +76,19 @@ def mudsc_perm(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.
 
 def mudsc_zip(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
               stats: Mapping[str, ActivationStats], *, f: float = 0.5, alpha: float = 0.5,
-              beta: float = 1.0, max_sweeps: int = 100,
-              seed: int = 0) -> tuple[dict[str, Zip], dict[str, torch.Tensor]]:
-    """Zips of the free groups on the combined 2n x 2n similarity; heads permuted."""
+              beta: float = 1.0, max_sweeps: int = 100, seed: int = 0,
+              solved: Mapping[str, str] | None = None
+              ) -> tuple[dict[str, Zip], dict[str, torch.Tensor]]:
+    """Zips of the free groups on the combined 2n x 2n similarity; heads permuted. With
+    ``solved`` (``spec.partial``), only those groups, the "perm" ones permuted."""
     touching = _members_of(spec)
     perms = mudsc_perm(spec, a, b, stats, f=f, max_sweeps=max_sweeps, seed=seed)
+    if solved is not None:
+        perms = {k: v for k, v in perms.items() if k in solved}
     zips = {}
     for g in spec.groups:
-        if g.head_dim is not None:
+        if g.head_dim is not None or g.name not in perms or (
+                solved is not None and solved[g.name] != "free"):
             continue
         sim = stats[g.name].joint_correlation()
         if f > 0:

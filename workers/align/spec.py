@@ -64,9 +64,14 @@ class Spec:
     family: str
     groups: tuple[Group, ...]
     fixed: tuple[str, ...]  # float tensors that hold no hidden unit (e.g. a head's bias)
+    stem: tuple[str, ...] = ()  # tensors before the first layer (embeddings)
+    layers: tuple[tuple[str, ...], ...] = ()  # each layer's (block's) tensors, in depth order
 
     def group(self, name: str) -> Group:
         return next(g for g in self.groups if g.name == name)
+
+    def tensors(self) -> set[str]:
+        return {m.tensor for g in self.groups for m in g.members} | set(self.fixed)
 
 
 class SpecError(ValueError):
@@ -129,6 +134,26 @@ def is_valid(group: Group, perm: torch.Tensor) -> bool:
         return False
     return group.within or bool((blocks % group.head_dim
                                  == torch.arange(group.head_dim)).all())
+
+
+def partial(spec: Spec, stop: int) -> tuple[dict[str, str], list[str]]:
+    """Partial merging: the stem and the first ``stop`` layers merged, the rest kept by each
+    model (reading the merged features). Returns how each group is solved ("free": as the
+    method does, a group produced in the merged part only; "perm": a group produced on both
+    sides, i.e. a transformer's residual stream, which only a permutation keeps exact in the
+    kept layers; groups produced in the kept part only are not solved) and the kept tensors."""
+    if not 0 <= stop <= len(spec.layers):
+        raise SpecError(f"stop {stop} outside [0, {len(spec.layers)}] (the {spec.family} "
+                        f"model has {len(spec.layers)} layers)")
+    merged = set(spec.stem).union(*spec.layers[:stop])
+    solved = {}
+    for g in spec.groups:
+        producers = {m.tensor for m in g.members if not m.consumes}
+        if producers <= merged:
+            solved[g.name] = "free"
+        elif producers & merged:
+            solved[g.name] = "perm"
+    return solved, sorted(spec.tensors() - merged)
 
 
 # ----------------------------------------------------------------------------- building
@@ -216,9 +241,12 @@ def _transformer(family: str, shapes, blocks: list[_Block], *, hidden: int, head
                             within, probes=(Probe(b.o, "input", repeat),)))
         residual_probes.append(Probe(b.residual_probe or b.norm1, "input"))
     residual += residual_after
+    layers = tuple(tuple(t for m in (b.norm1, b.q, b.k, b.v, b.o, b.norm2, b.up, b.down, b.gate)
+                         if m is not None for t in _params(names, m)) for b in blocks)
     return Spec(family, (Group("residual", hidden, tuple(residual),
                                probes=tuple(residual_probes)),
-                         *groups, *extra), tuple(fixed))
+                         *groups, *extra), tuple(fixed),
+                tuple(m.tensor for m in residual_before), layers)
 
 
 def _layers(names: set[str], pattern: str) -> list[int]:
@@ -378,7 +406,8 @@ def _mlp(shapes, config) -> Spec:
         groups.append(Group(f"hidden.{i}", shapes[f"{p}{i}.weight"][0], tuple(members),
                             probes=(Probe(f"{p}{j}", "input"),)))
     last = f"{layers[-1][1]}{layers[-1][0]}.bias"
-    return Spec("mlp", tuple(groups), (last,) if last in shapes else ())
+    return Spec("mlp", tuple(groups), (last,) if last in shapes else (), (),
+                tuple(tuple(_params(set(shapes), f"{p}{i}")) for i, p in layers))
 
 
 _FAMILIES = (

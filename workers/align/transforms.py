@@ -94,7 +94,7 @@ def merged(tensors: list[torch.Tensor], location: str, name: str) -> torch.Tenso
     if name in a.heads:
         out = _term(tensors[0], 0, touching, a.zips, a.perms[0])[0]
     elif a.zips:
-        out = merge_tensor(tensors[0], tensors[1], touching, a.zips, a.perms[0])
+        out = merge_tensor(list(tensors), touching, a.zips, a.perms)
     elif a.plans:
         out = fuse(touching, list(tensors), a.plans, a.perms)
     else:
@@ -152,6 +152,7 @@ def stats_task(batch: int, ctx: StatsContext) -> Any:
 class SolveContext:
     spec: Spec
     stats: tuple[dict[str, Any], ...]  # per model after the first: its groups' statistics
+    # paired with the first's; or (``joint``) one dict, of all models together
     free: str  # what a free group gets: "perm" (activation matching), "zip" (ZipIt!) or
     # "plan" (OT fusion); head groups are always assigned
     alpha: float
@@ -159,12 +160,16 @@ class SolveContext:
     threads: int
     solver: str = "emd"  # OT fusion's transport solver
     reg: float = 0.05  # and Sinkhorn's regularisation
+    permuted: frozenset[str] = frozenset()  # groups only permuted (partial zipping's residual)
+    joint: bool = False  # K-model zip: free groups zipped once over all models
 
 
 def solve_task(item: tuple[int, str], ctx: SolveContext) -> tuple[str, Any]:
     """One independent solve of activation statistics: (model i after the first, group) ->
     ("zip", (merge, unmerge)) or ("plan", transport) for a free group when zipping or
-    transporting, else ("perm", permutation)."""
+    transporting, else ("perm", permutation). With ``ctx.joint`` a free group is zipped once
+    (i = 0) over every model's units, and model i + 1 is assigned to the first on its block
+    of the joint correlation."""
     from workers.align.match import assign
     from workers.align.ot import transport, transport_cost
     from workers.align.zip import zip_features
@@ -172,11 +177,11 @@ def solve_task(item: tuple[int, str], ctx: SolveContext) -> tuple[str, Any]:
 
     i, name = item
     group = ctx.spec.group(name)
-    stats = ctx.stats[i][name]
+    stats = ctx.stats[0 if ctx.joint else i][name]
     with torch_threads(ctx.threads):
-        if group.head_dim is None and ctx.free == "zip":
+        if group.head_dim is None and ctx.free == "zip" and name not in ctx.permuted:
             return "zip", zip_features(stats.joint_correlation(), group.size, alpha=ctx.alpha,
-                                       beta=ctx.beta)
+                                       beta=ctx.beta, models=len(stats.sum) // group.size)
         if group.head_dim is None and ctx.free == "plan":
             return "plan", transport(transport_cost(stats), ctx.solver, ctx.reg)
-        return "perm", assign(group, stats.correlation())
+        return "perm", assign(group, stats.correlation(i + 1 if ctx.joint else 1))

@@ -9,8 +9,9 @@ result is a merge matrix M (n x 2n, averaging each feature's members) and an unm
 membership). Head groups (attention) are aligned by activation matching and averaged. Merged
 tensor: W* = Σ_i M_out^(i) W^(i) U_in^(i); a tensor without a zipped output side is averaged.
 Through LayerNorm (transformers' residual stream) zipping is an approximation, as in the paper.
-Partial zipping (``groups``) zips the first groups of a sequential MLP only; each model keeps
-the layers after them, reading the zipped features through its unmerge (``head``).
+Partial zipping (``spec.partial``) merges the first layers only; each model keeps the layers
+after them, reading the zipped features through its unmerge (``head``). A transformer's
+residual stream runs through the kept layers too, so there it is permuted, not zipped.
 """
 
 from __future__ import annotations
@@ -26,23 +27,24 @@ Zip = tuple[torch.Tensor, torch.Tensor]  # (merge M [n, 2n], unmerge U [2n, n])
 
 
 def zip_features(corr: torch.Tensor, n_out: int, *, alpha: float = 0.3,
-                 beta: float = 0.125) -> Zip:
-    """Greedy zip of the 2n x 2n joint correlation (A's units, then B's) down to ``n_out``."""
+                 beta: float = 0.125, models: int = 2) -> Zip:
+    """Greedy zip of the Kn x Kn joint correlation (model 0's units, then model 1's, ...)
+    down to ``n_out``; each model may fuse its own units ``beta`` x fusions / K times."""
     size = corr.shape[0]
-    n = size // 2
+    n = size // models
     sims = corr.double().clone()
     sims.fill_diagonal_(float("-inf"))
     members = [[i] for i in range(size)]
     origin = [{i // n} for i in range(size)]
     alive = set(range(size))
-    cap = beta * (size - n_out) / 2
-    used = [0, 0]
+    cap = beta * (size - n_out) / models
+    used = [0] * models
 
     def forbid_within(model: int) -> None:
         own = [x for x in alive if origin[x] == {model}]
         sims[torch.tensor(own)[:, None], torch.tensor(own)[None, :]] = float("-inf")
 
-    for model in (0, 1):
+    for model in range(models):
         if cap < 1:
             forbid_within(model)
     while len(alive) > n_out:
@@ -74,15 +76,17 @@ def zip_features(corr: torch.Tensor, n_out: int, *, alpha: float = 0.3,
 
 
 def zipit(spec: Spec, stats: Mapping[str, ActivationStats], *, alpha: float = 0.3,
-          beta: float = 0.125, groups: list[str] | None = None
+          beta: float = 0.125, solved: Mapping[str, str] | None = None
           ) -> tuple[dict[str, Zip], dict[str, torch.Tensor]]:
     """Zips of the free groups and activation-matching permutations of the head groups;
-    with ``groups``, only those (partial zipping: the layers past them stay each model's)."""
+    with ``solved`` (``spec.partial``: partial zipping), only those groups, the "perm" ones
+    permuted."""
     zips, perms = {}, {}
     for g in spec.groups:
-        if groups is not None and g.name not in groups:
+        kind = "free" if solved is None else solved.get(g.name)
+        if kind is None:
             continue
-        if g.head_dim is None:
+        if g.head_dim is None and kind == "free":
             zips[g.name] = zip_features(stats[g.name].joint_correlation(), g.size,
                                         alpha=alpha, beta=beta)
         else:
@@ -109,36 +113,37 @@ def _term(t: torch.Tensor, i: int, touching: list, zips: Mapping[str, Zip],
             size = list(t.shape)
             size[m.dim] = unmerge_m.shape[1]
             t = torch.zeros(size, dtype=t.dtype).index_add_(m.dim, cluster, t)
-        elif i == 1 and g.name in perms:  # groups in neither stay as they are (partial zip)
+        elif i > 0 and g.name in perms:  # groups in neither stay as they are (partial zip)
             t = t.index_select(m.dim, member_index(g, m, perms[g.name]))
     return t, averaged
 
 
-def merge_tensor(a: torch.Tensor, b: torch.Tensor, touching: list, zips: Mapping[str, Zip],
-                 perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """One merged tensor (float64): Σ_i M_out^(i) W^(i) U_in^(i), or the average of A and
-    the permuted B where no zip produces its output side."""
+def merge_tensor(tensors: list[torch.Tensor], touching: list, zips: Mapping[str, Zip],
+                 perms: list[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """One merged tensor (float64) of K models: Σ_i M_out^(i) W^(i) U_in^(i), or the average
+    of the first and the others permuted (``perms``: per model after the first) where no zip
+    produces its output side."""
     total = None
-    for i, t in enumerate((a, b)):
-        t, averaged = _term(t, i, touching, zips, perms)
-        t = t if averaged else t / 2
+    for i, t in enumerate(tensors):
+        t, averaged = _term(t, i, touching, zips, perms[i - 1] if i else {})
+        t = t if averaged else t / len(tensors)
         total = t if total is None else total + t
     return total
 
 
 def merge(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
           zips: Mapping[str, Zip], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The merged state (``merge_tensor`` of every float tensor; others from A). With no
-    zips, this is the average of A and the permuted B."""
+    """The merged state of two models (``merge_tensor`` of every float tensor; others from
+    A). With no zips, this is the average of A and the permuted B."""
     touching = _members_of(spec)
-    return {name: merge_tensor(value, b[name], touching.get(name, []), zips, perms).to(
+    return {name: merge_tensor([value, b[name]], touching.get(name, []), zips, [perms]).to(
         value.dtype) if value.is_floating_point() else value for name, value in a.items()}
 
 
 def head(spec: Spec, state: Mapping[str, torch.Tensor], i: int, names: list[str],
          zips: Mapping[str, Zip], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Model ``i``'s own tensors ``names`` (its classifier) moved into the merged unit spaces,
-    not averaged with the other model's: each task keeps its head."""
+    not averaged with the other models': each task keeps its head (``perms``: model i's)."""
     touching = _members_of(spec)
     return {n: _term(state[n], i, touching.get(n, []), zips, perms)[0].to(state[n].dtype)
             for n in names}

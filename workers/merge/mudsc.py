@@ -18,6 +18,8 @@ class MudscParams:
     alpha: float = param(0.5)  # zip: as ZipIt!'s (MuDSC's code defaults)
     beta: float = param(1.0, ge=0)
     max_sweeps: int = param(100, ge=1)  # coordinate descent over the groups
+    stop: int = param(-1, ge=-1)  # partial: merge the stem and the first `stop` layers only,
+    # each model keeping the rest (written with its head); -1: every layer (full)
     transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
 
 

@@ -15,15 +15,19 @@ from workers.merge.registry import internal, merge_method, param
 class ZipItParams:
     alpha: float = param(0.3)  # a fused feature's similarities are scaled by alpha (<= 0: final)
     beta: float = param(0.125, ge=0)  # within-model fusion budget, share of fusions per model
+    stop: int = param(-1, ge=-1)  # partial: merge the stem and the first `stop` layers only,
+    # each model keeping the rest (written with its head); -1: every layer (full)
     transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
 
 
-@merge_method("zipit", params=ZipItParams, needs_base=False, min_models=2, max_models=2,
+@merge_method("zipit", params=ZipItParams, needs_base=False, min_models=2,
               alignment="activations", wants_name=True)
 def zipit(tensors: Sequence[torch.Tensor], p: ZipItParams, *, name: str) -> torch.Tensor:
     """Zip two models' features by activation correlation, within and across models.
 
     Models need not share a base; `data` gives unlabelled inputs. MLP-hidden and residual
     spaces are zipped (merge/unmerge matrices), attention heads matched and averaged.
+    `stop: L` zips partially: the embeddings and first L layers are merged, and each
+    source keeps the later layers (residual stream permuted, not zipped, in transformers).
     """
     return merged(list(tensors), p.transforms, name)
