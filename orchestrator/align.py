@@ -30,13 +30,20 @@ from orchestrator.config import JobConfig
 from orchestrator.data import head_names, model_ref, open_data, read_config
 from orchestrator.errors import ConfigError, PlanError
 from orchestrator.index import index_checkpoint
-from orchestrator.schedule import fold_tasks, run_tasks
+from orchestrator.schedule import actor_pool, fold_tasks, pool_size, run_tasks
 from orchestrator.storage import Store, open_store
 from workers.align import spec as specs
-from workers.align.match import ActivationStats, _members_of, weight_matching
+from workers.align.match import (
+    ActivationStats,
+    _members_of,
+    colored_descent,
+    colors,
+    weight_matching,
+)
 from workers.align.mudsc import mudsc_perm, mudsc_zip
 from workers.align.ot import moved as ot_moved
 from workers.align.transforms import (
+    MatchWorker,
     SolveContext,
     StatsContext,
     dump,
@@ -170,7 +177,9 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
         solved, kept = specs.partial(spec, stop) if stop >= 0 else (None, [])
     except specs.SpecError as e:
         raise ConfigError(f"merge.params.stop: {e}") from None
-    states = [read_state(r) for r in refs] if method.alignment in ("weights", "dual") else []
+    colored = getattr(p, "schedule", "") == "colors"  # weight matching steps on workers
+    states = ([read_state(r) for r in refs]
+              if method.alignment in ("weights", "dual") and not colored else [])
     stats = (statistics(cfg, spec, refs, quiet, joint, cache=out)
              if method.alignment in ("activations", "dual") else [])
     stats = [stats] if joint else stats
@@ -186,8 +195,9 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
         a, b = (states[0], states[i]) if states else (None, None)
         pair = stats[i - 1] if stats else None
         if name == "weight_matching":
-            found, history = weight_matching(spec, a, b, max_sweeps=p.max_sweeps,
-                                             seed=cfg.seed)
+            found, history = (
+                _colored_on_ray(cfg, spec, refs[0], refs[i], p.max_sweeps) if colored
+                else weight_matching(spec, a, b, max_sweeps=p.max_sweeps, seed=cfg.seed))
             if not quiet:
                 print(f"weight matching {cfg.sources[i].name}: {len(history)} sweeps, "
                       f"objective {history[-1]:.6g}", file=sys.stderr)
@@ -209,6 +219,25 @@ def _same_heads(spec: specs.Spec, other: specs.Spec, name: str, first: str) -> N
         if g.head_dim is not None and other.group(g.name).size != g.size:
             raise PlanError(f"{name}: attention group {g.name} has {other.group(g.name).size} "
                             f"dims, {first} {g.size}: only MLP and residual widths may differ")
+
+
+def _colored_on_ray(cfg: JobConfig, spec: specs.Spec, a: ModelRef, b: ModelRef,
+                    max_sweeps: int) -> tuple[dict, list[float]]:
+    """Weight matching with ``schedule: colors``: each class's groups stepped at once, spread
+    over workers that hold both models (the driver holds neither); the same permutations
+    whatever the number of workers."""
+    widest = max(len(c) for c in colors(spec))
+    count = pool_size(cfg.runtime, widest)
+    inits = [(spec, a, b, cfg.runtime.threads_per_worker, i, count) for i in range(count)]
+    with actor_pool(MatchWorker, inits, cfg.runtime) as pool:
+        def steps(names: list[str], perms: dict) -> dict:
+            found: dict = {}
+            for part in pool.call_all("steps", names, perms):
+                found.update(part)
+            return found
+
+        return colored_descent(spec, steps, lambda perms: pool.call(0, "objective", perms),
+                               max_sweeps=max_sweeps, seed=cfg.seed)
 
 
 def _groups_on_ray(cfg: JobConfig, spec: specs.Spec, stats: list, p, free: str,

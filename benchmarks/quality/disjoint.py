@@ -8,13 +8,13 @@ own head, moved into the merged unit space. Reported on the test split:
 * task-aware accuracy: head i on task i's images, averaged over the two tasks;
 * joint accuracy: both heads' logits concatenated, argmax over 10 classes.
 
-Methods: weight averaging (no alignment), weight matching (Git Re-Basin), activation matching,
-OT fusion (exact EMD transport, and Sinkhorn with its regularisation chosen on validation; for
-MLPs also of a model of task B twice as wide into A's widths), ZipIt! (alpha, beta chosen on a
-validation split by joint accuracy), MuDSC permute and zip (balance f chosen the same way),
-partial ZipIt! (the first one or two layers merged, each model keeping its later layers: a
-multi-head model; a ViT's residual stream permuted, not zipped) and for MLPs PLeaS, next to
-the individual models and their output ensemble.
+Methods: weight averaging (no alignment), weight matching (Git Re-Basin; sequential and
+colored schedules), activation matching, OT fusion (exact EMD transport, and Sinkhorn with its
+regularisation chosen on validation; for MLPs also of a model of task B twice as wide into A's
+widths), ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute
+and zip (balance f chosen the same way), partial ZipIt! (the first layers merged, each model
+keeping its later layers: a multi-head model; a ViT's residual stream permuted, not zipped)
+and for MLPs PLeaS, next to the individual models and their output ensemble.
 Alignment data: the training images of both tasks, unlabelled.
 
     python benchmarks/quality/disjoint.py --model mlp --seeds 3 --width 128 --out results.json
@@ -176,6 +176,8 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
            "ensemble": _ensemble(family, models, splits["test"]),
            "weight_averaging": evaluate({}, identity),
            "weight_matching": evaluate({}, weight_matching(spec, a, b, seed=seed)[0]),
+           "weight_matching_colors": evaluate({}, weight_matching(spec, a, b, seed=seed,
+                                                                  schedule="colors")[0]),
            "activation_matching": evaluate({}, activation_matching(spec, stats))}
     best = max(itertools.product(ALPHAS, BETAS), key=lambda ab: evaluate(
         *zipit(spec, stats, alpha=ab[0], beta=ab[1]), split="val")["joint"])
@@ -279,6 +281,7 @@ def _ensemble(family: Mlp, models: list[nn.Module], data: dict) -> dict:
 
 METHODS = (("individual models (own heads)", "individual"), ("output ensemble", "ensemble"),
            ("weight averaging", "weight_averaging"), ("weight matching", "weight_matching"),
+           ("weight matching, colored (Jacobi-style) schedule", "weight_matching_colors"),
            ("activation matching", "activation_matching"),
            ("OT fusion, exact transport (EMD)", "ot_emd"),
            ("OT fusion, Sinkhorn (regularisation on validation)", "ot_sinkhorn"),

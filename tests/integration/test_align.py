@@ -127,6 +127,26 @@ def test_three_models_align_to_the_first(method, vits, ray_session, tmp_path):
         "a.safetensors", "b.safetensors", "c.safetensors"}
 
 
+def test_colored_weight_matching_on_workers(vits, ray_session, tmp_path):
+    """``schedule: colors``: groups stepped on workers holding both models; 1 and 2 workers
+    and in-process give the same bits, and a permuted copy comes back."""
+    outs = {}
+    for label, runtime in (("w1", {"num_workers": 1}), ("w2", {"num_workers": 2}),
+                           ("local", {"executor": "local"})):
+        outs[label] = tmp_path / label
+        assert main(["run", write_job(tmp_path, vits, "weight_matching", outs[label],
+                                      params={"schedule": "colors"}, **runtime),
+                     "--quiet"]) == 0
+    assert digests(outs["w1"]) == digests(outs["w2"]) == digests(outs["local"])
+    same = tmp_path / "same"
+    assert main(["run", write_job(tmp_path, vits, "weight_matching", same, second="a_perm",
+                                  params={"schedule": "colors"}, num_workers=2),
+                 "--quiet"]) == 0
+    merged, original = load_state(str(same)), load_state(vits["a"])
+    for name, tensor in original.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_alignment_input_is_named(vits, tmp_path, capsys):
     path = write_job(tmp_path, vits, "zipit", tmp_path / "bad")
     doc = yaml.safe_load(open(path))

@@ -8,7 +8,7 @@ to B (``spec.apply``) leaves B's function unchanged and puts its units in A's or
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -70,14 +70,51 @@ def _permuted(t: torch.Tensor, touching: list[tuple[Group, Member]],
     return t
 
 
+def _step(g: Group, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+          perms: Mapping[str, torch.Tensor], touching: dict) -> torch.Tensor | None:
+    """One coordinate step: group ``g``'s best permutation with the others fixed (its profit
+    summed over every tensor it touches), or None where it does not improve on the current."""
+    profit = torch.zeros(g.size, g.size, dtype=torch.float64)
+    for m in g.members:
+        other = _permuted(b[m.tensor], touching[m.tensor], perms, skip=g.name)
+        profit += _unfold(g, m, a[m.tensor]) @ _unfold(g, m, other).T
+    new = assign(g, profit)
+    old_value = profit[torch.arange(g.size), perms[g.name]].sum()
+    better = profit[torch.arange(g.size), new].sum() > old_value + 1e-12 * abs(old_value)
+    return new if better else None
+
+
+def colors(spec: Spec) -> list[list[str]]:
+    """The groups in classes no two of which share a tensor (greedy colouring in spec order):
+    within a class, coordinate steps do not see each other's permutations. A transformer
+    gives two: the residual stream, then every block's MLP-hidden and attention groups."""
+    tensors = {g.name: {m.tensor for m in g.members} for g in spec.groups}
+    classes: list[list[str]] = []
+    for g in spec.groups:
+        free = next((c for c in classes if not any(tensors[g.name] & tensors[o] for o in c)),
+                    None)
+        if free is None:
+            classes.append([g.name])
+        else:
+            free.append(g.name)
+    return classes
+
+
 def weight_matching(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                    *, max_sweeps: int = 100, seed: int = 0) -> tuple[dict[str, torch.Tensor],
-                                                                      list[float]]:
+                    *, max_sweeps: int = 100, seed: int = 0,
+                    schedule: str = "sequential") -> tuple[dict[str, torch.Tensor],
+                                                            list[float]]:
     """Coordinate descent on Σ_tensors ⟨A, π(B)⟩: one group at a time (random order per sweep),
     the others fixed, its permutation is a linear assignment on the summed profit of every
     tensor it touches. Stops when a sweep changes nothing. Returns the perms and the objective
-    after each sweep (never decreasing)."""
+    after each sweep (never decreasing). ``schedule: colors`` is ``colored_descent`` here."""
     touching = _members_of(spec)
+    if schedule == "colors":
+        def steps(names, perms):
+            return {n: _step(spec.group(n), a, b, perms, touching) for n in names}
+
+        return colored_descent(spec, steps, lambda perms: objective(spec, a, b, perms),
+                               max_sweeps=max_sweeps, seed=seed)
     perms = {g.name: torch.arange(g.size) for g in spec.groups}
     rng = np.random.default_rng(seed)
     history = []
@@ -85,16 +122,37 @@ def weight_matching(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, t
         changed = False
         for gi in rng.permutation(len(spec.groups)):
             g = spec.groups[gi]
-            profit = torch.zeros(g.size, g.size, dtype=torch.float64)
-            for m in g.members:
-                other = _permuted(b[m.tensor], touching[m.tensor], perms, skip=g.name)
-                profit += _unfold(g, m, a[m.tensor]) @ _unfold(g, m, other).T
-            new = assign(g, profit)
-            old_value = profit[torch.arange(g.size), perms[g.name]].sum()
-            if profit[torch.arange(g.size), new].sum() > old_value + 1e-12 * abs(old_value):
+            new = _step(g, a, b, perms, touching)
+            if new is not None:
                 perms[g.name] = new
                 changed = True
         history.append(objective(spec, a, b, perms))
+        if not changed:
+            break
+    return perms, history
+
+
+def colored_descent(spec: Spec, steps: Callable[[list[str], dict], dict],
+                    score: Callable[[dict], float], *, max_sweeps: int = 100,
+                    seed: int = 0) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Weight matching, Jacobi-style: per sweep the ``colors`` classes in random order, every
+    group of a class stepped at once from the same permutations (``steps(names, perms) ->
+    {name: new perm or None}``, e.g. spread over workers: the result does not depend on how).
+    A variant of the sequential descent: the order differs, so the fixed point may too; the
+    objective still never decreases (steps in one class touch disjoint tensors)."""
+    perms = {g.name: torch.arange(g.size) for g in spec.groups}
+    classes = colors(spec)
+    rng = np.random.default_rng(seed)
+    history = []
+    for _ in range(max_sweeps):
+        changed = False
+        for ci in rng.permutation(len(classes)):
+            found = steps(classes[ci], dict(perms))
+            for name in classes[ci]:
+                if found[name] is not None:
+                    perms[name] = found[name]
+                    changed = True
+        history.append(score(perms))
         if not changed:
             break
     return perms, history

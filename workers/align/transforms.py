@@ -21,7 +21,7 @@ from workers.align import spec as specs
 from workers.align.ot import fuse
 from workers.align.spec import Group, Member, Spec
 from workers.align.zip import Zip, _term, merge_tensor
-from workers.models import ModelRef, build_models, read_batch
+from workers.models import ModelRef, build_models, read_batch, read_state
 
 
 def dump(spec: Spec, zips: Mapping[str, Zip], perms: list[Mapping[str, torch.Tensor]],
@@ -185,3 +185,36 @@ def solve_task(item: tuple[int, str], ctx: SolveContext) -> tuple[str, Any]:
         if group.head_dim is None and ctx.free == "plan":
             return "plan", transport(transport_cost(stats), ctx.solver, ctx.reg)
         return "perm", assign(group, stats.correlation(i + 1 if ctx.joint else 1))
+
+
+class MatchWorker:
+    """Weight matching's coordinate steps on a worker (``colored_descent``): both models'
+    tensors read once from their stores, then worker ``index`` of ``count`` steps its share
+    of each class's groups from the driver's permutations."""
+
+    def __init__(self, spec: Spec, a: ModelRef, b: ModelRef, threads: int, index: int,
+                 count: int):
+        from workers.align.match import _members_of
+        from workers.tasks import torch_threads
+
+        self.spec, self.threads, self.index, self.count = spec, threads, index, count
+        self.touching = _members_of(spec)
+        with torch_threads(threads):
+            self.a, self.b = read_state(a), read_state(b)
+
+    def steps(self, names: list[str], perms: dict) -> dict:
+        from workers.align.match import _step
+        from workers.tasks import torch_threads
+
+        # largest first, dealt round-robin: workers get similar work (a step costs ~ size³)
+        dealt = sorted(names, key=lambda n: -self.spec.group(n).size)[self.index::self.count]
+        with torch_threads(self.threads):
+            return {n: _step(self.spec.group(n), self.a, self.b, perms, self.touching)
+                    for n in dealt}
+
+    def objective(self, perms: dict) -> float:
+        from workers.align.match import objective
+        from workers.tasks import torch_threads
+
+        with torch_threads(self.threads):
+            return objective(self.spec, self.a, self.b, perms)

@@ -14,6 +14,8 @@ from workers.merge.registry import internal, merge_method, param
 @dataclass(frozen=True)
 class WeightMatchingParams:
     max_sweeps: int = param(100, ge=1)  # coordinate-descent sweeps over the groups
+    schedule: str = param("sequential", choices=("sequential", "colors"))  # colors: groups
+    # that share no tensor stepped at once on the workers (Jacobi-style; another order)
     transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
 
 
@@ -25,5 +27,6 @@ def weight_matching(tensors: Sequence[torch.Tensor], p: WeightMatchingParams, *,
 
     Models need not share a base. The permutation of every hidden space (residual stream,
     MLP hidden, attention heads) maximises Σ⟨W_A, π(W_B)⟩ by coordinate descent; no data.
+    `schedule: colors` steps groups that share no tensor together, on the workers.
     """
     return merged(list(tensors), p.transforms, name)
