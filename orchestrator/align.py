@@ -50,6 +50,7 @@ from workers.align.transforms import (
     solve_task,
     stats_task,
 )
+from workers.align.transforms import load as load_alignment
 from workers.align.zip import head
 from workers.merge import get_method
 from workers.merge.registry import internal_fields
@@ -188,9 +189,12 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     if name in ("activation_matching", "zipit", "ot_fusion"):  # independent solves: one Ray
         # task each
         free = {"zipit": "zip", "ot_fusion": "plan"}.get(name, "perm")
-        return _solved(cfg, spec, refs, shapes[0], out,
+        done = _solved(cfg, spec, refs, shapes[0], out,
                        *_groups_on_ray(cfg, spec, stats, p, free, quiet, solved,
                                        len(refs) if joint else 0), kept=kept)
+        if getattr(p, "finetune_steps", 0):
+            return _finetuned(cfg, refs, out, *done, p, quiet)
+        return done
     for i in range(1, len(refs)):
         a, b = (states[0], states[i]) if states else (None, None)
         pair = stats[i - 1] if stats else None
@@ -209,6 +213,43 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
                                seed=cfg.seed)
         perms.append(found)
     return _solved(cfg, spec, refs, shapes[0], out, zips, perms, kept=kept)
+
+
+FINETUNED = "raymerge-align/finetuned.safetensors"
+
+
+def _finetuned(cfg: JobConfig, refs: tuple[ModelRef, ...], out: Store, solved: JobConfig,
+               files: dict[str, bytes], p, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+    """OT fusion's distillation fine-tune: one Ray task builds the fused model from the
+    models and the solved transforms, trains it on ``data`` against the parents' logits and
+    returns its tensors, written to ``FINETUNED``; the merge then takes every float tensor
+    from there."""
+    from workers.align.finetune import FinetuneContext, finetune_task
+
+    heads = tuple(load_safetensors(files[f"heads/{s.name}.safetensors"]) for s in cfg.sources
+                  if f"heads/{s.name}.safetensors" in files)
+    ctx = FinetuneContext(refs, load_alignment(files[TRANSFORMS]), heads,
+                          open_data(cfg.data).task_input, p.finetune_steps, p.finetune_lr,
+                          cfg.data.batch_size, cfg.seed, cfg.runtime.threads_per_worker)
+    try:
+        tensors, losses = run_tasks(finetune_task, [0], (ctx,), cfg.runtime,
+                                    label="distillation fine-tune", quiet=quiet)[0]
+    except ValueError as e:  # a model without logits, or no transformers architecture
+        raise ConfigError(f"merge.params.finetune_steps: {e}") from None
+    floats = {n for n, _, info in refs[0].tensors if info.dtype in ("F16", "BF16", "F32", "F64")}
+    missing = sorted(floats - set(tensors))
+    if missing:
+        raise PlanError(f"fine-tune: the trained model has no tensor {missing[0]!r} (renamed "
+                        f"by transformers in a way raymerge cannot map back)")
+    if not quiet:
+        print(f"distillation fine-tune: {len(losses)} steps, loss {losses[0]:.4g} -> "
+              f"{losses[-1]:.4g}", file=sys.stderr)
+    data = save_safetensors({k: v.contiguous() for k, v in sorted(tensors.items())},
+                            metadata={"format": "pt"})
+    location = f"{out.uri}/{FINETUNED}#{hashlib.sha256(data).hexdigest()}"
+    merge = dataclasses.replace(solved.merge, params={**solved.merge.params,
+                                                      "finetuned": location})
+    return dataclasses.replace(solved, merge=merge), {**files, FINETUNED: data}
 
 
 def _same_heads(spec: specs.Spec, other: specs.Spec, name: str, first: str) -> None:

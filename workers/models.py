@@ -29,22 +29,25 @@ _MODELS: dict[str, torch.nn.Module] = {}
 def build_model(ref: ModelRef) -> torch.nn.Module:
     """The transformers model of ``config.json``'s first architecture with these weights (no
     remote code); kept per process, so a worker loads each model once."""
-    if ref.key in _MODELS:
-        return _MODELS[ref.key]
+    if ref.key not in _MODELS:
+        _MODELS[ref.key] = model_from_state(ref.config, read_state(ref))
+    return _MODELS[ref.key]
+
+
+def model_from_state(config: dict, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The transformers model of ``config`` (config.json's dict; its first architecture, no
+    remote code) with these tensors (checkpoint names), in eval mode."""
     import transformers
 
-    arch = (ref.config.get("architectures") or [None])[0]
+    arch = (config.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None or not hasattr(cls, "config_class"):
         raise ValueError(f"config.json names no transformers architecture raymerge can build "
                          f"({arch!r}); data-aware merges need one for the statistics pass")
     transformers.utils.logging.disable_progress_bar()
-    state = read_state(ref)
     # from_pretrained applies the library's renamings of older checkpoints' tensor names
-    model = cls.from_pretrained(None, config=cls.config_class.from_dict(ref.config),
-                                state_dict=state).eval()
-    _MODELS[ref.key] = model
-    return model
+    return cls.from_pretrained(None, config=cls.config_class.from_dict(config),
+                               state_dict=state).eval()
 
 
 def read_state(ref: ModelRef) -> dict[str, torch.Tensor]:

@@ -11,10 +11,11 @@ own head, moved into the merged unit space. Reported on the test split:
 Methods: weight averaging (no alignment), weight matching (Git Re-Basin; sequential and
 colored schedules), activation matching, OT fusion (exact EMD transport, and Sinkhorn with its
 regularisation chosen on validation; for MLPs also of a model of task B twice as wide into A's
-widths), ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute
-and zip (balance f chosen the same way), partial ZipIt! (the first layers merged, each model
-keeping its later layers: a multi-head model; a ViT's residual stream permuted, not zipped)
-and for MLPs PLeaS, next to the individual models and their output ensemble.
+widths; for ViTs also EMD followed by a 200-step distillation fine-tune from both parents),
+ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute and zip
+(balance f chosen the same way), partial ZipIt! (the first layers merged, each model keeping
+its later layers: a multi-head model; a ViT's residual stream permuted, not zipped) and for
+MLPs PLeaS, next to the individual models and their output ensemble.
 Alignment data: the training images of both tasks, unlabelled.
 
     python benchmarks/quality/disjoint.py --model mlp --seeds 3 --width 128 --out results.json
@@ -40,6 +41,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from workers.align import spec as specs  # noqa: E402
 from workers.align.features import activation_stats  # noqa: E402
+from workers.align.finetune import distill  # noqa: E402
 from workers.align.match import _members_of, activation_matching, weight_matching  # noqa: E402
 from workers.align.mudsc import mudsc_perm, mudsc_zip  # noqa: E402
 from workers.align.ot import fuse, moved, ot_fusion  # noqa: E402
@@ -159,13 +161,22 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
 
     touching = _members_of(spec)
 
-    def evaluate_ot(solved, split="test", other=b):
+    def evaluate_ot(solved, split="test", other=b, finetune=0):
         plans, perms = solved
         body = {k: fuse(touching.get(k, []), [v, other[k]], [plans], [perms]).to(v.dtype)
                 if v.is_floating_point() else v for k, v in a.items() if k not in family.head}
         heads = [{n: a[n] for n in family.head},
                  {n: moved(other[n], touching.get(n, []), plans, perms).to(other[n].dtype)
                   for n in family.head}]
+        if finetune:  # distil the fused ViT from both parents on the unlabelled images
+            net = family.make().eval()
+            net.load_state_dict({**body, **heads[0]})
+            x_fit = splits["fit"]["x"].view(-1, 1, 8, 8)
+            with torch.no_grad():
+                teachers = [m(pixel_values=x_fit).logits for m in models]
+            distill(net, teachers, heads, x_fit, "pixel_values", steps=finetune, lr=1e-3,
+                    batch_size=64, seed=seed)
+            body = {k: v for k, v in net.state_dict().items() if k not in family.head}
         return scores(family, body, heads, splits[split])
 
     identity = {g.name: torch.arange(g.size) for g in spec.groups}
@@ -196,6 +207,9 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
                                               split="val")["joint"])
     row["ot_sinkhorn"] = evaluate_ot(ot_fusion(spec, stats, solver="sinkhorn", reg=reg))
     row["ot_sinkhorn_reg"] = reg
+    if isinstance(family, Vit):  # OT fusion + distillation fine-tune (200 steps)
+        row["ot_emd_finetuned"] = evaluate_ot(ot_fusion(spec, stats, solver="emd"),
+                                              finetune=200)
     # partial zipping: the first layers merged, each model keeping the rest (multi-head)
     for stop in (0, 1, 2) if isinstance(family, Vit) else (1, 2):  # MLP stop 0: the ensemble
         solved, kept = specs.partial(spec, stop)
@@ -285,6 +299,7 @@ METHODS = (("individual models (own heads)", "individual"), ("output ensemble", 
            ("activation matching", "activation_matching"),
            ("OT fusion, exact transport (EMD)", "ot_emd"),
            ("OT fusion, Sinkhorn (regularisation on validation)", "ot_sinkhorn"),
+           ("OT fusion (EMD) + distillation fine-tune, 200 steps (ViT)", "ot_emd_finetuned"),
            ("ZipIt! (full)", "zipit"),
            ("MuDSC, permute (f on validation)", "mudsc_perm"),
            ("MuDSC, zip (f on validation, α 0.5, β 1)", "mudsc_zip"),

@@ -370,3 +370,45 @@ def test_ot_fusion_of_a_wider_model_keeps_the_anchor_shapes(vits, ray_session, t
                      executor="local")
     with pytest.raises(PlanError, match="attention group .* has 24 dims, a 16"):
         run_job(path, quiet=True)
+
+
+def _distance_to_parents(out, vits, x):
+    """Σ over sources of KL(parent ‖ the output's path with that source's head)."""
+    from torch.nn import functional as F
+    from transformers import ViTForImageClassification
+
+    from orchestrator.align import load_multihead
+
+    with torch.no_grad():
+        fused = load_multihead(str(out))(pixel_values=x)
+        total = 0.0
+        for name in ("a", "b"):
+            parent = ViTForImageClassification.from_pretrained(vits[name]).eval()
+            target = F.softmax(parent(pixel_values=x).logits, -1)
+            total += float(F.kl_div(F.log_softmax(fused[name], -1), target,
+                                    reduction="batchmean"))
+    return total
+
+
+def test_ot_fusion_distillation_fine_tune(vits, ray_session, tmp_path, capsys):
+    """``finetune_steps``: the fused model is distilled from its parents in one Ray task;
+    the same bits on 1 and 2 workers and in-process; each source's path moves closer to its
+    parent on the data; the trained tensors are kept next to the transforms."""
+    outs = {}
+    params = {"finetune_steps": 40, "finetune_lr": 1e-3}
+    for label, runtime in (("w1", {"num_workers": 1}), ("w2", {"num_workers": 2}),
+                           ("local", {"executor": "local"})):
+        outs[label] = tmp_path / label
+        assert main(["run", write_job(tmp_path, vits, "ot_fusion", outs[label], params=params,
+                                      **runtime)]) == 0
+    assert "distillation fine-tune: 40 steps" in capsys.readouterr().err
+    assert digests(outs["w1"]) == digests(outs["w2"]) == digests(outs["local"])
+    assert (outs["w2"] / "raymerge-align" / "finetuned.safetensors").exists()
+    plain = tmp_path / "plain"
+    assert main(["run", write_job(tmp_path, vits, "ot_fusion", plain, executor="local"),
+                 "--quiet"]) == 0
+    x = load_file(vits["data"])["inputs"]
+    assert _distance_to_parents(outs["w2"], vits, x) < 0.8 * _distance_to_parents(plain, vits, x)
+    heads = load_file(str(outs["w2"] / "heads" / "b.safetensors"))
+    assert torch.equal(heads["classifier.weight"],
+                       load_file(str(plain / "heads" / "b.safetensors"))["classifier.weight"])

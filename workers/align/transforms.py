@@ -70,9 +70,8 @@ def load(data: bytes) -> Alignment:
     return Alignment(touching, zips, perms, frozenset(meta["heads"]), plans)
 
 
-@functools.lru_cache(maxsize=2)
-def _cached(location: str) -> Alignment:
-    """``location`` is ``URI#sha256`` of the transforms file (the sha is checked)."""
+def _read(location: str) -> bytes:
+    """``location`` is ``URI#sha256`` of a file the driver wrote (the sha is checked)."""
     import hashlib
     import os
 
@@ -83,13 +82,32 @@ def _cached(location: str) -> Alignment:
     data = open_store(folder).read_bytes(name)
     if hashlib.sha256(data).hexdigest() != sha:
         raise ValueError(f"{uri} changed after the alignment was solved (sha256 differs)")
-    return load(data)
+    return data
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(location: str) -> Alignment:
+    return load(_read(location))
+
+
+@functools.lru_cache(maxsize=1)
+def _tensors(location: str) -> dict[str, torch.Tensor]:
+    return load_safetensors(_read(location))
+
+
+def stored(location: str, name: str) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors file the driver wrote (e.g. a fine-tuned model)."""
+    return _tensors(location)[name]
 
 
 def merged(tensors: list[torch.Tensor], location: str, name: str) -> torch.Tensor:
     """The output tensor ``name`` from the models' values: merged (zipped, or the mean of the
     first model and the others permuted to it), or the first model's own head."""
-    a = _cached(location)
+    return merge_with(_cached(location), tensors, name)
+
+
+def merge_with(a: Alignment, tensors: list[torch.Tensor], name: str) -> torch.Tensor:
+    """``merged`` with the alignment at hand."""
     touching = a.touching.get(name, [])
     if name in a.heads:
         out = _term(tensors[0], 0, touching, a.zips, a.perms[0])[0]

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from workers.align.ot import SOLVERS
-from workers.align.transforms import merged
+from workers.align.transforms import merged, stored
 from workers.merge.registry import internal, merge_method, param
 
 
@@ -17,7 +17,10 @@ from workers.merge.registry import internal, merge_method, param
 class OtFusionParams:
     solver: str = param("emd", choices=SOLVERS)  # exact transport, or entropic (Sinkhorn)
     reg: float = param(0.05, ge=0)  # Sinkhorn's regularisation, relative to the largest cost
+    finetune_steps: int = param(0, ge=0)  # > 0: distil the fused model from its parents
+    finetune_lr: float = param(1e-4, ge=0)  # Adam's learning rate for that
     transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
+    finetuned: str = internal("", "driver")  # the fine-tuned model's tensors (URI#sha256)
 
 
 @merge_method("ot_fusion", params=OtFusionParams, needs_base=False, min_models=2,
@@ -31,6 +34,9 @@ def ot_fusion(tensors: Sequence[torch.Tensor], p: OtFusionParams, *,
     units into the first's: exact (``emd``; a permutation at equal widths) or entropic
     (``sinkhorn``, a soft map). Attention heads are matched whole, as in activation matching.
     The other models may be wider (MLP and residual widths; same tensors and heads): the
-    output has the first model's shapes.
+    output has the first model's shapes. `finetune_steps` > 0 then distils the fused
+    model from the parents on `data` (each source's head against its own parent).
     """
+    if p.finetuned:
+        return stored(p.finetuned, name).to(tensors[0].dtype)
     return merged(list(tensors), p.transforms, name)
