@@ -94,3 +94,34 @@ def test_a_widened_copy_fuses_back_into_the_narrower_model():
         got = fuse(touching.get(k, []), [a[k], b[k]], [plans], [head_perms])
         assert got.shape == a[k].shape
         torch.testing.assert_close(got.float(), a[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_attention_is_soft_inside_matched_heads_only():
+    """Soft alignment through attention: a ViT's head groups get block plans (each A head's
+    dims sent only to its matched B head's dims; Sinkhorn soft inside, uniform marginals);
+    under rotary embeddings (Llama) heads are permuted only."""
+    model, a, spec = model_state("vit")
+    torch.manual_seed(3)
+    other = copy.deepcopy(model)
+    for p in other.parameters():
+        p.data = torch.randn_like(p) * 0.2
+    stats = activation_stats(spec, model, other, _inputs("vit"), _forward("vit"))
+    plans, perms = ot_fusion(spec, stats, solver="sinkhorn", reg=0.1)
+    attention = [g for g in spec.groups if g.head_dim is not None]
+    assert attention and not perms
+    for g in attention:
+        plan, hd = plans[g.name], g.head_dim
+        n = g.size
+        torch.testing.assert_close(plan.sum(1), torch.full((n,), 1 / n, dtype=torch.float64))
+        torch.testing.assert_close(plan.sum(0), torch.full((n,), 1 / n, dtype=torch.float64))
+        blocks = plan.view(n // hd, hd, n // hd, hd).sum((1, 3))
+        assert ((blocks > 0).sum(1) == 1).all() and ((blocks > 0).sum(0) == 1).all()
+        inside = plan.view(n // hd, hd, n // hd, hd).permute(0, 2, 1, 3)[blocks > 0]
+        assert ((inside > 1e-9).sum((1, 2)) > hd).all()  # soft, not a permutation
+    model, a, spec = model_state("llama")
+    other = copy.deepcopy(model)
+    other.load_state_dict(specs.apply(spec, specs.random_permutations(
+        spec, torch.Generator().manual_seed(2)), a))
+    stats = activation_stats(spec, model, other, _inputs("llama"), _forward("llama"))
+    plans, perms = ot_fusion(spec, stats, solver="sinkhorn", reg=0.1)
+    assert {g.name for g in spec.groups if g.head_dim is not None} == set(perms)

@@ -8,8 +8,11 @@ matching; the transport T (uniform marginals) is exact (EMD) or entropic (Sinkho
 B's tensors are moved into A's units by contracting every axis of the group with the plan
 (``moved``). With EMD on equal widths the plan is a permutation (a permuted copy comes back
 exactly); with T = I / n the fusion is plain averaging. B may be wider than A (its free groups
-larger; heads equal): the output has A's shapes. Head groups (attention) are aligned by
-activation matching (permutations of whole heads), as in the ZipIt! path.
+larger; heads equal): the output has A's shapes. Head groups (attention) have their heads
+matched whole by activation matching, then the dims inside each matched pair transported
+(``head_plan``: soft alignment through attention, applied alike to q, k, v rows and the output
+projection's columns, an approximation for q·k as in the paper); under rotary embeddings or
+grouped-query attention dims stay in place and heads are permuted only.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from workers.align.match import ActivationStats, assign
-from workers.align.spec import Member, Spec, member_index
+from workers.align.spec import Group, Member, Spec, member_index
 
 SOLVERS = ("emd", "sinkhorn")
 
@@ -56,13 +59,40 @@ def transport(cost: torch.Tensor, solver: str = "emd", reg: float = 0.05) -> tor
     return torch.from_numpy(np.ascontiguousarray(plan))
 
 
+def soft_heads(group: Group) -> bool:
+    """Whether a head group's dims may be transported inside each head: dims may move (no
+    rotary embeddings) and no member repeats heads (grouped-query attention)."""
+    return group.within and all(m.repeat == 1 for m in group.members)
+
+
+def head_plan(group: Group, stats: ActivationStats, solver: str = "emd",
+              reg: float = 0.05) -> torch.Tensor:
+    """Soft alignment through attention: heads are matched whole (activation matching), then
+    inside each matched pair of heads B's dims are transported onto A's (cost as for free
+    groups). The [n, n] plan is block-structured (A head h x its B head) with uniform
+    marginals; with EMD it is a permutation, and a permuted copy comes back exactly."""
+    hd = group.head_dim
+    perm = assign(group, stats.correlation())
+    cost = transport_cost(stats)
+    plan = torch.zeros(group.size, group.size, dtype=torch.float64)
+    heads = group.size // hd
+    for h in range(heads):
+        a, b = slice(h * hd, (h + 1) * hd), int(perm[h * hd]) // hd
+        other = slice(b * hd, (b + 1) * hd)
+        plan[a, other] = transport(cost[a, other], solver, reg) / heads
+    return plan
+
+
 def ot_fusion(spec: Spec, stats: Mapping[str, ActivationStats], *, solver: str = "emd",
               reg: float = 0.05) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(transport plans of the free groups, permutations of the head groups) aligning B to A."""
+    """(transport plans of the free groups and, where dims may move, of the head groups;
+    permutations of the other head groups) aligning B to A."""
     plans, perms = {}, {}
     for g in spec.groups:
         if g.head_dim is None:
             plans[g.name] = transport(transport_cost(stats[g.name]), solver, reg)
+        elif soft_heads(g):
+            plans[g.name] = head_plan(g, stats[g.name], solver, reg)
         else:
             perms[g.name] = assign(g, stats[g.name].correlation())
     return plans, perms

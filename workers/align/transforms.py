@@ -185,11 +185,11 @@ class SolveContext:
 def solve_task(item: tuple[int, str], ctx: SolveContext) -> tuple[str, Any]:
     """One independent solve of activation statistics: (model i after the first, group) ->
     ("zip", (merge, unmerge)) or ("plan", transport) for a free group when zipping or
-    transporting, else ("perm", permutation). With ``ctx.joint`` a free group is zipped once
-    (i = 0) over every model's units, and model i + 1 is assigned to the first on its block
-    of the joint correlation."""
+    transporting (and for a head group whose dims may move, when transporting), else ("perm",
+    permutation). With ``ctx.joint`` a free group is zipped once (i = 0) over every model's
+    units, and model i + 1 is assigned to the first on its block of the joint correlation."""
     from workers.align.match import assign
-    from workers.align.ot import transport, transport_cost
+    from workers.align.ot import head_plan, soft_heads, transport, transport_cost
     from workers.align.zip import zip_features
     from workers.tasks import torch_threads
 
@@ -200,8 +200,10 @@ def solve_task(item: tuple[int, str], ctx: SolveContext) -> tuple[str, Any]:
         if group.head_dim is None and ctx.free == "zip" and name not in ctx.permuted:
             return "zip", zip_features(stats.joint_correlation(), group.size, alpha=ctx.alpha,
                                        beta=ctx.beta, models=len(stats.sum) // group.size)
-        if group.head_dim is None and ctx.free == "plan":
+        if ctx.free == "plan" and group.head_dim is None:
             return "plan", transport(transport_cost(stats), ctx.solver, ctx.reg)
+        if ctx.free == "plan" and soft_heads(group):
+            return "plan", head_plan(group, stats, ctx.solver, ctx.reg)
         return "perm", assign(group, stats.correlation(i + 1 if ctx.joint else 1))
 
 

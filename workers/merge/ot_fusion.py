@@ -32,7 +32,8 @@ def ot_fusion(tensors: Sequence[torch.Tensor], p: OtFusionParams, *,
     Per free group (residual stream, MLP hidden), the transport between the models' unit
     activations on the job's ``data`` (cost: mean squared difference) moves the other model's
     units into the first's: exact (``emd``; a permutation at equal widths) or entropic
-    (``sinkhorn``, a soft map). Attention heads are matched whole, as in activation matching.
+    (``sinkhorn``, a soft map). Attention heads are matched whole, then transported dim by
+    dim inside each matched pair (heads only permuted under rotary embeddings or GQA).
     The other models may be wider (MLP and residual widths; same tensors and heads): the
     output has the first model's shapes. `finetune_steps` > 0 then distils the fused
     model from the parents on `data` (each source's head against its own parent).
