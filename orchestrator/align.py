@@ -42,6 +42,7 @@ from workers.align.match import (
 )
 from workers.align.mudsc import mudsc_perm, mudsc_zip
 from workers.align.ot import moved as ot_moved
+from workers.align.ot import weight_plans
 from workers.align.transforms import (
     MatchWorker,
     SolveContext,
@@ -179,11 +180,22 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     except specs.SpecError as e:
         raise ConfigError(f"merge.params.stop: {e}") from None
     colored = getattr(p, "schedule", "") == "colors"  # weight matching steps on workers
+    reads = method.alignment_for(params)
+    if getattr(p, "finetune_steps", 0) and cfg.data is None:
+        raise ConfigError("merge.params.finetune_steps: the fine-tune needs unlabelled inputs: "
+                          "data: {uri: inputs.safetensors, key: inputs}")
     states = ([read_state(r) for r in refs]
-              if method.alignment in ("weights", "dual") and not colored else [])
+              if reads in ("weights", "dual") and not colored else [])
     stats = (statistics(cfg, spec, refs, quiet, joint, cache=out)
-             if method.alignment in ("activations", "dual") else [])
+             if reads in ("activations", "dual") else [])
     stats = [stats] if joint else stats
+    if name == "ot_fusion" and reads == "weights":  # a chain over the groups, on the driver
+        built = [specs.build(other, config) for other, config in zip(shapes, configs)]
+        plans = [weight_plans(spec, states[0], state, solver=p.solver, reg=p.reg,
+                              spec_b=other) for state, other in zip(states[1:], built[1:])]
+        done = _solved(cfg, spec, refs, shapes[0], out, {}, [q for _, q in plans],
+                       [t for t, _ in plans])
+        return _finetuned(cfg, refs, out, *done, p, quiet) if p.finetune_steps else done
     zips: dict = {}
     perms = []  # per model after the first: aligned to the first
     if name in ("activation_matching", "zipit", "ot_fusion"):  # independent solves: one Ray

@@ -403,7 +403,9 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
         if doc.get("slices") or doc.get("tokenizer"):
             errors.append(f"merge.method: {method!r} aligns whole models: no slices or "
                           "tokenizer settings")
-        if spec.alignment in ("activations", "dual") and not isinstance(doc.get("data"), dict):
+        params = merge.get("params") if isinstance(merge.get("params"), dict) else {}
+        reads = spec.alignment_for(params)
+        if reads in ("activations", "dual") and not isinstance(doc.get("data"), dict):
             errors.append(f"data: method {method!r} needs unlabelled inputs: "
                           "data: {uri: inputs.safetensors, key: inputs}")
     if (spec.statistics or spec.dynamic) and not isinstance(doc.get("data"), dict):

@@ -9,10 +9,10 @@ own head, moved into the merged unit space. Reported on the test split:
 * joint accuracy: both heads' logits concatenated, argmax over 10 classes.
 
 Methods: weight averaging (no alignment), weight matching (Git Re-Basin; sequential and
-colored schedules), activation matching, OT fusion (exact EMD transport, and Sinkhorn with its
-regularisation chosen on validation; for MLPs also of a model of task B twice as wide into A's
-widths; for ViTs also EMD followed by a 200-step distillation fine-tune from both parents),
-ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute and zip
+colored schedules), activation matching, OT fusion (exact EMD transport on activations or on
+weights, and Sinkhorn with its regularisation chosen on validation; for MLPs also of a model
+of task B twice as wide into A's widths; for ViTs also EMD followed by a 200-step
+distillation fine-tune from both parents), ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute and zip
 (balance f chosen the same way), partial ZipIt! (the first layers merged, each model keeping
 its later layers: a multi-head model; a ViT's residual stream permuted, not zipped) and for
 MLPs PLeaS, next to the individual models and their output ensemble.
@@ -44,7 +44,7 @@ from workers.align.features import activation_stats  # noqa: E402
 from workers.align.finetune import distill  # noqa: E402
 from workers.align.match import _members_of, activation_matching, weight_matching  # noqa: E402
 from workers.align.mudsc import mudsc_perm, mudsc_zip  # noqa: E402
-from workers.align.ot import fuse, moved, ot_fusion  # noqa: E402
+from workers.align.ot import fuse, moved, ot_fusion, weight_plans  # noqa: E402
 from workers.align.pleas import pleas  # noqa: E402
 from workers.align.zip import head, merge, zipit  # noqa: E402
 
@@ -207,6 +207,7 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
                                               split="val")["joint"])
     row["ot_sinkhorn"] = evaluate_ot(ot_fusion(spec, stats, solver="sinkhorn", reg=reg))
     row["ot_sinkhorn_reg"] = reg
+    row["ot_emd_weights"] = evaluate_ot(weight_plans(spec, a, b, solver="emd"))
     if isinstance(family, Vit):  # OT fusion + distillation fine-tune (200 steps)
         row["ot_emd_finetuned"] = evaluate_ot(ot_fusion(spec, stats, solver="emd"),
                                               finetune=200)
@@ -299,6 +300,7 @@ METHODS = (("individual models (own heads)", "individual"), ("output ensemble", 
            ("activation matching", "activation_matching"),
            ("OT fusion, exact transport (EMD)", "ot_emd"),
            ("OT fusion, Sinkhorn (regularisation on validation)", "ot_sinkhorn"),
+           ("OT fusion, EMD on a weights cost (no data)", "ot_emd_weights"),
            ("OT fusion (EMD) + distillation fine-tune, 200 steps (ViT)", "ot_emd_finetuned"),
            ("ZipIt! (full)", "zipit"),
            ("MuDSC, permute (f on validation)", "mudsc_perm"),

@@ -412,3 +412,32 @@ def test_ot_fusion_distillation_fine_tune(vits, ray_session, tmp_path, capsys):
     heads = load_file(str(outs["w2"] / "heads" / "b.safetensors"))
     assert torch.equal(heads["classifier.weight"],
                        load_file(str(plain / "heads" / "b.safetensors"))["classifier.weight"])
+
+
+def test_ot_fusion_from_weights_needs_no_data(vits, ray_session, tmp_path):
+    """``cost: weights``: no statistics pass (no data in the job); 1 worker and in-process
+    agree; a permuted copy comes back; a fine-tune without data is refused by name."""
+    from orchestrator.errors import ConfigError
+    from orchestrator.job import run_job
+
+    outs = {}
+    for label, second, runtime in (("w1", "b", {"num_workers": 1}),
+                                   ("local", "b", {"executor": "local"}),
+                                   ("same", "a_perm", {"executor": "local"})):
+        path = write_job(tmp_path, vits, "ot_fusion", tmp_path / label, second=second,
+                         params={"cost": "weights"}, **runtime)
+        doc = yaml.safe_load(open(path))
+        del doc["data"]
+        open(path, "w").write(yaml.safe_dump(doc))
+        assert main(["run", path, "--quiet"]) == 0
+        outs[label] = tmp_path / label
+    assert digests(outs["w1"]) == digests(outs["local"])
+    assert not list((outs["w1"] / "raymerge-align").glob("stats-*"))
+    merged, original = load_state(str(outs["same"])), load_state(vits["a"])
+    for name, tensor in original.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
+    doc["merge"]["params"]["finetune_steps"] = 5
+    doc["output"]["uri"] = str(tmp_path / "ft")
+    open(path, "w").write(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="finetune_steps: the fine-tune needs unlabelled"):
+        run_job(path, quiet=True)

@@ -4,6 +4,7 @@ is soft with uniform marginals."""
 
 import copy
 
+import pytest
 import torch
 
 from tests.unit.test_align_match import _forward, _inputs
@@ -125,3 +126,20 @@ def test_attention_is_soft_inside_matched_heads_only():
     stats = activation_stats(spec, model, other, _inputs("llama"), _forward("llama"))
     plans, perms = ot_fusion(spec, stats, solver="sinkhorn", reg=0.1)
     assert {g.name for g in spec.groups if g.head_dim is not None} == set(perms)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vit", "bert", "llama"])
+def test_weights_cost_recovers_a_permuted_copy_without_data(name):
+    """cost: weights: the chain (residual from the embeddings, then each block's groups from
+    rows that read it; an MLP layer by layer) sends a permuted copy back onto the model."""
+    from workers.align.ot import weight_plans
+
+    model, a, spec = model_state(name)
+    b = specs.apply(spec, specs.random_permutations(spec, torch.Generator().manual_seed(4)), a)
+    plans, perms = weight_plans(spec, a, b, solver="emd")
+    assert set(plans) | set(perms) == {g.name for g in spec.groups}
+    touching = _members_of(spec)
+    for k in a:
+        if a[k].is_floating_point():
+            got = fuse(touching.get(k, []), [a[k], b[k]], [plans], [perms])
+            torch.testing.assert_close(got.float(), a[k], rtol=1e-6, atol=1e-6, msg=k)

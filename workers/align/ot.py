@@ -22,7 +22,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from workers.align.match import ActivationStats, assign
+from workers.align.match import ActivationStats, _members_of, _unfold, assign
 from workers.align.spec import Group, Member, Spec, member_index
 
 SOLVERS = ("emd", "sinkhorn")
@@ -65,15 +65,15 @@ def soft_heads(group: Group) -> bool:
     return group.within and all(m.repeat == 1 for m in group.members)
 
 
-def head_plan(group: Group, stats: ActivationStats, solver: str = "emd",
+def head_plan(group: Group, profit: torch.Tensor, cost: torch.Tensor, solver: str = "emd",
               reg: float = 0.05) -> torch.Tensor:
-    """Soft alignment through attention: heads are matched whole (activation matching), then
-    inside each matched pair of heads B's dims are transported onto A's (cost as for free
-    groups). The [n, n] plan is block-structured (A head h x its B head) with uniform
-    marginals; with EMD it is a permutation, and a permuted copy comes back exactly."""
+    """Soft alignment through attention: heads are matched whole (the assignment maximising
+    ``profit``), then inside each matched pair of heads B's dims are transported onto A's
+    (``cost``, as for free groups). The [n, n] plan is block-structured (A head h x its B
+    head) with uniform marginals; with EMD it is a permutation, and a permuted copy comes back
+    exactly."""
     hd = group.head_dim
-    perm = assign(group, stats.correlation())
-    cost = transport_cost(stats)
+    perm = assign(group, profit)
     plan = torch.zeros(group.size, group.size, dtype=torch.float64)
     heads = group.size // hd
     for h in range(heads):
@@ -83,16 +83,62 @@ def head_plan(group: Group, stats: ActivationStats, solver: str = "emd",
     return plan
 
 
+def activation_plan(group: Group, stats: ActivationStats, solver: str,
+                    reg: float) -> torch.Tensor:
+    """The plan of one group from activations: a free group's transport, or (dims free to
+    move) a head group's ``head_plan`` on correlation and cost."""
+    cost = transport_cost(stats)
+    if group.head_dim is None:
+        return transport(cost, solver, reg)
+    return head_plan(group, stats.correlation(), cost, solver, reg)
+
+
+def weight_plans(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
+                 solver: str = "emd", reg: float = 0.05, spec_b: Spec | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Transport from weights (no data), group by group in spec order: a group's cost is the
+    squared distance between A's and B's unit signatures, the rows of its producing tensors
+    whose other axes are already aligned (raw inputs, or groups solved before it), B's moved
+    into A's units along those axes. A transformer's residual stream is thus solved from the
+    embeddings and norms, then each block's groups from their rows that read the residual;
+    a sequential MLP layer by layer. ``spec_b``: B's spec where B is wider."""
+    spec_b = spec_b or spec
+    touching = _members_of(spec)
+    plans: dict[str, torch.Tensor] = {}
+    perms: dict[str, torch.Tensor] = {}
+    for g in spec.groups:
+        rows_a, rows_b = [], []
+        for m, mb in zip(g.members, spec_b.group(g.name).members):
+            others = [(h, o) for h, o in touching[m.tensor] if h.name != g.name]
+            if m.consumes or any(h.name not in plans and h.name not in perms
+                                 for h, _ in others):
+                continue
+            rows_a.append(_unfold(g, m, a[m.tensor]))
+            rows_b.append(_unfold(spec_b.group(g.name), mb, moved(b[m.tensor], others, plans,
+                                                                  perms)))
+        if not rows_a:
+            raise ValueError(f"{g.name}: no tensor produces its units from inputs aligned "
+                             "before it; a weights cost cannot be built for this spec")
+        ra, rb = torch.cat(rows_a, 1), torch.cat(rows_b, 1)
+        cost = (ra.square().sum(1)[:, None] + rb.square().sum(1)[None, :]
+                - 2 * ra @ rb.T).clamp(min=0)
+        if g.head_dim is None:
+            plans[g.name] = transport(cost, solver, reg)
+        elif soft_heads(g):
+            plans[g.name] = head_plan(g, -cost, cost, solver, reg)
+        else:
+            perms[g.name] = assign(g, -cost)
+    return plans, perms
+
+
 def ot_fusion(spec: Spec, stats: Mapping[str, ActivationStats], *, solver: str = "emd",
               reg: float = 0.05) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(transport plans of the free groups and, where dims may move, of the head groups;
     permutations of the other head groups) aligning B to A."""
     plans, perms = {}, {}
     for g in spec.groups:
-        if g.head_dim is None:
-            plans[g.name] = transport(transport_cost(stats[g.name]), solver, reg)
-        elif soft_heads(g):
-            plans[g.name] = head_plan(g, stats[g.name], solver, reg)
+        if g.head_dim is None or soft_heads(g):
+            plans[g.name] = activation_plan(g, stats[g.name], solver, reg)
         else:
             perms[g.name] = assign(g, stats[g.name].correlation())
     return plans, perms

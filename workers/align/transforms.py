@@ -189,7 +189,7 @@ def solve_task(item: tuple[int, str], ctx: SolveContext) -> tuple[str, Any]:
     permutation). With ``ctx.joint`` a free group is zipped once (i = 0) over every model's
     units, and model i + 1 is assigned to the first on its block of the joint correlation."""
     from workers.align.match import assign
-    from workers.align.ot import head_plan, soft_heads, transport, transport_cost
+    from workers.align.ot import activation_plan, soft_heads
     from workers.align.zip import zip_features
     from workers.tasks import torch_threads
 
@@ -200,10 +200,8 @@ def solve_task(item: tuple[int, str], ctx: SolveContext) -> tuple[str, Any]:
         if group.head_dim is None and ctx.free == "zip" and name not in ctx.permuted:
             return "zip", zip_features(stats.joint_correlation(), group.size, alpha=ctx.alpha,
                                        beta=ctx.beta, models=len(stats.sum) // group.size)
-        if ctx.free == "plan" and group.head_dim is None:
-            return "plan", transport(transport_cost(stats), ctx.solver, ctx.reg)
-        if ctx.free == "plan" and soft_heads(group):
-            return "plan", head_plan(group, stats, ctx.solver, ctx.reg)
+        if ctx.free == "plan" and (group.head_dim is None or soft_heads(group)):
+            return "plan", activation_plan(group, stats, ctx.solver, ctx.reg)
         return "perm", assign(group, stats.correlation(i + 1 if ctx.joint else 1))
 
 

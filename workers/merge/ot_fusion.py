@@ -15,6 +15,7 @@ from workers.merge.registry import internal, merge_method, param
 
 @dataclass(frozen=True)
 class OtFusionParams:
+    cost: str = param("activations", choices=("activations", "weights"))  # weights: no data
     solver: str = param("emd", choices=SOLVERS)  # exact transport, or entropic (Sinkhorn)
     reg: float = param(0.05, ge=0)  # Sinkhorn's regularisation, relative to the largest cost
     finetune_steps: int = param(0, ge=0)  # > 0: distil the fused model from its parents
@@ -23,8 +24,12 @@ class OtFusionParams:
     finetuned: str = internal("", "driver")  # the fine-tuned model's tensors (URI#sha256)
 
 
+def _reads(params: dict) -> str:
+    return "weights" if params.get("cost") == "weights" else "activations"
+
+
 @merge_method("ot_fusion", params=OtFusionParams, needs_base=False, min_models=2,
-              alignment="activations", wants_name=True, any_widths=True)
+              alignment=_reads, wants_name=True, any_widths=True)
 def ot_fusion(tensors: Sequence[torch.Tensor], p: OtFusionParams, *,
               name: str) -> torch.Tensor:
     """Soft-align the other models' units to the first's by optimal transport, then average.
@@ -34,6 +39,8 @@ def ot_fusion(tensors: Sequence[torch.Tensor], p: OtFusionParams, *,
     units into the first's: exact (``emd``; a permutation at equal widths) or entropic
     (``sinkhorn``, a soft map). Attention heads are matched whole, then transported dim by
     dim inside each matched pair (heads only permuted under rotary embeddings or GQA).
+    `cost: weights` builds the costs from the weights instead (no data): the residual
+    stream from the embeddings, then each block's groups from their aligned rows.
     The other models may be wider (MLP and residual widths; same tensors and heads): the
     output has the first model's shapes. `finetune_steps` > 0 then distils the fused
     model from the parents on `data` (each source's head against its own parent).

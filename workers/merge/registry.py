@@ -136,7 +136,8 @@ class MethodSpec:
     tensor_stats: TensorStats | None = None
     takes_base: bool = False  # uses the base when one is given (``base`` is None otherwise)
     models_for: Callable[[dict], int | None] | None = None  # exact input count, given params
-    alignment: str | None = None  # "weights", "activations" or "dual" (both): solved by
+    alignment: str | Callable[[Any], str] | None = None  # "weights", "activations" or
+    # "dual" (both), or a function of the merge params' dict giving one: solved by
     # orchestrator/align.py before the merge
     wants_name: bool = False  # the kernel gets ``name=`` (the output tensor's name)
     statistics: str | None = None  # "fisher" or "grams": each model's statistics over its
@@ -154,6 +155,10 @@ class MethodSpec:
 
     def is_elementwise(self, p: Any) -> bool:
         return self.elementwise(p) if callable(self.elementwise) else self.elementwise
+
+    def alignment_for(self, params: Any) -> str | None:
+        """What the alignment reads, given the config's merge params (a dict)."""
+        return self.alignment(params) if callable(self.alignment) else self.alignment
 
     def tensor_stats_for(self, p: Any) -> TensorStats | None:
         return self.tensor_stats if self.tensor_stats and self.tensor_stats.needed(p) else None
@@ -175,7 +180,8 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
                  elementwise: bool | Callable[[Any], bool] = False,
                  tensor_stats: TensorStats | None = None, takes_base: bool = False,
                  models_for: Callable[[dict], int | None] | None = None,
-                 alignment: str | None = None, wants_name: bool = False,
+                 alignment: str | Callable[[Any], str] | None = None,
+                 wants_name: bool = False,
                  statistics: str | None = None,
                  masks: Callable[..., torch.Tensor] | None = None, any_widths: bool = False,
                  dynamic: str | None = None):
