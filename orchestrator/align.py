@@ -1,5 +1,5 @@
-"""Alignment merges (weight_matching, activation_matching, ot_fusion, zipit, mudsc): solve, then
-merge.
+"""Alignment merges (weight_matching, activation_matching, ot_fusion, zipit, mudsc, pleas):
+solve, then merge.
 
 Before the usual merge, the driver builds the alignment spec from the first model's tensors
 and config.json, gathers what the method needs (both models' weights for weight matching; for
@@ -10,7 +10,8 @@ Statistics are kept in ``OUTPUT/raymerge-align/`` too, keyed by models, data and
 re-run (another method, other params) skips the pass.
 The merge tasks then compute each tensor from both models' values and those transforms, and
 each source's ``align.heads`` tensors, moved into the merged units, go to
-``heads/<source>.safetensors``.
+``heads/<source>.safetensors``. OT fusion's optional fine-tune and PLeaS compute the merged
+model here instead (Ray tasks) and the merge tasks copy its tensors.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from workers.align import spec as specs
 from workers.align.match import (
     ActivationStats,
     _members_of,
+    assign,
     colored_descent,
     colors,
     weight_matching,
@@ -52,6 +54,7 @@ from workers.align.transforms import (
     stats_task,
 )
 from workers.align.transforms import load as load_alignment
+from workers.align.transforms import merge_with
 from workers.align.zip import head
 from workers.merge import get_method
 from workers.merge.registry import internal_fields
@@ -198,6 +201,8 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
         return _finetuned(cfg, refs, out, *done, p, quiet) if p.finetune_steps else done
     zips: dict = {}
     perms = []  # per model after the first: aligned to the first
+    if name == "pleas":
+        return _pleas(cfg, spec, refs, shapes[0], configs[0], stats[0], p, out, quiet)
     if name in ("activation_matching", "zipit", "ot_fusion"):  # independent solves: one Ray
         # task each
         free = {"zipit": "zip", "ot_fusion": "plan"}.get(name, "perm")
@@ -228,6 +233,76 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
 
 
 FINETUNED = "raymerge-align/finetuned.safetensors"
+FITTED = "raymerge-align/pleas.safetensors"
+
+
+def _pleas(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes: dict,
+           config: dict, stats: dict, p, out: Store, quiet: bool
+           ) -> tuple[JobConfig, dict[str, bytes]]:
+    """PLeaS for transformers: residual stream and heads matched by activations and averaged,
+    each block's MLP partially matched to ``p.width`` x n units and refitted by least squares
+    on the merged model's own activations, block by block (two rounds per block: the layers
+    producing the MLP units, then the one reading them; each round one Ray task per data
+    batch, sums added in batch order). Writes the fitted model (``FITTED``) and its
+    config.json (the new intermediate_size)."""
+    from workers.align.pleas import PleasContext, partial_matching, pleas_task, solve_gram
+
+    if "intermediate_size" not in config:
+        raise ConfigError(f"pleas: {cfg.sources[0].name}'s config.json has no "
+                          "intermediate_size (the merged MLP width is written there)")
+    mlps = [g for g in spec.groups if g.name.startswith("mlp.")]
+    width = int(round(p.width * mlps[0].size))
+    perms = {g.name: assign(g, stats[g.name].correlation()) for g in spec.groups}
+    solved, files = _solved(cfg, spec, refs, shapes, out, {}, [perms])
+    alignment = load_alignment(files[TRANSFORMS])
+    state_a, state_b = (read_state(r) for r in refs)
+    resized: dict[str, tuple[int, ...]] = {}
+    for g in mlps:  # the MLP tensors are fitted below; zeros of the merged width until then
+        for m in g.members:
+            shape = list(shapes[m.tensor])
+            shape[m.dim] = width
+            resized[m.tensor] = tuple(shape)
+    state = {n: torch.zeros(resized[n], dtype=torch.float32) if n in resized
+             else merge_with(alignment, [v, state_b[n]], n).float() if v.is_floating_point()
+             else v for n, v in state_a.items()}
+    new_config = {**config, "intermediate_size": width}
+    data = open_data(cfg.data)
+    batches = list(range(math.ceil(data.samples / cfg.data.batch_size)))
+
+    def add(total, _batch, part):  # in batch order: the same sums on any number of workers
+        return part if total is None else [t + s for t, s in zip(total, part)]
+
+    for g in mlps:
+        block = int(g.name.split(".")[1])
+        ups = [m.tensor for m in g.members if not m.consumes and m.tensor.endswith(".weight")]
+        down = next(m.tensor for m in g.members if m.consumes)
+        a_to, b_to = partial_matching(stats[g.name].correlation(), width)
+        for stage, fitted in (("up", ups), ("down", [down])):
+            key = hashlib.sha256(b"".join(state[n].numpy().tobytes() for n in sorted(state)
+                                          if state[n].is_floating_point())).hexdigest()
+            ctx = PleasContext(refs, new_config, data.task_input, cfg.data.batch_size, block,
+                               stage, a_to, b_to, perms["residual"], width,
+                               cfg.runtime.threads_per_worker, f"{key}-{block}-{stage}")
+            sums = fold_tasks(pleas_task, batches, (ctx, state), cfg.runtime, add, None,
+                              label=f"pleas block {block} {stage}", quiet=quiet)
+            for weight, cross in zip(fitted, sums[1:]):
+                bias = weight[:-len("weight")] + "bias"
+                w, b = solve_gram(sums[0], cross, p.ridge, bias=bias in state)
+                state[weight] = w.float()
+                if b is not None:
+                    state[bias] = b.float()
+                    resized.setdefault(bias, tuple(b.shape))
+    dtypes = {n: v.dtype for n, v in state_a.items()}
+    data_bytes = save_safetensors({n: v.to(dtypes[n]).contiguous() for n, v in
+                                   sorted(state.items()) if v.is_floating_point()},
+                                  metadata={"format": "pt"})
+    changed = {n: list(s) for n, s in sorted(resized.items()) if s != tuple(shapes[n])}
+    location = f"{out.uri}/{FITTED}#{hashlib.sha256(data_bytes).hexdigest()}"
+    merge = dataclasses.replace(solved.merge, params={
+        **solved.merge.params, "fitted": location, "shapes": json.dumps(changed)})
+    files = {**files, FITTED: data_bytes,
+             "config.json": (json.dumps(new_config, indent=2) + "\n").encode()}
+    return dataclasses.replace(solved, merge=merge), files
 
 
 def _finetuned(cfg: JobConfig, refs: tuple[ModelRef, ...], out: Store, solved: JobConfig,

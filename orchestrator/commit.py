@@ -80,6 +80,8 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
     files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
                                "weight_map": weight_map})
     copied = _copied_files(stores[plan.reference], cfg, plan.layer_map, plan.vocab_rows)
+    copied = {n: d for n, d in copied.items() if n not in (extra_files or {})}  # e.g. the
+    # config.json of a merge whose widths differ from the reference's
     if tokenizer_files:
         copied = {n: d for n, d in copied.items() if n not in TOKENIZER_FILES}
         copied.update(tokenizer_files)

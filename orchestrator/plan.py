@@ -58,9 +58,13 @@ class WorkItem:
     # rows in the output vocabulary
     masks: bool = False  # a task-aware method's per-task masks of this tensor, bit-packed:
     # uint8 [ceil(numel / 8), K], bit j of row r = entry 8r + j (little-endian bit order)
+    out_shape: tuple[int, ...] | None = None  # where the method writes another shape than
+    # its inputs' (PLeaS' merged widths)
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.out_shape is not None:
+            return self.out_shape
         shape = self.inputs[0].info.shape
         if self.masks:
             return (math.ceil(math.prod(shape) / 8), len(self.inputs))
@@ -247,8 +251,10 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointInd
             group = stats_keys[key]
             slot = stats_counts[group]
             stats_counts[group] += 1
+        out_shape = spec.out_shapes(params).get(place.name) if spec.out_shapes else None
         items.append(WorkItem(place.name, refs, base_ref, spec.name, params,
-                              out_code or first.info.dtype, group, slot, rows))
+                              out_code or first.info.dtype, group, slot, rows,
+                              out_shape=out_shape))
     if problems:
         raise PlanError("inputs of one output tensor differ in shape or dtype:\n  "
                         + "\n  ".join(problems[:20]))

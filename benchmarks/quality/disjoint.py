@@ -14,8 +14,9 @@ weights, and Sinkhorn with its regularisation chosen on validation; for MLPs als
 of task B twice as wide into A's widths; for ViTs also EMD followed by a 200-step
 distillation fine-tune from both parents), ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute and zip
 (balance f chosen the same way), partial ZipIt! (the first layers merged, each model keeping
-its later layers: a multi-head model; a ViT's residual stream permuted, not zipped) and for
-MLPs PLeaS, next to the individual models and their output ensemble.
+its later layers: a multi-head model; a ViT's residual stream permuted, not zipped) and PLeaS
+(MLP widths n, 1.5n, 2n; for ViTs as raymerge jobs), next to the individual models and their
+output ensemble.
 Alignment data: the training images of both tasks, unlabelled.
 
     python benchmarks/quality/disjoint.py --model mlp --seeds 3 --width 128 --out results.json
@@ -222,6 +223,7 @@ def one_seed(seed: int, family: Mlp, epochs: int) -> dict:
         best = max(itertools.product(ALPHAS, BETAS), key=lambda ab: partial(ab, "val")["joint"])
         row[f"zipit_partial_{stop}"] = partial(best)
     if isinstance(family, Vit):
+        row.update(_pleas_job(models, splits))
         return row
     # PLeaS: partial matching to widths n, 1.5n, 2n, then layer-wise least squares
     corrs = [stats[g.name].correlation() for g in spec.groups]
@@ -265,13 +267,47 @@ def _partial(family: Mlp, spec, a: dict, b: dict, models: list[nn.Module], solve
     return _ensemble(family, nets, data)
 
 
+def _pleas_job(models: list[nn.Module], splits: dict) -> dict:
+    """PLeaS on the ViTs as raymerge jobs (in-process executor; the unlabelled training
+    images as data) at merged MLP widths n, 1.5n and 2n; scored with each source's head."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from orchestrator.align import load_multihead
+    from orchestrator.job import run_job
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as root:
+        for i, model in enumerate(models):
+            model.save_pretrained(f"{root}/m{i}")
+        save_file({"inputs": splits["fit"]["x"].view(-1, 1, 8, 8).contiguous()},
+                  f"{root}/data.safetensors")
+        for label, width in (("pleas_1", 1.0), ("pleas_1.5", 1.5), ("pleas_2", 2.0)):
+            run_job({"sources": [{"name": f"m{i}", "uri": f"{root}/m{i}"} for i in (0, 1)],
+                     "merge": {"method": "pleas", "params": {"width": width}},
+                     "data": {"uri": f"{root}/data.safetensors", "batch_size": 256},
+                     "align": {"heads": ["classifier.*"]},
+                     "output": {"uri": f"{root}/{label}"}, "runtime": {"executor": "local"}},
+                    quiet=True)
+            with torch.no_grad():
+                logits = load_multihead(f"{root}/{label}")(
+                    pixel_values=splits["test"]["x"].view(-1, 1, 8, 8))
+            rows[label] = _metrics([logits["m0"], logits["m1"]], splits["test"])
+    return rows
+
+
 def _multihead(hidden: list, heads: list, data: dict) -> dict:
     """A shared trunk (PLeaS' merged layers) with each model's head: scored as the ensemble."""
     with torch.no_grad():
         h = data["x"]
         for w, b in hidden:
             h = torch.relu(h @ w.T + b)
-        logits = [h @ w.T + b for w, b in heads]
+        return _metrics([h @ w.T + b for w, b in heads], data)
+
+
+def _metrics(logits: list[torch.Tensor], data: dict) -> dict:
+    """Task-aware (head t on task t's images) and joint (argmax over both heads) accuracy."""
     task = data["y"] // 5
     aware = statistics.mean(float((logits[t][task == t].argmax(1) == data["y"][task == t] - 5 * t)
                                   .float().mean()) for t in (0, 1))
@@ -308,9 +344,9 @@ METHODS = (("individual models (own heads)", "individual"), ("output ensemble", 
            ("output ensemble, B twice as wide (MLP)", "ensemble_wide"),
            ("OT fusion of the wider B into A's widths, EMD (MLP)", "ot_emd_wide"),
            ("OT fusion of the wider B into A's widths, Sinkhorn (MLP)", "ot_sinkhorn_wide"),
-           ("PLeaS, merged width n (MLP)", "pleas_1"),
-           ("PLeaS, merged width 1.5n (MLP)", "pleas_1.5"),
-           ("PLeaS, merged width 2n (MLP)", "pleas_2"),
+           ("PLeaS, merged width n", "pleas_1"),
+           ("PLeaS, merged width 1.5n", "pleas_1.5"),
+           ("PLeaS, merged width 2n", "pleas_2"),
            ("ZipIt! partial: embeddings merged only (ViT)", "zipit_partial_0"),
            ("ZipIt! partial: first layer merged", "zipit_partial_1"),
            ("ZipIt! partial: first two of three layers merged", "zipit_partial_2"))

@@ -441,3 +441,38 @@ def test_ot_fusion_from_weights_needs_no_data(vits, ray_session, tmp_path):
     open(path, "w").write(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="finetune_steps: the fine-tune needs unlabelled"):
         run_job(path, quiet=True)
+
+
+def test_pleas_job_writes_the_merged_width(vits, ray_session, tmp_path):
+    """PLeaS from the CLI: the MLPs fitted block by block at width 1.5n, in rounds of Ray
+    tasks; 1 and 2 workers and in-process agree; config.json carries the new
+    intermediate_size and the output loads and verifies; a model merged with a permuted copy
+    of itself at width n computes the model."""
+    from transformers import ViTForImageClassification
+
+    from orchestrator.align import load_multihead
+
+    outs = {}
+    for label, runtime in (("w1", {"num_workers": 1}), ("w2", {"num_workers": 2}),
+                           ("local", {"executor": "local"})):
+        outs[label] = tmp_path / label
+        assert main(["run", write_job(tmp_path, vits, "pleas", outs[label],
+                                      params={"width": 1.5}, **runtime), "--quiet"]) == 0
+    assert digests(outs["w1"]) == digests(outs["w2"]) == digests(outs["local"])
+    out = outs["w2"]
+    assert main(["verify", str(out)]) == 0
+    model = ViTForImageClassification.from_pretrained(str(out))
+    assert model.config.intermediate_size == 48
+    assert load_state(str(out))["vit.encoder.layer.1.intermediate.dense.weight"].shape == (48, 16)
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert set(load_multihead(str(out))(pixel_values=x)) == {"a", "b"}
+
+    same = tmp_path / "same"
+    assert main(["run", write_job(tmp_path, vits, "pleas", same, second="a_perm",
+                                  executor="local"), "--quiet"]) == 0
+    original = ViTForImageClassification.from_pretrained(vits["a"]).eval()
+    merged = ViTForImageClassification.from_pretrained(str(same)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(pixel_values=x).logits,
+                                   original(pixel_values=x).logits, rtol=1e-3, atol=1e-3)

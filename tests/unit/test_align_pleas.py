@@ -82,3 +82,25 @@ def test_least_squares_fits_at_least_as_well_as_averaging():
         avg_b = (a[0].bias[torch.argsort(a_to)] + b[0].bias[order]) / 2
         averaged = ((x @ avg_w.T + avg_b).double() - y).square().sum()
     assert fitted <= averaged
+
+
+def test_least_squares_from_sums_is_least_squares():
+    """solve_gram on summed [x 1]ᵀ[x 1] and [x 1]ᵀ y (what PLeaS' rounds add up across
+    batches) gives the least-squares fit, with and without a bias column."""
+    from workers.align.pleas import solve_gram, with_ones
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 5, generator=g, dtype=torch.float64)  # batches x tokens x features
+    w, b = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, generator=g,
+                                                                            dtype=torch.float64)
+    y = x @ w.T + b
+    parts = [with_ones(x[i]) for i in range(3)]
+    gram = sum(p.T @ p for p in parts)
+    cross = sum(p.T @ y[i].reshape(-1, 4) for i, p in enumerate(parts))
+    got_w, got_b = solve_gram(gram, cross, 0.0)
+    torch.testing.assert_close(got_w, w)
+    torch.testing.assert_close(got_b, b)
+    got_w, none = solve_gram(gram, cross, 0.0, bias=False)
+    want = torch.linalg.lstsq(x.reshape(-1, 5), y.reshape(-1, 4)).solution.T
+    assert none is None
+    torch.testing.assert_close(got_w, want)

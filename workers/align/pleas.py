@@ -13,6 +13,7 @@ nothing is merged and the fit reproduces both models' features, i.e. the ensembl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -53,14 +54,28 @@ def _targets(ya: torch.Tensor, yb: torch.Tensor, a_to: torch.Tensor, b_to: torch
     return out / count
 
 
+def with_ones(x: torch.Tensor) -> torch.Tensor:
+    """[x 1] in float64, rows flattened: every leading dim (batch, tokens) is a sample."""
+    x = x.double().reshape(-1, x.shape[-1])
+    return torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+
+
+def solve_gram(gram: torch.Tensor, cross: torch.Tensor, ridge: float,
+               bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ridge least squares from sums: ``gram`` = [x 1]ᵀ[x 1], ``cross`` = [x 1]ᵀ y over all
+    samples; (W [out, in], b [out]) minimising ‖[x 1] [W b]ᵀ − y‖² + ridge · mean(diag)
+    ‖[W b]‖², float64; without ``bias`` the ones column is left out (b None)."""
+    if not bias:
+        gram, cross = gram[:-1, :-1], cross[:-1]
+    gram = gram + torch.eye(len(gram), dtype=torch.float64) * ridge * float(
+        gram.diagonal().mean())
+    wb = torch.linalg.solve(gram, cross).T
+    return (wb[:, :-1], wb[:, -1]) if bias else (wb, None)
+
+
 def _solve(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least squares with a bias column: (W [out, in], b [out]) minimising ‖[x 1] [W b]ᵀ − y‖²
-    + ridge · mean(diag) ‖[W b]‖², in float64."""
-    xa = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
-    gram = xa.T @ xa
-    gram += torch.eye(len(gram), dtype=torch.float64) * ridge * float(gram.diagonal().mean())
-    wb = torch.linalg.solve(gram, xa.T @ y.double()).T
-    return wb[:, :-1], wb[:, -1]
+    xa = with_ones(x)
+    return solve_gram(xa.T @ xa, xa.T @ y.double(), ridge)
 
 
 def pleas(layers_a: Sequence[torch.nn.Linear], layers_b: Sequence[torch.nn.Linear],
@@ -85,3 +100,100 @@ def pleas(layers_a: Sequence[torch.nn.Linear], layers_b: Sequence[torch.nn.Linea
         heads = [_solve(merged_in, head(inputs), ridge)
                  for head, inputs in ((layers_a[-1], inputs_a), (layers_b[-1], inputs_b))]
     return hidden, [(w.float(), b.float()) for w, b in heads]
+
+
+# ----------------------------------------------------------------------------- transformers
+
+class _Stop(Exception):
+    pass
+
+
+def _run(model: torch.nn.Module, inputs: dict, wants: dict[str, str], stop: str) -> dict:
+    """Forward ``model`` until module ``stop`` has run; the input or output (``wants``:
+    module -> "input" / "output") of the named modules."""
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, side in wants.items():
+        def hook(_m, args, output, name=name, side=side):
+            seen[name] = (args[0] if side == "input" else output).detach()
+        handles.append(modules[name].register_forward_hook(hook))
+
+    def halt(*_):
+        raise _Stop
+
+    handles.append(modules[stop].register_forward_hook(halt))
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def mlp_modules(model: torch.nn.Module, config: dict, block: int) -> tuple[list[str], str]:
+    """The loaded model's MLP modules of ``block``: those producing its hidden units (up,
+    then gate where there is one) and the one reading them (down)."""
+    from workers.align.spec import build
+
+    spec = build({k: tuple(v.shape) for k, v in model.state_dict().items()
+                  if v.is_floating_point()}, config)
+    group = spec.group(f"mlp.{block}")
+    up = [m.tensor[:-len(".weight")] for m in group.members
+          if not m.consumes and m.tensor.endswith(".weight")]
+    down = next(m.tensor[:-len(".weight")] for m in group.members if m.consumes)
+    return up, down
+
+
+@dataclass(frozen=True)
+class PleasContext:
+    models: tuple  # (ModelRef, ModelRef)
+    config: dict  # the merged model's config.json (its MLP width)
+    data: tuple  # (store, file, TensorInfo, samples, input name)
+    batch_size: int
+    block: int
+    stage: str  # "up": fit the layers producing the MLP units; "down": the one reading them
+    a_to: torch.Tensor  # each model's MLP units -> merged units (partial matching)
+    b_to: torch.Tensor
+    residual: torch.Tensor  # B's residual-stream permutation onto A's
+    width: int  # merged MLP width
+    threads: int
+    round_key: str  # identifies this round's merged state (a digest of it)
+
+
+_MERGED: dict = {}
+
+
+def pleas_task(batch: int, ctx: PleasContext, state: dict) -> list[torch.Tensor]:
+    """One data batch of a PLeaS round: the merged model so far (``state``, checkpoint names)
+    gives the fitted layer's inputs, the two original models the targets; returns the sums
+    [x 1]ᵀ[x 1] and [x 1]ᵀ y for each layer of the stage (up, gate), float64."""
+    from workers.models import build_models, model_from_state, read_batch
+    from workers.tasks import torch_threads
+
+    with torch_threads(ctx.threads):
+        if _MERGED.get("key") != ctx.round_key:  # one merged model per round and process
+            _MERGED.update(key=ctx.round_key, model=model_from_state(ctx.config, state))
+        merged = _MERGED["model"]
+        a, b = build_models(ctx.models)
+        store, file, info, samples, input_name = ctx.data
+        inputs = {input_name: read_batch(store, file, info, batch, ctx.batch_size, samples)}
+        ups, down = mlp_modules(a, ctx.models[0].config, ctx.block)
+        with torch.no_grad():
+            if ctx.stage == "up":
+                x = _run(merged, inputs, {ups[0]: "input"}, down)[ups[0]]
+                seen_a = _run(a, inputs, {u: "output" for u in ups}, down)
+                seen_b = _run(b, inputs, {u: "output" for u in ups}, down)
+                ys = [_targets(seen_a[u].reshape(-1, seen_a[u].shape[-1]),
+                               seen_b[u].reshape(-1, seen_b[u].shape[-1]), ctx.a_to, ctx.b_to,
+                               ctx.width) for u in ups]
+            else:
+                x = _run(merged, inputs, {down: "input"}, down)[down]
+                ya = _run(a, inputs, {down: "output"}, down)[down]
+                yb = _run(b, inputs, {down: "output"}, down)[down].index_select(
+                    -1, ctx.residual)
+                ys = [((ya.double() + yb.double()) / 2).reshape(-1, ya.shape[-1])]
+        xa = with_ones(x)
+        return [xa.T @ xa] + [xa.T @ y for y in ys]

@@ -25,6 +25,7 @@ from workers.merge import (  # noqa: F401  (imported to register each method)
     ot_fusion,
     passthrough,
     pcb,
+    pleas,
     ram,
     ramplus_tl,
     regmean,

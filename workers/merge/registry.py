@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Protocol, Sequence
+from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -148,6 +148,9 @@ class MethodSpec:
     # the output has the first's shapes
     dynamic: str | None = None  # "wemoe" or "gating": an input-dependent runtime, trained by
     # orchestrator/dynamic.py before the merge (which writes its static part)
+    out_shapes: Callable[[Any], Mapping[str, tuple[int, ...]]] | None = None  # given the
+    # resolved params: the output tensors whose shapes differ from the inputs' (the driver's
+    # preparation then writes the config.json that fits them)
 
     @property
     def uses_base(self) -> bool:
@@ -184,7 +187,8 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
                  wants_name: bool = False,
                  statistics: str | None = None,
                  masks: Callable[..., torch.Tensor] | None = None, any_widths: bool = False,
-                 dynamic: str | None = None):
+                 dynamic: str | None = None,
+                 out_shapes: Callable[[Any], Mapping[str, tuple[int, ...]]] | None = None):
     """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
 
     def register(fn):
@@ -193,7 +197,7 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
         METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
                                    uses_rng, stats, elementwise, tensor_stats, takes_base,
                                    models_for, alignment, wants_name, statistics, masks,
-                                   any_widths, dynamic)
+                                   any_widths, dynamic, out_shapes)
         return fn
 
     return register
