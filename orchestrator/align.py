@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import uuid
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -37,7 +38,7 @@ from workers.align import spec as specs
 from workers.align.match import (
     ActivationStats,
     _members_of,
-    assign,
+    activation_matching,
     colored_descent,
     colors,
     weight_matching,
@@ -252,7 +253,7 @@ def _pleas(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes:
                           "intermediate_size (the merged MLP width is written there)")
     mlps = [g for g in spec.groups if g.name.startswith("mlp.")]
     width = int(round(p.width * mlps[0].size))
-    perms = {g.name: assign(g, stats[g.name].correlation()) for g in spec.groups}
+    perms = activation_matching(spec, stats)
     solved, files = _solved(cfg, spec, refs, shapes, out, {}, [perms])
     alignment = load_alignment(files[TRANSFORMS])
     state_a, state_b = (read_state(r) for r in refs)
@@ -272,17 +273,16 @@ def _pleas(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes:
     def add(total, _batch, part):  # in batch order: the same sums on any number of workers
         return part if total is None else [t + s for t, s in zip(total, part)]
 
+    run = uuid.uuid4().hex  # names this job's rounds (workers keep one merged model each)
     for g in mlps:
         block = int(g.name.split(".")[1])
         ups = [m.tensor for m in g.members if not m.consumes and m.tensor.endswith(".weight")]
         down = next(m.tensor for m in g.members if m.consumes)
         a_to, b_to = partial_matching(stats[g.name].correlation(), width)
         for stage, fitted in (("up", ups), ("down", [down])):
-            key = hashlib.sha256(b"".join(state[n].numpy().tobytes() for n in sorted(state)
-                                          if state[n].is_floating_point())).hexdigest()
             ctx = PleasContext(refs, new_config, data.task_input, cfg.data.batch_size, block,
                                stage, a_to, b_to, perms["residual"], width,
-                               cfg.runtime.threads_per_worker, f"{key}-{block}-{stage}")
+                               cfg.runtime.threads_per_worker, f"{run}-{block}-{stage}")
             sums = fold_tasks(pleas_task, batches, (ctx, state), cfg.runtime, add, None,
                               label=f"pleas block {block} {stage}", quiet=quiet)
             for weight, cross in zip(fitted, sums[1:]):
@@ -291,7 +291,6 @@ def _pleas(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes:
                 state[weight] = w.float()
                 if b is not None:
                     state[bias] = b.float()
-                    resized.setdefault(bias, tuple(b.shape))
     dtypes = {n: v.dtype for n, v in state_a.items()}
     data_bytes = save_safetensors({n: v.to(dtypes[n]).contiguous() for n, v in
                                    sorted(state.items()) if v.is_floating_point()},

@@ -160,7 +160,7 @@ class PleasContext:
     residual: torch.Tensor  # B's residual-stream permutation onto A's
     width: int  # merged MLP width
     threads: int
-    round_key: str  # identifies this round's merged state (a digest of it)
+    round_key: str  # identifies this round's merged state (job and round)
 
 
 _MERGED: dict = {}
