@@ -244,8 +244,9 @@ def _pleas(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes:
     each block's MLP partially matched to ``p.width`` x n units and refitted by least squares
     on the merged model's own activations, block by block (two rounds per block: the layers
     producing the MLP units, then the one reading them; each round one Ray task per data
-    batch, sums added in batch order). Writes the fitted model (``FITTED``) and its
-    config.json (the new intermediate_size)."""
+    batch, sums added in batch order). With one Linear head in ``align.heads``, a last round
+    refits it for each source to that source's own outputs on the merged features. Writes the
+    fitted model (``FITTED``) and its config.json (the new intermediate_size)."""
     from workers.align.pleas import PleasContext, partial_matching, pleas_task, solve_gram
 
     if "intermediate_size" not in config:
@@ -292,6 +293,23 @@ def _pleas(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes:
                 if b is not None:
                     state[bias] = b.float()
     dtypes = {n: v.dtype for n, v in state_a.items()}
+    heads = sorted({n.rsplit(".", 1)[0] for n in head_names(cfg, sorted(shapes))})
+    if len(heads) == 1 and f"{heads[0]}.weight" in state:  # one Linear head: refitted to
+        # each model's own outputs on the merged features (the last PLeaS round)
+        ctx = PleasContext(refs, new_config, data.task_input, cfg.data.batch_size, 0, "head",
+                           a_to, b_to, perms["residual"], width,
+                           cfg.runtime.threads_per_worker, f"{run}-head", heads[0])
+        sums = fold_tasks(pleas_task, batches, (ctx, state), cfg.runtime, add, None,
+                          label="pleas heads", quiet=quiet)
+        weight, bias = f"{heads[0]}.weight", f"{heads[0]}.bias"
+        for i, (src, cross) in enumerate(zip(cfg.sources, sums[1:])):
+            w, b = solve_gram(sums[0], cross, p.ridge, bias=bias in state)
+            own = {weight: w} | ({bias: b} if b is not None else {})
+            files[f"heads/{src.name}.safetensors"] = save_safetensors(
+                {k: v.to(dtypes[k]).contiguous() for k, v in own.items()},
+                metadata={"format": "pt"})
+            if i == 0:  # the body holds the first source's head
+                state.update({k: v.float() for k, v in own.items()})
     data_bytes = save_safetensors({n: v.to(dtypes[n]).contiguous() for n, v in
                                    sorted(state.items()) if v.is_floating_point()},
                                   metadata={"format": "pt"})

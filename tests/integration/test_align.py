@@ -445,9 +445,10 @@ def test_ot_fusion_from_weights_needs_no_data(vits, ray_session, tmp_path):
 
 def test_pleas_job_writes_the_merged_width(vits, ray_session, tmp_path):
     """PLeaS from the CLI: the MLPs fitted block by block at width 1.5n, in rounds of Ray
-    tasks; 1 and 2 workers and in-process agree; config.json carries the new
-    intermediate_size and the output loads and verifies; a model merged with a permuted copy
-    of itself at width n computes the model."""
+    tasks, then each source's head refitted; 1 and 2 workers and in-process agree;
+    config.json carries the new intermediate_size and the output loads and verifies; the body
+    holds the first source's head; a model merged with a permuted copy of itself at width n
+    computes the model."""
     from transformers import ViTForImageClassification
 
     from orchestrator.align import load_multihead
@@ -463,7 +464,11 @@ def test_pleas_job_writes_the_merged_width(vits, ray_session, tmp_path):
     assert main(["verify", str(out)]) == 0
     model = ViTForImageClassification.from_pretrained(str(out))
     assert model.config.intermediate_size == 48
-    assert load_state(str(out))["vit.encoder.layer.1.intermediate.dense.weight"].shape == (48, 16)
+    body = load_state(str(out))
+    assert body["vit.encoder.layer.1.intermediate.dense.weight"].shape == (48, 16)
+    heads = {n: load_file(str(out / "heads" / f"{n}.safetensors")) for n in ("a", "b")}
+    assert torch.equal(body["classifier.weight"], heads["a"]["classifier.weight"])
+    assert not torch.equal(heads["a"]["classifier.weight"], heads["b"]["classifier.weight"])
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert set(load_multihead(str(out))(pixel_values=x)) == {"a", "b"}

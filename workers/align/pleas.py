@@ -154,13 +154,15 @@ class PleasContext:
     data: tuple  # (store, file, TensorInfo, samples, input name)
     batch_size: int
     block: int
-    stage: str  # "up": fit the layers producing the MLP units; "down": the one reading them
+    stage: str  # "up": fit the layers producing the MLP units; "down": the one reading them;
+    # "head": refit the heads (module ``head``) to each model's own outputs
     a_to: torch.Tensor  # each model's MLP units -> merged units (partial matching)
     b_to: torch.Tensor
     residual: torch.Tensor  # B's residual-stream permutation onto A's
     width: int  # merged MLP width
     threads: int
     round_key: str  # identifies this round's merged state (job and round)
+    head: str = ""  # the head module (checkpoint name), for the "head" stage
 
 
 _MERGED: dict = {}
@@ -169,8 +171,9 @@ _MERGED: dict = {}
 def pleas_task(batch: int, ctx: PleasContext, state: dict) -> list[torch.Tensor]:
     """One data batch of a PLeaS round: the merged model so far (``state``, checkpoint names)
     gives the fitted layer's inputs, the two original models the targets; returns the sums
-    [x 1]ᵀ[x 1] and [x 1]ᵀ y for each layer of the stage (up, gate), float64."""
-    from workers.models import build_models, model_from_state, read_batch
+    [x 1]ᵀ[x 1] and [x 1]ᵀ y for each layer of the stage (up, gate; the head: y of each
+    model), float64."""
+    from workers.models import build_models, checkpoint_names, model_from_state, read_batch
     from workers.tasks import torch_threads
 
     with torch_threads(ctx.threads):
@@ -182,7 +185,13 @@ def pleas_task(batch: int, ctx: PleasContext, state: dict) -> list[torch.Tensor]
         inputs = {input_name: read_batch(store, file, info, batch, ctx.batch_size, samples)}
         ups, down = mlp_modules(a, ctx.models[0].config, ctx.block)
         with torch.no_grad():
-            if ctx.stage == "up":
+            if ctx.stage == "head":  # the merged features in, each model's own outputs out
+                loaded = {c: n for n, c in checkpoint_names(a).items()}
+                head = loaded.get(f"{ctx.head}.weight", f"{ctx.head}.weight")[:-len(".weight")]
+                x = _run(merged, inputs, {head: "input"}, head)[head]
+                outs = [_run(m, inputs, {head: "output"}, head)[head] for m in (a, b)]
+                ys = [y.reshape(-1, y.shape[-1]).double() for y in outs]
+            elif ctx.stage == "up":
                 x = _run(merged, inputs, {ups[0]: "input"}, down)[ups[0]]
                 seen_a = _run(a, inputs, {u: "output" for u in ups}, down)
                 seen_b = _run(b, inputs, {u: "output" for u in ups}, down)
