@@ -23,7 +23,7 @@ class ZipItParams:
 @merge_method("zipit", params=ZipItParams, needs_base=False, min_models=2,
               alignment="activations", wants_name=True)
 def zipit(tensors: Sequence[torch.Tensor], p: ZipItParams, *, name: str) -> torch.Tensor:
-    """Zip two models' features by activation correlation, within and across models.
+    """Zip the models' features by activation correlation, within and across models.
 
     Models need not share a base; `data` gives unlabelled inputs. MLP-hidden and residual
     spaces are zipped (merge/unmerge matrices), attention heads matched and averaged.
