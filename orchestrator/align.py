@@ -194,9 +194,9 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
              if reads in ("activations", "dual") else [])
     stats = [stats] if joint else stats
     if name == "ot_fusion" and reads == "weights":  # a chain over the groups, on the driver
-        built = [specs.build(other, config) for other, config in zip(shapes, configs)]
         plans = [weight_plans(spec, states[0], state, solver=p.solver, reg=p.reg,
-                              spec_b=other) for state, other in zip(states[1:], built[1:])]
+                              spec_b=specs.build(other, config))
+                 for state, other, config in zip(states[1:], shapes[1:], configs[1:])]
         done = _solved(cfg, spec, refs, shapes[0], out, {}, [q for _, q in plans],
                        [t for t, _ in plans])
         return _finetuned(cfg, refs, out, *done, p, quiet) if p.finetune_steps else done

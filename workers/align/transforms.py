@@ -18,6 +18,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from workers.align import spec as specs
+from workers.align.match import _members_of, _step, objective
 from workers.align.ot import fuse
 from workers.align.spec import Group, Member, Spec
 from workers.align.zip import Zip, _term, merge_tensor
@@ -212,7 +213,6 @@ class MatchWorker:
 
     def __init__(self, spec: Spec, a: ModelRef, b: ModelRef, threads: int, index: int,
                  count: int):
-        from workers.align.match import _members_of
         from workers.tasks import torch_threads
 
         self.spec, self.threads, self.index, self.count = spec, threads, index, count
@@ -221,7 +221,6 @@ class MatchWorker:
             self.a, self.b = read_state(a), read_state(b)
 
     def steps(self, names: list[str], perms: dict) -> dict:
-        from workers.align.match import _step
         from workers.tasks import torch_threads
 
         # largest first, dealt round-robin: workers get similar work (a step costs ~ size³)
@@ -231,7 +230,6 @@ class MatchWorker:
                     for n in dealt}
 
     def objective(self, perms: dict) -> float:
-        from workers.align.match import objective
         from workers.tasks import torch_threads
 
         with torch_threads(self.threads):
