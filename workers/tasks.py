@@ -141,11 +141,13 @@ def _refs(item: Any) -> list[Any]:
 
 
 def _chunks(item: Any, ctx: TaskContext,
-            whole_windows: bool = False) -> Iterator[tuple[int, list[torch.Tensor]]]:
+            whole_windows: bool = False) -> Iterator[tuple[int, Any]]:
     """``(chunk index, flat stored values of every input)`` for each CHUNK elements of the
     item's tensor; inputs are read a window of several chunks at a time, READ_WINDOW bytes for
-    all inputs together (fewer, larger reads from object storage). With ``whole_windows`` the
-    pieces are whole windows (copies, which do no arithmetic)."""
+    all inputs together (fewer, larger reads from object storage). The values are one
+    ``[inputs, elements]`` tensor (rows of one buffer) when the inputs share a dtype, else a
+    list. With ``whole_windows`` the pieces are whole windows (no cast, or a fused loop that
+    converts block by block: cache-sized chunks are for torch's separate passes)."""
     if item.rows:
         gathered = _gathered(item, ctx)
         for c0 in range(0, item.numel, CHUNK):
@@ -153,37 +155,39 @@ def _chunks(item: Any, ctx: TaskContext,
         return
     refs = _refs(item)
     numel = refs[0].info.numel
-    per_element = sum(itemsize(r.info.dtype) for r in refs)
-    window = max(1, READ_WINDOW // (per_element * CHUNK)) * CHUNK
-    buffers = [_buffer(i, min(window, numel) * itemsize(r.info.dtype))
-               for i, r in enumerate(refs)]
+    sizes = [itemsize(r.info.dtype) for r in refs]
+    window = max(1, READ_WINDOW // (sum(sizes) * CHUNK)) * CHUNK
+    stride = min(window, numel) * max(sizes)
+    rows = _buffer(len(refs) * stride)[:len(refs) * stride].view(len(refs), stride)
+    same = len(set(sizes)) == 1 and len({r.info.dtype for r in refs}) == 1
     for w0 in range(0, numel, window):
         w1 = min(w0 + window, numel)
-        views = [read_elements(ctx.stores[r.source], r.file, r.info, w0, w1, buf)
-                 for r, buf in zip(refs, buffers)]
+        views = [read_elements(ctx.stores[r.source], r.file, r.info, w0, w1, row)
+                 for r, row in zip(refs, rows)]
+        block = rows[:, :(w1 - w0) * sizes[0]].view(views[0].dtype) if same else views
         if whole_windows:
-            yield w0 // CHUNK, views
+            yield w0 // CHUNK, block
             continue
         for c0 in range(w0, w1, CHUNK):
-            yield c0 // CHUNK, [v[c0 - w0:c0 - w0 + CHUNK] for v in views]
+            yield c0 // CHUNK, (block[:, c0 - w0:c0 - w0 + CHUNK] if same else
+                                [v[c0 - w0:c0 - w0 + CHUNK] for v in views])
 
 
-_BUFFERS: list[torch.Tensor] = []  # read windows, reused: fresh pages cost more than the copy
+_BUFFER = [torch.empty(0, dtype=torch.uint8)]  # read windows, reused: fresh pages cost more
 
 
-def _buffer(slot: int, nbytes: int) -> torch.Tensor:
-    """This process's read buffer ``slot``, at least ``nbytes`` long. A worker runs one task at
-    a time and consumes a window's chunks before the next read, so one set of buffers serves."""
-    while len(_BUFFERS) <= slot:
-        _BUFFERS.append(torch.empty(0, dtype=torch.uint8))
-    if _BUFFERS[slot].numel() < nbytes:
-        _BUFFERS[slot] = torch.empty(nbytes, dtype=torch.uint8)
-    return _BUFFERS[slot]
+def _buffer(nbytes: int) -> torch.Tensor:
+    """This process's read buffer, at least ``nbytes`` long. A worker runs one task at a time
+    and consumes a window's chunks before the next read, so one buffer serves."""
+    if _BUFFER[0].numel() < nbytes:
+        _BUFFER[0] = torch.empty(nbytes, dtype=torch.uint8)
+    return _BUFFER[0]
 
 
-def _split(item: Any, values: list[torch.Tensor],
-           dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    cast = [v.to(dtype) for v in values]
+def _split(item: Any, values: Any, dtype: torch.dtype,
+           stored: bool = False) -> tuple[Any, torch.Tensor | None]:
+    """(inputs, base) in ``dtype``; as stored with ``stored`` (the method casts)."""
+    cast = values if stored else [v.to(dtype) for v in values]
     return (cast[:-1], cast[-1]) if item.base is not None else (cast, None)
 
 
@@ -248,8 +252,11 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
     tensor_stats = spec.tensor_stats_for(item.params)
     if tensor_stats is not None and item.numel:
         kwargs["tensor_stats"] = _tensor_stats(tensor_stats, item, ctx)
-    for chunk, values in _chunks(item, ctx):
-        tensors, base = _split(item, values, dtype)
+    if spec.stored_inputs:
+        kwargs["dtype"] = dtype
+    windows = spec.stored_inputs and not spec.uses_rng
+    for chunk, values in _chunks(item, ctx, whole_windows=windows):
+        tensors, base = _split(item, values, dtype, spec.stored_inputs)
         if spec.uses_base:
             kwargs["base"] = base
         if spec.uses_rng:
@@ -278,10 +285,9 @@ def _whole(item: Any, ctx: TaskContext) -> list[torch.Tensor]:
 
 def _tensor_stats(stats: Any, item: Any, ctx: TaskContext) -> Any:
     state = None
-    keyed = get_method(item.method).uses_rng
     for p in range(stats.passes):
-        total = _sum_over_chunks(item, ctx, keyed, lambda tensors, base, rng: stats.collect(
-            p, tensors, item.params, base=base, state=state, rng=rng))
+        total = _sum_over_chunks(item, ctx, lambda tensors, base, rng, **kw: stats.collect(
+            p, tensors, item.params, base=base, state=state, rng=rng, **kw))
         state = stats.reduce(p, total, item.params, state)
     return state
 
@@ -292,19 +298,24 @@ def _collect_item(item: Any, ctx: TaskContext, pass_index: int, state: Any) -> t
     if not spec.is_elementwise(item.params):  # e.g. an SVD: the whole tensor at once
         tensors, base = _split(item, _whole(item, ctx), torch_dtype(ctx.compute_dtype))
         return stats.collect(pass_index, tensors, item.params, base=base, state=state)
-    return _sum_over_chunks(item, ctx, False, lambda tensors, base, _: stats.collect(
-        pass_index, tensors, item.params, base=base, state=state))
+    return _sum_over_chunks(item, ctx, lambda tensors, base, _, **kw: stats.collect(
+        pass_index, tensors, item.params, base=base, state=state, **kw))
 
 
-def _sum_over_chunks(item: Any, ctx: TaskContext, keyed: bool,
+def _sum_over_chunks(item: Any, ctx: TaskContext,
                      collect: Callable[..., torch.Tensor]) -> torch.Tensor:
     """``collect(tensors, base, rng)`` on every chunk (cache-sized: casts there are ten times
-    cheaper than on whole windows), partials summed in chunk order."""
+    cheaper than on whole windows), partials summed in chunk order. A method that takes its
+    inputs as stored gets them (and ``dtype=``) a whole window at a time unless keyed."""
+    spec = get_method(item.method)
     dtype = torch_dtype(ctx.compute_dtype)
+    kwargs = {"dtype": dtype} if spec.stored_inputs else {}
+    windows = spec.stored_inputs and not spec.uses_rng
     total = None
-    for chunk, values in _chunks(item, ctx):
-        tensors, base = _split(item, values, dtype)
-        part = collect(tensors, base, _generators(ctx, item, chunk) if keyed else None)
+    for chunk, values in _chunks(item, ctx, whole_windows=windows):
+        tensors, base = _split(item, values, dtype, spec.stored_inputs)
+        part = collect(tensors, base, _generators(ctx, item, chunk) if spec.uses_rng else None,
+                       **kwargs)
         total = part if total is None else total + part
     return total
 

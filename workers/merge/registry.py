@@ -151,6 +151,9 @@ class MethodSpec:
     out_shapes: Callable[[Any], Mapping[str, tuple[int, ...]]] | None = None  # given the
     # resolved params: the output tensors whose shapes differ from the inputs' (the driver's
     # preparation then writes the config.json that fits them)
+    stored_inputs: bool = False  # elementwise kernels and statistics get the inputs as
+    # stored (one ``[n, elements]`` tensor when they share a dtype) and ``dtype=`` the compute
+    # dtype, and cast what they do not convert in a fused loop themselves
 
     @property
     def uses_base(self) -> bool:
@@ -188,7 +191,8 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
                  statistics: str | None = None,
                  masks: Callable[..., torch.Tensor] | None = None, any_widths: bool = False,
                  dynamic: str | None = None,
-                 out_shapes: Callable[[Any], Mapping[str, tuple[int, ...]]] | None = None):
+                 out_shapes: Callable[[Any], Mapping[str, tuple[int, ...]]] | None = None,
+                 stored_inputs: bool = False):
     """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
 
     def register(fn):
@@ -197,7 +201,7 @@ def merge_method(name: str, *, params: type, needs_base: bool, min_models: int =
         METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
                                    uses_rng, stats, elementwise, tensor_stats, takes_base,
                                    models_for, alignment, wants_name, statistics, masks,
-                                   any_widths, dynamic, out_shapes)
+                                   any_widths, dynamic, out_shapes, stored_inputs)
         return fn
 
     return register

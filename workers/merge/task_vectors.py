@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from workers.merge import kernels
+
 
 def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """Stacked deltas ``[K, *shape]`` of each model from the base."""
@@ -33,10 +35,14 @@ def combine(
 
     With ``sign_consensus`` only entries whose sign agrees with the sign of ``Σ w_i τ_i`` are
     summed and the divisor counts only their weights (TIES' disjoint mean); a zero sum elects
-    the positive sign. ``deltas`` is modified in place.
+    the positive sign. ``deltas`` may be modified in place. Float32 and float64 take the fused loop
+    of ``kernels.sign_merge`` (the same bits, one pass instead of about ten).
     """
-    w = torch.tensor(list(weights), dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
     unit = all(x == 1 for x in weights)  # x * 1 == x: skip the multiplications
+    if sign_consensus and kernels.fused(deltas):
+        return kernels.sign_merge(deltas, list(weights), base, unit=unit, normalize=normalize,
+                                  scale=scale)
+    w = torch.tensor(list(weights), dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
     if not unit:
         deltas.mul_(w)
     if sign_consensus:

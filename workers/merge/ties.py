@@ -7,7 +7,7 @@ from typing import Any, Hashable, Sequence
 
 import torch
 
-from workers.merge import quantile
+from workers.merge import kernels, quantile
 from workers.merge.registry import merge_method, param, per_model, single_pass_stats
 from workers.merge.task_vectors import as_float, combine, keep_largest, task_vectors
 
@@ -42,20 +42,18 @@ class GlobalTrim:
         return p.density if p.trim_scope == "global" else None
 
     def collect(self, pass_index: int, tensors: Sequence[torch.Tensor], p: TiesParams, *,
-                base: torch.Tensor, state: Any, rng: Any = None) -> torch.Tensor:
+                base: torch.Tensor, state: Any, rng: Any = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Inputs as stored with ``dtype`` (the compute dtype), else already cast."""
+        high = None if pass_index == 0 else [s[0] if isinstance(s, tuple) else -1 for s in state]
+        fused = pass_index < 2 and kernels.fused_inputs(tensors, base, dtype or base.dtype)
+        if fused:
+            return kernels.histograms(fused, high)
+        tensors, base = _cast(tensors, base, dtype)
         if pass_index == 2:
             return torch.tensor([0 if s is None else int(((t - base).abs().float() == s[0]).sum())
                                  for t, s in zip(tensors, state)], dtype=torch.int64)
-        hists = []
-        for i, t in enumerate(tensors):
-            bits = quantile.magnitude_bits(t - base)
-            if pass_index == 0:
-                hists.append(quantile.high_histogram(bits))
-            elif isinstance(state[i], tuple):
-                hists.append(quantile.low_histogram(bits, state[i][0]))
-            else:
-                hists.append(torch.zeros(quantile.BINS, dtype=torch.int64))
-        return torch.stack(hists)
+        return kernels.magnitude_histograms(task_vectors(tensors, base), high)
 
     def reduce(self, pass_index: int, total: Any, p: TiesParams, state: Any) -> Any:
         if pass_index == 0:
@@ -91,6 +89,13 @@ class TensorTrim(GlobalTrim):
         return super().reduce(pass_index, total, p, state)
 
 
+def _cast(tensors: Sequence[torch.Tensor], base: torch.Tensor,
+          dtype: torch.dtype | None) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
+    if dtype is None:
+        return tensors, base
+    return [t.to(dtype) for t in tensors], base.to(dtype)
+
+
 def _sorted_trim(p: TiesParams) -> bool:
     return p.trim_scope == "tensor" and p.trim_ties == "sort"
 
@@ -122,6 +127,9 @@ def _keep_quota(delta: torch.Tensor, state: list | None) -> None:
         delta.zero_()
         return
     threshold, quota = state
+    if kernels.fused(delta):
+        state[1] = kernels.trim(delta, threshold, quota)
+        return
     magnitude = delta.abs().float()
     keep = magnitude > threshold
     tied = magnitude == threshold
@@ -135,10 +143,12 @@ def _keep_quota(delta: torch.Tensor, state: list | None) -> None:
 
 
 @merge_method("ties", params=TiesParams, needs_base=True, stats=GlobalTrim(),
-              elementwise=lambda p: not _sorted_trim(p), tensor_stats=TensorTrim())
+              elementwise=lambda p: not _sorted_trim(p), tensor_stats=TensorTrim(),
+              stored_inputs=True)
 def ties(tensors: Sequence[torch.Tensor], p: TiesParams, *, base: torch.Tensor,
          stats: list[list | None] | None,
-         tensor_stats: list[list | None] | None = None) -> torch.Tensor:
+         tensor_stats: list[list | None] | None = None,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
     """Trim each task vector, elect a sign per entry, merge only the entries that agree.
 
     Keeps the top-``density`` entries of each task vector by magnitude, elects the sign of the
@@ -150,14 +160,23 @@ def ties(tensors: Sequence[torch.Tensor], p: TiesParams, *, base: torch.Tensor,
     the threshold taken in index order (``trim_ties: index``, a linear-time selection) or in
     mergekit's argsort order (``sort``, bit for bit mergekit).
     A zero weighted sum elects the positive sign (the paper's code uses the model-wide majority).
+    With ``dtype`` the inputs come as stored: float32 arithmetic on bfloat16 or float32 inputs
+    runs as one fused loop (``kernels.ties_merge``), anything else is cast first.
     """
-    deltas = task_vectors(tensors, base)
     if p.trim_scope == "tensor" and not _sorted_trim(p) and tensor_stats is None:
-        tensor_stats = single_pass_stats(TensorTrim(), tensors, p, base)
+        whole, whole_base = _cast(tensors, base, dtype)  # a whole tensor, outside the engine
+        tensor_stats = single_pass_stats(TensorTrim(), whole, p, whole_base)
+    trims = tensor_stats if p.trim_scope == "tensor" else stats
+    fused = not _sorted_trim(p) and kernels.fused_inputs(tensors, base, dtype or base.dtype)
+    if fused:
+        return kernels.ties_merge(fused, trims, p.weight, unit=all(w == 1 for w in p.weight),
+                                  normalize=p.normalize, scale=p.scale).reshape(base.shape)
+    tensors, base = _cast(tensors, base, dtype)
+    deltas = task_vectors(tensors, base)
     for i in range(len(tensors)):
         if _sorted_trim(p):
             deltas[i] = keep_largest(deltas[i], p.density[i])
         else:
-            _keep_quota(deltas[i], (tensor_stats if p.trim_scope == "tensor" else stats)[i])
+            _keep_quota(deltas[i], trims[i])
     return combine(deltas, p.weight, base=base, sign_consensus=True, normalize=p.normalize,
                    scale=p.scale)

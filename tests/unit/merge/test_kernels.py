@@ -1,0 +1,173 @@
+"""The fused loops return the same bits as the torch operations they replace."""
+
+import pytest
+import torch
+
+from workers.merge import kernels, quantile
+from workers.merge.task_vectors import as_float, combine
+
+
+def torch_sign_merge(deltas, weights, base, normalize, scale):
+    """TIES' sign election and disjoint merge as torch operations, in mergekit's order."""
+    w = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
+    deltas = deltas * w
+    majority = as_float(deltas.sum(dim=0) >= 0, deltas.dtype) * 2 - 1
+    agree = as_float(deltas * majority > 0, deltas.dtype)
+    mixed = (deltas * agree).sum(dim=0)
+    divisor = (w * agree).sum(dim=0)
+    divisor[divisor == 0] = 1
+    if normalize:
+        mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return base + mixed
+
+
+def deltas_with_zeros_and_ties(k, shape, dtype, seed=0):
+    """bf16-rounded task vectors (many exact ties), whole zero columns, a NaN and infinities."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(torch.bfloat16).to(dtype)
+    tuned = [(base + 0.05 * torch.randn(shape, generator=g)).to(torch.bfloat16).to(dtype)
+             for _ in range(k)]
+    deltas = torch.stack([t - base for t in tuned])
+    deltas[:, 3] = 0
+    deltas[1, 5] = float("nan")
+    deltas[0, 7], deltas[2, 7] = float("inf"), -float("inf")
+    return deltas, base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights,normalize,scale", [
+    ([1.0, 1.0, 1.0, 1.0], True, 1.0),
+    ([0.3, 1.0, 0.7, 1.9], True, 0.37),
+    ([0.3, 1.0, 0.7, 1.9], False, 1.0),
+    ([1.0, 1.0, 1.0, 1.0], False, 2.5),
+])
+def test_sign_merge_equals_torch_bit_for_bit(dtype, weights, normalize, scale):
+    deltas, base = deltas_with_zeros_and_ties(4, (1000, 3), dtype)  # 3000 > one block
+    got = combine(deltas.clone(), weights, base=base, sign_consensus=True,
+                  normalize=normalize, scale=scale)
+    want = torch_sign_merge(deltas, weights, base, normalize, scale)
+    assert got.dtype == dtype and got.shape == base.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+
+
+def test_combine_keeps_torch_for_other_dtypes():
+    """bf16 arithmetic (mergekit's ``dtype: bfloat16``) is not compiled: torch computes it."""
+    deltas, base = deltas_with_zeros_and_ties(3, (500,), torch.bfloat16)
+    deltas[1, 5] = 0  # no NaN: compare plainly
+    deltas[:, 7] = 0
+    got = combine(deltas.clone(), [1.0, 0.5, 2.0], base=base, sign_consensus=True,
+                  normalize=True, scale=1.0)
+    assert torch.equal(got, torch_sign_merge(deltas, [1.0, 0.5, 2.0], base, True, 1.0))
+
+
+def torch_trim(delta, threshold, quota):
+    """Keep |x| > threshold and the first ``quota`` entries equal to it (torch, in place)."""
+    magnitude = delta.abs().float()
+    keep = magnitude > threshold
+    tied = (magnitude == threshold).nonzero()[:, 0]
+    keep[tied[:quota]] = True
+    delta *= as_float(keep, delta.dtype)
+    return max(0, quota - len(tied))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trim_consumes_the_tie_quota_in_index_order_across_chunks(dtype):
+    deltas, _ = deltas_with_zeros_and_ties(3, (4000,), dtype)
+    row = deltas[1]  # holds a NaN
+    row[9] = -float("inf")
+    mags = row.abs().float()
+    threshold = float(torch.sort(mags[mags.isfinite()]).values[3000])
+    ties = int((mags == threshold).sum())
+    assert ties > 3  # the bf16 rounding makes ties
+    for quota in (0, 2, ties, ties + 5):
+        got, want = row.clone(), row.clone()
+        q_got = q_want = quota
+        for c in range(0, 4000, 1000):  # chunk by chunk, as the kernel sees them
+            q_got = kernels.trim(got[c:c + 1000], threshold, q_got)
+            q_want = torch_trim(want[c:c + 1000], threshold, q_want)
+        assert q_got == q_want
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+        assert torch.equal(got.signbit(), want.signbit())  # x * 0 keeps the sign, as torch
+
+
+def test_histograms_equal_the_torch_radix_passes():
+    deltas, _ = deltas_with_zeros_and_ties(3, (5000,), torch.float32)
+    deltas[2] = 0
+    high = kernels.magnitude_histograms(deltas)
+    for i in range(3):
+        assert torch.equal(high[i], quantile.high_histogram(quantile.magnitude_bits(deltas[i])))
+    bins = [int(torch.argmax(high[0])), 0x3C00, -1]
+    low = kernels.magnitude_histograms(deltas, bins)
+    for i, b in enumerate(bins[:2]):
+        assert torch.equal(low[i], quantile.low_histogram(quantile.magnitude_bits(deltas[i]), b))
+    assert int(low[2].sum()) == 0
+
+
+def stored_inputs(k, n, dtype, seed=1):
+    """``[k + 1, n]`` rows as a checkpoint stores them (the last one the base): bf16-rounded
+    fine-tunes, so that many task-vector entries tie."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    rows = [base + 0.01 * torch.randn(n, generator=g) for _ in range(k)] + [base]
+    return torch.stack([r.to(torch.bfloat16).to(dtype) for r in rows])
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_fused_ties_equals_the_torch_steps(stored):
+    """Read as stored, converted block by block: the same bits as cast, subtract, trim (quota
+    consumed in index order across blocks and calls), sign election and disjoint merge."""
+    rows = stored_inputs(3, 5000, stored)
+    deltas = (rows[:-1].float() - rows[-1].float())
+    threshold = float(torch.sort(deltas[0].abs()).values[3500])
+    ties = int((deltas[0].abs() == threshold).sum())
+    states = [[threshold, ties // 2], None, [0.0, 10 ** 9]]
+    weights = [1.0, 0.5, 2.0]
+    want_states = [list(s) if s else s for s in states]
+    got_states = [list(s) if s else s for s in states]
+    got, want = [], []
+    for c in range(0, 5000, 2000):  # three calls, as windows come
+        part = rows[:, c:c + 2000]
+        fused = kernels.fused_inputs(part[:-1], part[-1], torch.float32)
+        assert fused is not None
+        got.append(kernels.ties_merge(fused, got_states, weights, unit=False, normalize=True,
+                                      scale=0.8))
+        d = part[:-1].float() - part[-1].float()
+        for i, s in enumerate(want_states):
+            if s is None:
+                d[i].zero_()
+            else:
+                s[1] = torch_trim(d[i], s[0], s[1])
+        want.append(torch_sign_merge(d, weights, part[-1].float(), True, 0.8))
+    assert got_states == want_states
+    assert torch.equal(torch.cat(got), torch.cat(want))
+
+
+def test_fused_inputs_reads_window_rows_in_place_and_copies_otherwise():
+    rows = stored_inputs(2, 300, torch.bfloat16)
+    in_place = kernels.fused_inputs(rows[:-1], rows[-1], torch.float32)
+    assert in_place.bits.ctypes.data == rows.data_ptr()  # no copy: rows of one buffer
+    copied = kernels.fused_inputs(list(rows[:-1]), rows[-1].clone(), torch.float32)
+    for fused in (in_place, copied):
+        for i in range(3):
+            row = fused.bits[fused.rows[i]:fused.rows[i] + fused.n]
+            assert torch.equal(torch.from_numpy(row.astype("int32")).to(torch.int16),
+                               rows[i].view(torch.int16))
+    assert kernels.fused_inputs(rows[:-1], rows[-1], torch.float64) is None  # cast instead
+    assert kernels.fused_inputs(rows[:-1].half(), rows[-1].half(), torch.float32) is None
+    assert kernels.fused_inputs(rows[:-1], rows[-1].float(), torch.float32) is None
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_fused_histograms_equal_those_of_the_cast_task_vectors(stored):
+    rows = stored_inputs(3, 3000, stored)
+    fused = kernels.fused_inputs(rows[:-1], rows[-1], torch.float32)
+    deltas = rows[:-1].float() - rows[-1].float()
+    high = kernels.histograms(fused)
+    assert torch.equal(high, kernels.magnitude_histograms(deltas))
+    bins = [int(torch.argmax(high[0])), int(torch.argmax(high[1])) - 1, -1]
+    assert torch.equal(kernels.histograms(fused, bins),
+                       kernels.magnitude_histograms(deltas, bins))

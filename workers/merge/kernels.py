@@ -1,0 +1,309 @@
+"""Fused loops for the hot paths of the sign-consensus merges, compiled with numba.
+
+Each torch operation of TIES' trim and sign election is a separate pass over K x chunk floats
+(about ten of them), with a temporary each; these loops make one pass, block by block, and do
+the same float32 (or float64) operations in the same order, so they return the same bits as the
+torch code they replace (``tests/unit/merge/test_kernels.py`` holds both side by side). Compiled
+code is cached next to this file (numba's on-disk cache) so that a worker process loads it instead
+of compiling it again. Only float32 and float64 are compiled: other dtypes keep the torch path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from numba import njit
+
+FUSED_DTYPES = (torch.float32, torch.float64)
+_BLOCK = 512  # elements whose per-entry sums stay in registers / L1 while K rows stream by
+
+
+def fused(t: torch.Tensor) -> bool:
+    """Whether the fused loops take tensors of ``t``'s dtype."""
+    return t.dtype in FUSED_DTYPES
+
+
+def sign_merge(deltas: torch.Tensor, weights: np.ndarray, base: torch.Tensor, *, unit: bool,
+               normalize: bool, scale: float) -> torch.Tensor:
+    """TIES' elect-sign-and-disjoint-merge of stacked task vectors ``[K, *shape]``:
+    ``base + scale * Σ_agree w_i τ_i`` (divided by Σ_agree w_i when ``normalize``), as
+    ``task_vectors.combine`` computes it with torch."""
+    flat = deltas.reshape(len(deltas), -1).contiguous()
+    dt = flat.numpy().dtype
+    out = torch.empty(base.shape, dtype=base.dtype)
+    _sign_merge(flat.numpy(), base.contiguous().reshape(-1).numpy(),
+                np.asarray(weights, dtype=dt), unit, normalize, dt.type(scale),
+                out.reshape(-1).numpy())
+    return out
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _sign_merge(deltas, base, w, unit, normalize, scale, out):  # pragma: no cover (compiled)
+    k, n = deltas.shape
+    block = np.empty((k, _BLOCK), w.dtype)
+    sums = np.empty((3, _BLOCK), w.dtype)
+    for start in range(0, n, _BLOCK):
+        m = min(n, start + _BLOCK) - start
+        block[:, :m] = deltas[:, start:start + m]
+        _merge_block(block, m, w, unit, normalize, scale, base[start:start + m],
+                     out[start:start + m], sums)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _merge_block(d, m, w, unit, normalize, scale, base, out,
+                 sums):  # pragma: no cover (compiled)
+    """Sign election and disjoint merge of the first ``m`` columns of ``d`` ``[K, _BLOCK]``:
+    the per-entry sums of a block (``sums``, scratch ``[3, _BLOCK]``) stay in L1 while the K
+    rows stream by."""
+    zero, one = w.dtype.type(0), w.dtype.type(1)
+    total, mixed, divisor = sums[0], sums[1], sums[2]
+    sums[:, :m] = zero
+    for i in range(d.shape[0]):  # the weighted sum elects the sign
+        wi = w[i]
+        for j in range(m):
+            total[j] += d[i, j] if unit else d[i, j] * wi
+    for i in range(d.shape[0]):  # entries agreeing with it (zeros never do) and their weights
+        wi = w[i]
+        for j in range(m):
+            x = d[i, j] if unit else d[i, j] * wi
+            sign = one if total[j] >= zero else -one
+            agree = one if x * sign > zero else zero
+            mixed[j] += x * agree
+            divisor[j] += wi * agree
+    for j in range(m):
+        r = mixed[j]
+        if normalize:
+            r = r / (one if divisor[j] == zero else divisor[j])
+        if scale != one:
+            r = r * scale
+        out[j] = base[j] + r
+
+
+class Stored(NamedTuple):
+    """Inputs then the base, as stored: ``row`` ``i`` is ``bits[rows[i]:rows[i] + n]``, bit
+    patterns (uint16 for bfloat16, shifted up ``shift`` = 16 bits; uint32 for float32) that the
+    loops read block by block (contiguous, so they vectorise) and convert to float32."""
+
+    bits: np.ndarray
+    rows: np.ndarray
+    n: int
+    shift: int
+
+
+def fused_inputs(tensors, base: torch.Tensor, dtype: torch.dtype) -> Stored | None:
+    """``Stored`` inputs for ``ties_merge`` and ``histograms``: without a copy when
+    ``tensors`` and ``base`` are consecutive rows of one tensor (the engine's read window).
+    None where the loops do not apply (compute dtype other than float32, inputs of other or
+    differing dtypes): the caller casts and uses torch."""
+    if dtype != torch.float32 or not len(tensors):
+        return None
+    stored = {t.dtype for t in tensors} | {base.dtype}
+    if len(stored) != 1 or stored.isdisjoint(_STORED):
+        return None
+    as_int, as_np, shift = _STORED[base.dtype]
+    k, n = len(tensors), base.numel()
+    step = _row_step(tensors, base)
+    if step:
+        flat = torch.as_strided(tensors, (k * step + n,), (1,))
+    else:
+        step, flat = n, torch.cat([t.reshape(-1) for t in tensors] + [base.reshape(-1)])
+    return Stored(flat.view(as_int).numpy().view(as_np),
+                  np.arange(k + 1, dtype=np.int64) * step, n, shift)
+
+
+def _row_step(tensors, base: torch.Tensor) -> int | None:
+    """The row stride when ``tensors`` is a 2-D tensor of rows and ``base`` the row after."""
+    if not isinstance(tensors, torch.Tensor) or tensors.dim() != 2 or base.dim() != 1:
+        return None
+    step = tensors.stride(0)
+    if (tensors.stride(1) != 1 or base.stride(0) != 1 or base.numel() != tensors.shape[1]
+            or base.data_ptr() != tensors.data_ptr() + len(tensors) * step * base.itemsize):
+        return None
+    return step
+
+
+_STORED = {torch.bfloat16: (torch.int16, np.uint16, 16),
+           torch.float32: (torch.int32, np.uint32, 0)}
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _load(bits, at, m, shift, out_bits):  # pragma: no cover (compiled)
+    for j in range(m):
+        out_bits[j] = np.uint32(bits[at + j]) << shift
+
+
+def ties_merge(inputs: Stored, states: list[list | None], weights,
+               *, unit: bool, normalize: bool, scale: float) -> torch.Tensor:
+    """TIES on ``fused_inputs``: τ_i = x_i − base in float32, trimmed by ``states`` (per model
+    None, or ``[threshold, quota]`` as ``ties._keep_quota`` takes it; quotas are consumed),
+    then ``sign_merge``: the same bits as those torch steps, in one pass with no temporaries."""
+    k = len(inputs.rows) - 1
+    keep = np.array([s is not None for s in states])
+    thresholds = np.array([0 if s is None else s[0] for s in states], dtype=np.float32)
+    quotas = np.array([0 if s is None else s[1] for s in states], dtype=np.int64)
+    out = np.empty(inputs.n, dtype=np.float32)
+    _ties(*inputs, keep, thresholds, quotas, np.asarray(weights, dtype=np.float32), unit,
+          normalize, np.float32(scale), out)
+    for i in range(k):
+        if states[i] is not None:
+            states[i][1] = int(quotas[i])
+    return torch.from_numpy(out)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _ties(bits, rows, n, shift, keep, thresholds, quotas, w, unit, normalize, scale,
+          out):  # pragma: no cover (compiled)
+    k = len(rows) - 1
+    base_bits = np.empty(_BLOCK, np.uint32)
+    base = base_bits.view(np.float32)
+    x_bits = np.empty(_BLOCK, np.uint32)
+    x = x_bits.view(np.float32)
+    d = np.empty((k, _BLOCK), np.float32)
+    sums = np.empty((3, _BLOCK), np.float32)
+    for start in range(0, n, _BLOCK):
+        m = min(n, start + _BLOCK) - start
+        _load(bits, rows[k] + start, m, shift, base_bits)
+        for i in range(k):
+            _load(bits, rows[i] + start, m, shift, x_bits)
+            for j in range(m):
+                d[i, j] = x[j] - base[j]
+            if not keep[i]:  # keep nothing (zero_, as ties._keep_quota)
+                for j in range(m):
+                    d[i, j] = np.float32(0)
+            else:
+                quotas[i] = _trim_block(d[i], m, thresholds[i], quotas[i])
+        _merge_block(d, m, w, unit, normalize, scale, base, out[start:start + m], sums)
+
+
+def histograms(inputs: Stored, high: list[int] | None = None) -> torch.Tensor:
+    """``magnitude_histograms`` of the task vectors of ``fused_inputs``, computed on the fly."""
+    hist = np.zeros((len(inputs.rows) - 1, 1 << 16), dtype=np.int64)
+    if high is None:
+        _high_hist_raw(*inputs, hist)
+    else:
+        _low_hist_raw(*inputs, np.asarray(high, dtype=np.int64), hist)
+    return torch.from_numpy(hist)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _task_vector_bits(bits, at, m, shift, base_bits, x_bits):  # pragma: no cover (compiled)
+    """|x − base| as float32 bit patterns, in ``x_bits``, for the ``m`` inputs from ``at``."""
+    _load(bits, at, m, shift, x_bits)
+    x, base = x_bits.view(np.float32), base_bits.view(np.float32)
+    for j in range(m):
+        x[j] = x[j] - base[j]
+    for j in range(m):
+        x_bits[j] &= 0x7FFFFFFF
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _high_hist_raw(bits, rows, n, shift, hist):  # pragma: no cover (compiled)
+    k = len(rows) - 1
+    base_bits = np.empty(_BLOCK, np.uint32)
+    x_bits = np.empty(_BLOCK, np.uint32)
+    for start in range(0, n, _BLOCK):
+        m = min(n, start + _BLOCK) - start
+        _load(bits, rows[k] + start, m, shift, base_bits)
+        for i in range(k):
+            _task_vector_bits(bits, rows[i] + start, m, shift, base_bits, x_bits)
+            for j in range(m):
+                hist[i, x_bits[j] >> 16] += 1
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _low_hist_raw(bits, rows, n, shift, high, hist):  # pragma: no cover (compiled)
+    k = len(rows) - 1
+    base_bits = np.empty(_BLOCK, np.uint32)
+    x_bits = np.empty(_BLOCK, np.uint32)
+    sub = np.zeros((k, 4, (1 << 16) + 1), np.int64)  # see _low_hist
+    for start in range(0, n, _BLOCK):
+        m = min(n, start + _BLOCK) - start
+        _load(bits, rows[k] + start, m, shift, base_bits)
+        for i in range(k):
+            if high[i] < 0:
+                continue
+            low = np.uint32(high[i]) << 16
+            _task_vector_bits(bits, rows[i] + start, m, shift, base_bits, x_bits)
+            for j in range(m):
+                v = np.int64(x_bits[j]) - low
+                inside = (v >= 0) & (v < (1 << 16))
+                sub[i, j & 3, v + 1 if inside else 0] += 1
+    for i in range(k):
+        for b in range(1 << 16):
+            hist[i, b] = sub[i, 0, b + 1] + sub[i, 1, b + 1] + sub[i, 2, b + 1] + sub[i, 3, b + 1]
+
+
+def trim(delta: torch.Tensor, threshold: float, quota: int) -> int:
+    """Zero the entries of ``delta`` (contiguous, in place) whose magnitude as float32 is below
+    ``threshold``, and those equal to it past the first ``quota`` in index order; returns the
+    quota left for the next chunk."""
+    return int(_trim(delta.reshape(-1).numpy(), np.float32(threshold), quota))
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _trim(row, threshold, quota):  # pragma: no cover (compiled)
+    return _trim_block(row, row.shape[0], threshold, quota)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _trim_block(row, m, threshold, quota):  # pragma: no cover (compiled)
+    """``trim`` of ``row[:m]``."""
+    zero = row.dtype.type(0)
+    if quota == 0:  # the common case once the quota is spent: keep > threshold, branch-free
+        for j in range(m):
+            row[j] = row[j] * row.dtype.type(np.float32(abs(row[j])) > threshold)
+        return 0
+    tied = 0
+    for j in range(m):  # keep >= threshold, count the ties
+        v = np.float32(abs(row[j]))
+        row[j] = row[j] * row.dtype.type(v >= threshold)  # x * 0, as torch's mask does
+        tied += np.int64(v == threshold)
+    if tied <= quota:
+        return quota - tied
+    for j in range(m):  # more ties than the quota: drop those past it
+        if np.float32(abs(row[j])) == threshold:
+            if quota > 0:
+                quota -= 1
+            else:
+                row[j] = row[j] * zero
+    return 0
+
+
+def magnitude_histograms(deltas: torch.Tensor, high: np.ndarray | None = None) -> torch.Tensor:
+    """Per row of ``deltas`` ``[K, ...]``, the radix histogram (``quantile.BINS`` bins) of the
+    float32 bit patterns of its magnitudes: of the high 16 bits, or, with ``high`` (per row a
+    high half, or -1 for an all-zero row), of the low 16 bits of the entries in that bin."""
+    bits = deltas.reshape(len(deltas), -1).float().contiguous().view(torch.int32)
+    hist = np.zeros((len(deltas), 1 << 16), dtype=np.int64)
+    if high is None:
+        _high_hist(bits.numpy(), hist)
+    else:
+        _low_hist(bits.numpy(), np.asarray(high, dtype=np.int64), hist)
+    return torch.from_numpy(hist)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _high_hist(bits, hist):  # pragma: no cover (compiled)
+    for i in range(bits.shape[0]):
+        for j in range(bits.shape[1]):
+            hist[i, (bits[i, j] & 0x7FFFFFFF) >> 16] += 1
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _low_hist(bits, high, hist):  # pragma: no cover (compiled)
+    # A threshold bin of bf16-rounded deltas can hold a fifth of the entries: a branch on "in
+    # the bin" mispredicts, so every entry is counted, out-of-bin ones in a spare bin 0, in four
+    # interleaved histograms (one would serialise on the spare bin's counter).
+    sub = np.zeros((4, (1 << 16) + 1), np.int64)
+    for i in range(bits.shape[0]):
+        if high[i] < 0:
+            continue
+        row, low = bits[i], np.int32(high[i]) << 16
+        sub[:] = 0
+        for j in range(row.shape[0]):
+            v = (row[j] & 0x7FFFFFFF) - low
+            sub[j & 3, v + 1 if 0 <= v < (1 << 16) else 0] += 1
+        for b in range(1 << 16):
+            hist[i, b] += sub[0, b + 1] + sub[1, b + 1] + sub[2, b + 1] + sub[3, b + 1]
