@@ -9,8 +9,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from workers.merge import kernels
 from workers.merge.registry import merge_method, param, per_model
-from workers.merge.task_vectors import combine, task_vectors
+from workers.merge.task_vectors import cast_inputs, combine, task_vectors
 
 RESCALES = ("density", "l1", "none")
 _L1_EPS = 1e-7
@@ -30,16 +31,41 @@ def keep_mask(shape: torch.Size, density: float, rng: np.random.BitGenerator,
     """1 where an entry survives, else 0: one 16-bit draw per entry, kept when below
     ``round(density * 2^16)``, so the keep probability is the density to within 2^-17
     (integer draws are several times faster than ``torch.rand``)."""
-    n = math.prod(shape)
-    draws = rng.random_raw((n + 3) // 4).view(np.uint16)[:n]
-    keep = draws < np.uint32(round(density * 2**16))
+    keep = _draws(math.prod(shape), rng) < _cut(density)
     return torch.from_numpy(keep).view(torch.uint8).to(dtype).reshape(shape)
+
+
+def _draws(n: int, rng: np.random.BitGenerator) -> np.ndarray:
+    return rng.random_raw((n + 3) // 4).view(np.uint16)[:n]
+
+
+def _cut(density: float) -> np.uint32:
+    return np.uint32(round(density * 2**16))
 
 
 def keep_masks(shape: torch.Size, p: DareParams, rng: Sequence[np.random.BitGenerator],
                dtype: torch.dtype) -> list[torch.Tensor | None]:
     """Per model, its keep mask; None where density >= 1 keeps every entry."""
     return [None if d >= 1 else keep_mask(shape, d, g, dtype) for d, g in zip(p.density, rng)]
+
+
+def fused_plan(n: int, p: DareParams, rng: Sequence[np.random.BitGenerator],
+               l1_factors: list[float] | None = None) -> tuple[np.ndarray, ...]:
+    """``kernels.dare_plan`` of ``drop_and_rescale``: the same draws, cuts and rescaling
+    (L1 factors 1 until given)."""
+    draws = np.empty((len(p.density), n), dtype=np.uint16)
+    modes, factors = [], []
+    for i, (d, g) in enumerate(zip(p.density, rng)):
+        if d < 1:
+            draws[i] = _draws(n, g)
+        mode, factor = ((0, 1.0) if d >= 1 else
+                        (2, d) if p.rescale == "density" and d > 0 else
+                        (3, l1_factors[i] if l1_factors else 1.0) if p.rescale == "l1" else
+                        (1, 1.0))
+        modes.append(mode)
+        factors.append(factor)
+    return kernels.dare_plan(draws, np.array([_cut(d) for d in p.density]),
+                             np.array(modes), np.array(factors))
 
 
 class L1Rescale:
@@ -52,8 +78,13 @@ class L1Rescale:
         return p.rescale == "l1"
 
     def collect(self, pass_index: int, tensors: Sequence[torch.Tensor], p: DareParams, *,
-                base: torch.Tensor, state: Any,
-                rng: Sequence[np.random.BitGenerator]) -> torch.Tensor:
+                base: torch.Tensor, state: Any, rng: Sequence[np.random.BitGenerator],
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Inputs as stored with ``dtype`` (the compute dtype), else already cast."""
+        fused = kernels.fused_inputs(tensors, base, dtype or base.dtype)
+        if fused:  # the fused sums add entry by entry, torch's in its own order
+            return kernels.dare_l1(fused, fused_plan(base.numel(), p, rng))
+        tensors, base = cast_inputs(tensors, base, dtype)
         return _l1_sums(task_vectors(tensors, base), keep_masks(base.shape, p, rng, base.dtype))
 
     def reduce(self, pass_index: int, total: torch.Tensor, p: DareParams,

@@ -46,7 +46,10 @@ def _sign_merge(deltas, base, w, unit, normalize, scale, out):  # pragma: no cov
     sums = np.empty((3, _BLOCK), w.dtype)
     for start in range(0, n, _BLOCK):
         m = min(n, start + _BLOCK) - start
-        block[:, :m] = deltas[:, start:start + m]
+        for i in range(k):
+            row = deltas[i, start:start + m]
+            for j in range(m):
+                block[i, j] = row[j]
         _merge_block(block, m, w, unit, normalize, scale, base[start:start + m],
                      out[start:start + m], sums)
 
@@ -130,8 +133,11 @@ _STORED = {torch.bfloat16: (torch.int16, np.uint16, 16),
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _load(bits, at, m, shift, out_bits):  # pragma: no cover (compiled)
+    # index a slice from 0: numba cannot tell that at + j >= 0, and its check for negative
+    # indices keeps LLVM from vectorising (12x slower)
+    row = bits[at:at + m]
     for j in range(m):
-        out_bits[j] = np.uint32(bits[at + j]) << shift
+        out_bits[j] = np.uint32(row[j]) << shift
 
 
 def ties_merge(inputs: Stored, states: list[list | None], weights,
@@ -175,6 +181,98 @@ def _ties(bits, rows, n, shift, keep, thresholds, quotas, w, unit, normalize, sc
             else:
                 quotas[i] = _trim_block(d[i], m, thresholds[i], quotas[i])
         _merge_block(d, m, w, unit, normalize, scale, base, out[start:start + m], sums)
+
+
+def dare_plan(draws: np.ndarray, cuts: np.ndarray, modes: np.ndarray,
+              factors: np.ndarray) -> tuple[np.ndarray, ...]:
+    """DARE's per-model drop and rescale for ``dare_ties_merge`` and ``dare_l1``: 16-bit
+    ``draws`` ``[K, n]``, an entry kept when its draw is below ``cuts[i]``; ``modes[i]`` 0 keeps
+    the task vector as it is (density 1), 1 drops only, 2 drops then divides by
+    ``factors[i]`` (the density), 3 drops then multiplies by it (the L1 factor)."""
+    return (draws, cuts.astype(np.uint32), modes.astype(np.int64), factors.astype(np.float32))
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _dare_row(x, base, m, draws, cut, mode, factor, out):  # pragma: no cover (compiled)
+    """τ = x − base, dropped and rescaled as ``dare_linear.drop_and_rescale`` does it."""
+    one, zero = np.float32(1), np.float32(0)
+    for j in range(m):
+        t = x[j] - base[j]
+        if mode != 0:
+            t = t * (one if np.uint32(draws[j]) < cut else zero)
+            if mode == 2:
+                t = t / factor
+            elif mode == 3:
+                t = t * factor
+        out[j] = t
+
+
+def dare_ties_merge(inputs: Stored, plan: tuple[np.ndarray, ...], weights, *, unit: bool,
+                    normalize: bool, scale: float) -> torch.Tensor:
+    """DARE-TIES on ``fused_inputs``: each τ_i dropped and rescaled by ``plan``
+    (``dare_plan``), then ``sign_merge``; the same bits as those torch steps."""
+    out = np.empty(inputs.n, dtype=np.float32)
+    _dare_ties(*inputs, *plan, np.asarray(weights, dtype=np.float32), unit, normalize,
+               np.float32(scale), out)
+    return torch.from_numpy(out)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _dare_ties(bits, rows, n, shift, draws, cuts, modes, factors, w, unit, normalize, scale,
+               out):  # pragma: no cover (compiled)
+    k = len(rows) - 1
+    base_bits = np.empty(_BLOCK, np.uint32)
+    x_bits = np.empty(_BLOCK, np.uint32)
+    base, x = base_bits.view(np.float32), x_bits.view(np.float32)
+    d = np.empty((k, _BLOCK), np.float32)
+    sums = np.empty((3, _BLOCK), np.float32)
+    for start in range(0, n, _BLOCK):
+        m = min(n, start + _BLOCK) - start
+        _load(bits, rows[k] + start, m, shift, base_bits)
+        for i in range(k):
+            _load(bits, rows[i] + start, m, shift, x_bits)
+            _dare_row(x, base, m, draws[i, start:start + m], cuts[i], modes[i], factors[i],
+                      d[i])
+        _merge_block(d, m, w, unit, normalize, scale, base, out[start:start + m], sums)
+
+
+def dare_l1(inputs: Stored, plan: tuple[np.ndarray, ...]) -> torch.Tensor:
+    """Per model ``[Σ|τ|, Σ|τ kept|]`` in float64 (0 for models that keep everything):
+    ``dare_linear.L1Rescale``'s statistics on ``fused_inputs``. Entry j adds to lane j mod 8,
+    the lanes are added at the end: a fixed order that vectorises (one float64 chain would
+    cost a cycle per add)."""
+    lanes = np.zeros((len(inputs.rows) - 1, 2, _LANES), dtype=np.float64)
+    _dare_l1(*inputs, plan[0], plan[1], plan[2], lanes)
+    return torch.from_numpy(lanes.sum(axis=2))
+
+
+_LANES = 8
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _dare_l1(bits, rows, n, shift, draws, cuts, modes, lanes):  # pragma: no cover (compiled)
+    k = len(rows) - 1
+    base_bits = np.empty(_BLOCK, np.uint32)
+    x_bits = np.empty(_BLOCK, np.uint32)
+    base, x = base_bits.view(np.float32), x_bits.view(np.float32)
+    for start in range(0, n, _BLOCK):
+        m = min(n, start + _BLOCK) - start
+        _load(bits, rows[k] + start, m, shift, base_bits)
+        for i in range(k):
+            if modes[i] == 0:
+                continue
+            _load(bits, rows[i] + start, m, shift, x_bits)
+            kept, before, after = draws[i, start:start + m], lanes[i, 0], lanes[i, 1]
+            cut, full = cuts[i], m - m % _LANES
+            for j0 in range(0, full, _LANES):
+                for lane in range(_LANES):
+                    t = np.float64(abs(x[j0 + lane] - base[j0 + lane]))
+                    before[lane] += t
+                    after[lane] += t if np.uint32(kept[j0 + lane]) < cut else 0.0
+            for j in range(full, m):
+                t = np.float64(abs(x[j] - base[j]))
+                before[j - full] += t
+                after[j - full] += t if np.uint32(kept[j]) < cut else 0.0
 
 
 def histograms(inputs: Stored, high: list[int] | None = None) -> torch.Tensor:

@@ -22,6 +22,14 @@ def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.T
     return out
 
 
+def cast_inputs(tensors: Sequence[torch.Tensor], base: torch.Tensor | None,
+                dtype: torch.dtype | None) -> tuple[Sequence[torch.Tensor], torch.Tensor | None]:
+    """Inputs (and base) as stored cast to the compute ``dtype``; None: they already are."""
+    if dtype is None:
+        return tensors, base
+    return [t.to(dtype) for t in tensors], None if base is None else base.to(dtype)
+
+
 def combine(
     deltas: torch.Tensor,
     weights: Sequence[float],

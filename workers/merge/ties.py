@@ -9,7 +9,13 @@ import torch
 
 from workers.merge import kernels, quantile
 from workers.merge.registry import merge_method, param, per_model, single_pass_stats
-from workers.merge.task_vectors import as_float, combine, keep_largest, task_vectors
+from workers.merge.task_vectors import (
+    as_float,
+    cast_inputs,
+    combine,
+    keep_largest,
+    task_vectors,
+)
 
 TRIM_SCOPES = ("global", "tensor")
 TRIM_TIES = ("index", "sort")
@@ -49,7 +55,7 @@ class GlobalTrim:
         fused = pass_index < 2 and kernels.fused_inputs(tensors, base, dtype or base.dtype)
         if fused:
             return kernels.histograms(fused, high)
-        tensors, base = _cast(tensors, base, dtype)
+        tensors, base = cast_inputs(tensors, base, dtype)
         if pass_index == 2:
             return torch.tensor([0 if s is None else int(((t - base).abs().float() == s[0]).sum())
                                  for t, s in zip(tensors, state)], dtype=torch.int64)
@@ -87,13 +93,6 @@ class TensorTrim(GlobalTrim):
         if pass_index == 0:  # like mergekit, a positive density keeps at least one entry
             return [_locate(h, d, at_least=1 if d > 0 else 0) for h, d in zip(total, p.density)]
         return super().reduce(pass_index, total, p, state)
-
-
-def _cast(tensors: Sequence[torch.Tensor], base: torch.Tensor,
-          dtype: torch.dtype | None) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
-    if dtype is None:
-        return tensors, base
-    return [t.to(dtype) for t in tensors], base.to(dtype)
 
 
 def _sorted_trim(p: TiesParams) -> bool:
@@ -164,14 +163,14 @@ def ties(tensors: Sequence[torch.Tensor], p: TiesParams, *, base: torch.Tensor,
     runs as one fused loop (``kernels.ties_merge``), anything else is cast first.
     """
     if p.trim_scope == "tensor" and not _sorted_trim(p) and tensor_stats is None:
-        whole, whole_base = _cast(tensors, base, dtype)  # a whole tensor, outside the engine
+        whole, whole_base = cast_inputs(tensors, base, dtype)  # a whole tensor, outside the engine
         tensor_stats = single_pass_stats(TensorTrim(), whole, p, whole_base)
     trims = tensor_stats if p.trim_scope == "tensor" else stats
     fused = not _sorted_trim(p) and kernels.fused_inputs(tensors, base, dtype or base.dtype)
     if fused:
         return kernels.ties_merge(fused, trims, p.weight, unit=all(w == 1 for w in p.weight),
                                   normalize=p.normalize, scale=p.scale).reshape(base.shape)
-    tensors, base = _cast(tensors, base, dtype)
+    tensors, base = cast_inputs(tensors, base, dtype)
     deltas = task_vectors(tensors, base)
     for i in range(len(tensors)):
         if _sorted_trim(p):

@@ -171,3 +171,36 @@ def test_fused_histograms_equal_those_of_the_cast_task_vectors(stored):
     bins = [int(torch.argmax(high[0])), int(torch.argmax(high[1])) - 1, -1]
     assert torch.equal(kernels.histograms(fused, bins),
                        kernels.magnitude_histograms(deltas, bins))
+
+
+@pytest.mark.parametrize("rescale", ["density", "l1", "none"])
+def test_fused_dare_ties_equals_the_torch_steps(rescale):
+    """Keyed draws, drop, rescale, sign election: the same bits as ``drop_and_rescale`` and
+    ``combine``; the L1 statistics agree to float64 rounding (another summation order)."""
+    import numpy as np
+
+    from workers.merge.dare_linear import DareParams, L1Rescale, drop_and_rescale
+    from workers.merge.dare_ties import dare_ties
+
+    rows = stored_inputs(3, 3000, torch.bfloat16)
+    p = DareParams(weight=(1.0, 0.5, 2.0), density=(0.3, 1.0, 0.0), rescale=rescale,
+                   scale=1.0, normalize=True)
+
+    def rng():
+        return [np.random.SFC64(7 + i) for i in range(3)]
+
+    factors = None
+    if rescale == "l1":
+        fused_sums = L1Rescale().collect(0, rows[:-1], p, base=rows[-1], state=None, rng=rng(),
+                                         dtype=torch.float32)
+        torch_sums = L1Rescale().collect(0, list(rows[:-1].double()), p,
+                                         base=rows[-1].double(), state=None, rng=rng())
+        torch.testing.assert_close(fused_sums, torch_sums, rtol=1e-12, atol=0)
+        assert fused_sums[1].tolist() == [0.0, 0.0]  # density 1 keeps all: no statistics
+        factors = L1Rescale().reduce(0, fused_sums, p, None)
+    got = dare_ties(rows[:-1], p, base=rows[-1], rng=rng(), tensor_stats=factors,
+                    dtype=torch.float32)
+    base = rows[-1].float()
+    want = torch_sign_merge(drop_and_rescale(list(rows[:-1].float()), p, base, rng(), factors),
+                            list(p.weight), base, True, 1.0)
+    assert torch.equal(got, want)
