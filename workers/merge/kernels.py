@@ -140,6 +140,15 @@ def _load(bits, at, m, shift, out_bits):  # pragma: no cover (compiled)
         out_bits[j] = np.uint32(row[j]) << shift
 
 
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _task_vector(bits, at, m, shift, base, x_bits, out):  # pragma: no cover (compiled)
+    """``out[:m]`` = x − base in float32, for the ``m`` stored inputs from ``at``."""
+    _load(bits, at, m, shift, x_bits)
+    x = x_bits.view(np.float32)
+    for j in range(m):
+        out[j] = x[j] - base[j]
+
+
 def ties_merge(inputs: Stored, states: list[list | None], weights,
                *, unit: bool, normalize: bool, scale: float) -> torch.Tensor:
     """TIES on ``fused_inputs``: τ_i = x_i − base in float32, trimmed by ``states`` (per model
@@ -149,37 +158,46 @@ def ties_merge(inputs: Stored, states: list[list | None], weights,
     keep = np.array([s is not None for s in states])
     thresholds = np.array([0 if s is None else s[0] for s in states], dtype=np.float32)
     quotas = np.array([0 if s is None else s[1] for s in states], dtype=np.int64)
-    out = np.empty(inputs.n, dtype=np.float32)
-    _ties(*inputs, keep, thresholds, quotas, np.asarray(weights, dtype=np.float32), unit,
-          normalize, np.float32(scale), out)
+    untouched = dare_plan(np.empty((k, 0), np.uint16), np.zeros(k), np.zeros(k), np.ones(k))
+    out = _stored_merge(inputs, (keep, thresholds, quotas), untouched, weights, unit,
+                        normalize, scale)
     for i in range(k):
         if states[i] is not None:
             states[i][1] = int(quotas[i])
+    return out
+
+
+def _stored_merge(inputs: Stored, trims: tuple, plan: tuple, weights, unit: bool,
+                  normalize: bool, scale: float) -> torch.Tensor:
+    out = np.empty(inputs.n, dtype=np.float32)
+    _sparse_sign_merge(*inputs, *trims, *plan, np.asarray(weights, dtype=np.float32), unit,
+                       normalize, np.float32(scale), out)
     return torch.from_numpy(out)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _ties(bits, rows, n, shift, keep, thresholds, quotas, w, unit, normalize, scale,
-          out):  # pragma: no cover (compiled)
+def _sparse_sign_merge(bits, rows, n, shift, keep, thresholds, quotas, draws, cuts, modes,
+                       factors, w, unit, normalize, scale, out):  # pragma: no cover (compiled)
+    """τ_i of stored inputs, trimmed (TIES: ``keep``, ``thresholds``, ``quotas``) and dropped
+    and rescaled (DARE: ``draws`` ... ``factors``, mode 0 leaves τ_i), then the sign merge."""
     k = len(rows) - 1
     base_bits = np.empty(_BLOCK, np.uint32)
     base = base_bits.view(np.float32)
     x_bits = np.empty(_BLOCK, np.uint32)
-    x = x_bits.view(np.float32)
     d = np.empty((k, _BLOCK), np.float32)
     sums = np.empty((3, _BLOCK), np.float32)
     for start in range(0, n, _BLOCK):
         m = min(n, start + _BLOCK) - start
         _load(bits, rows[k] + start, m, shift, base_bits)
         for i in range(k):
-            _load(bits, rows[i] + start, m, shift, x_bits)
-            for j in range(m):
-                d[i, j] = x[j] - base[j]
+            _task_vector(bits, rows[i] + start, m, shift, base, x_bits, d[i])
             if not keep[i]:  # keep nothing (zero_, as ties._keep_quota)
                 for j in range(m):
                     d[i, j] = np.float32(0)
-            else:
+            elif thresholds[i] > 0 or quotas[i] > 0:  # else the trim would change nothing
                 quotas[i] = _trim_block(d[i], m, thresholds[i], quotas[i])
+            _drop_and_rescale(d[i], m, draws[i, start:start + m], cuts[i], modes[i],
+                              factors[i])
         _merge_block(d, m, w, unit, normalize, scale, base, out[start:start + m], sums)
 
 
@@ -193,47 +211,27 @@ def dare_plan(draws: np.ndarray, cuts: np.ndarray, modes: np.ndarray,
 
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
-def _dare_row(x, base, m, draws, cut, mode, factor, out):  # pragma: no cover (compiled)
-    """τ = x − base, dropped and rescaled as ``dare_linear.drop_and_rescale`` does it."""
+def _drop_and_rescale(tau, m, draws, cut, mode, factor):  # pragma: no cover (compiled)
+    """``tau[:m]`` dropped and rescaled in place as ``dare_linear.drop_and_rescale`` does it."""
+    if mode == 0:
+        return
     one, zero = np.float32(1), np.float32(0)
     for j in range(m):
-        t = x[j] - base[j]
-        if mode != 0:
-            t = t * (one if np.uint32(draws[j]) < cut else zero)
-            if mode == 2:
-                t = t / factor
-            elif mode == 3:
-                t = t * factor
-        out[j] = t
+        t = tau[j] * (one if np.uint32(draws[j]) < cut else zero)
+        if mode == 2:
+            t = t / factor
+        elif mode == 3:
+            t = t * factor
+        tau[j] = t
 
 
 def dare_ties_merge(inputs: Stored, plan: tuple[np.ndarray, ...], weights, *, unit: bool,
                     normalize: bool, scale: float) -> torch.Tensor:
     """DARE-TIES on ``fused_inputs``: each τ_i dropped and rescaled by ``plan``
     (``dare_plan``), then ``sign_merge``; the same bits as those torch steps."""
-    out = np.empty(inputs.n, dtype=np.float32)
-    _dare_ties(*inputs, *plan, np.asarray(weights, dtype=np.float32), unit, normalize,
-               np.float32(scale), out)
-    return torch.from_numpy(out)
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _dare_ties(bits, rows, n, shift, draws, cuts, modes, factors, w, unit, normalize, scale,
-               out):  # pragma: no cover (compiled)
-    k = len(rows) - 1
-    base_bits = np.empty(_BLOCK, np.uint32)
-    x_bits = np.empty(_BLOCK, np.uint32)
-    base, x = base_bits.view(np.float32), x_bits.view(np.float32)
-    d = np.empty((k, _BLOCK), np.float32)
-    sums = np.empty((3, _BLOCK), np.float32)
-    for start in range(0, n, _BLOCK):
-        m = min(n, start + _BLOCK) - start
-        _load(bits, rows[k] + start, m, shift, base_bits)
-        for i in range(k):
-            _load(bits, rows[i] + start, m, shift, x_bits)
-            _dare_row(x, base, m, draws[i, start:start + m], cuts[i], modes[i], factors[i],
-                      d[i])
-        _merge_block(d, m, w, unit, normalize, scale, base, out[start:start + m], sums)
+    k = len(inputs.rows) - 1
+    untrimmed = (np.ones(k, dtype=np.bool_), np.zeros(k, np.float32), np.zeros(k, np.int64))
+    return _stored_merge(inputs, untrimmed, plan, weights, unit, normalize, scale)
 
 
 def dare_l1(inputs: Stored, plan: tuple[np.ndarray, ...]) -> torch.Tensor:
@@ -288,10 +286,8 @@ def histograms(inputs: Stored, high: list[int] | None = None) -> torch.Tensor:
 @njit(cache=True, nogil=True, boundscheck=False)
 def _task_vector_bits(bits, at, m, shift, base_bits, x_bits):  # pragma: no cover (compiled)
     """|x − base| as float32 bit patterns, in ``x_bits``, for the ``m`` inputs from ``at``."""
-    _load(bits, at, m, shift, x_bits)
-    x, base = x_bits.view(np.float32), base_bits.view(np.float32)
-    for j in range(m):
-        x[j] = x[j] - base[j]
+    x = x_bits.view(np.float32)
+    _task_vector(bits, at, m, shift, base_bits.view(np.float32), x_bits, x)
     for j in range(m):
         x_bits[j] &= 0x7FFFFFFF
 
