@@ -54,18 +54,22 @@ def fused_plan(n: int, p: DareParams, rng: Sequence[np.random.BitGenerator],
     """``kernels.dare_plan`` of ``drop_and_rescale``: the same draws, cuts and rescaling
     (L1 factors 1 until given)."""
     draws = np.empty((len(p.density), n), dtype=np.uint16)
-    modes, factors = [], []
     for i, (d, g) in enumerate(zip(p.density, rng)):
         if d < 1:
             draws[i] = _draws(n, g)
-        mode, factor = ((0, 1.0) if d >= 1 else
-                        (2, d) if p.rescale == "density" and d > 0 else
-                        (3, l1_factors[i] if l1_factors else 1.0) if p.rescale == "l1" else
-                        (1, 1.0))
-        modes.append(mode)
-        factors.append(factor)
+    modes, factors = zip(*_rescaling(p, l1_factors or [1.0] * len(p.density)))
     return kernels.dare_plan(draws, np.array([_cut(d) for d in p.density]),
                              np.array(modes), np.array(factors))
+
+
+def _rescaling(p: DareParams, l1_factors: list[float] | None) -> list[tuple[int, float]]:
+    """Per model ``(mode, factor)`` of its drop and rescale, as ``kernels.dare_plan`` takes them
+    (0: τ untouched, 1: drop, 2: drop and divide by the density, 3: drop and multiply by the L1
+    factor)."""
+    return [(0, 1.0) if d >= 1 else
+            (2, d) if p.rescale == "density" and d > 0 else
+            (3, l1_factors[i]) if p.rescale == "l1" else (1, 1.0)
+            for i, d in enumerate(p.density)]
 
 
 class L1Rescale:
@@ -113,14 +117,14 @@ def drop_and_rescale(tensors: Sequence[torch.Tensor], p: DareParams, base: torch
     masks = keep_masks(base.shape, p, rng, base.dtype)
     if p.rescale == "l1" and l1_factors is None:
         l1_factors = L1Rescale().reduce(0, _l1_sums(deltas, masks), p, None)
-    for i, keep in enumerate(masks):
+    for i, (keep, (mode, factor)) in enumerate(zip(masks, _rescaling(p, l1_factors))):
         if keep is None:
             continue
         deltas[i] *= keep
-        if p.rescale == "density" and p.density[i] > 0:
-            deltas[i] /= p.density[i]
-        elif p.rescale == "l1":
-            deltas[i] *= l1_factors[i]
+        if mode == 2:
+            deltas[i] /= factor
+        elif mode == 3:
+            deltas[i] *= factor
     return deltas
 
 
