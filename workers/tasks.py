@@ -160,7 +160,7 @@ def _chunks(item: Any, ctx: TaskContext,
     window = max(1, READ_WINDOW // (sum(sizes) * CHUNK)) * CHUNK
     stride = min(window, numel) * max(sizes)
     rows = _buffer(len(refs) * stride)[:len(refs) * stride].view(len(refs), stride)
-    same = len(set(sizes)) == 1 and len({r.info.dtype for r in refs}) == 1
+    same = len({r.info.dtype for r in refs}) == 1
     for w0 in range(0, numel, window):
         w1 = min(w0 + window, numel)
         views = [read_elements(ctx.stores[r.source], r.file, r.info, w0, w1, row)
@@ -255,8 +255,7 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         kwargs["tensor_stats"] = _tensor_stats(tensor_stats, item, ctx)
     if spec.stored_inputs:
         kwargs["dtype"] = dtype
-    windows = spec.stored_inputs and not spec.uses_rng
-    for chunk, values in _chunks(item, ctx, whole_windows=windows):
+    for chunk, values in _chunks(item, ctx, whole_windows=spec.reads_windows):
         tensors, base = _split(item, values, dtype, spec.stored_inputs)
         if spec.uses_base:
             kwargs["base"] = base
@@ -311,9 +310,8 @@ def _sum_over_chunks(item: Any, ctx: TaskContext,
     spec = get_method(item.method)
     dtype = torch_dtype(ctx.compute_dtype)
     kwargs = {"dtype": dtype} if spec.stored_inputs else {}
-    windows = spec.stored_inputs and not spec.uses_rng
     total = None
-    for chunk, values in _chunks(item, ctx, whole_windows=windows):
+    for chunk, values in _chunks(item, ctx, whole_windows=spec.reads_windows):
         tensors, base = _split(item, values, dtype, spec.stored_inputs)
         part = collect(tensors, base, _generators(ctx, item, chunk) if spec.uses_rng else None,
                        **kwargs)

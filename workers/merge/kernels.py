@@ -5,12 +5,13 @@ Each torch operation of TIES' trim and sign election is a separate pass over K x
 the same float32 (or float64) operations in the same order, so they return the same bits as the
 torch code they replace (``tests/unit/merge/test_kernels.py`` holds both side by side). Compiled
 code is cached next to this file (numba's on-disk cache) so that a worker process loads it instead
-of compiling it again. Only float32 and float64 are compiled: other dtypes keep the torch path.
+of compiling it again. The loops on stacked task vectors take float32 and float64, those that
+read stored inputs compute in float32; other dtypes keep the torch path.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ def fused(t: torch.Tensor) -> bool:
     return t.dtype in FUSED_DTYPES
 
 
-def sign_merge(deltas: torch.Tensor, weights: np.ndarray, base: torch.Tensor, *, unit: bool,
-               normalize: bool, scale: float) -> torch.Tensor:
+def sign_merge(deltas: torch.Tensor, weights: Sequence[float], base: torch.Tensor, *,
+               unit: bool, normalize: bool, scale: float) -> torch.Tensor:
     """TIES' elect-sign-and-disjoint-merge of stacked task vectors ``[K, *shape]``:
     ``base + scale * Σ_agree w_i τ_i`` (divided by Σ_agree w_i when ``normalize``), as
     ``task_vectors.combine`` computes it with torch."""
@@ -311,7 +312,10 @@ def _low_hist_raw(bits, rows, n, shift, high, hist):  # pragma: no cover (compil
     k = len(rows) - 1
     base_bits = np.empty(_BLOCK, np.uint32)
     x_bits = np.empty(_BLOCK, np.uint32)
-    sub = np.zeros((k, 4, (1 << 16) + 1), np.int64)  # see _low_hist
+    # A threshold bin of bf16-rounded deltas can hold a fifth of the entries: a branch on "in
+    # the bin" mispredicts, so every entry is counted, out-of-bin ones in a spare bin 0, in four
+    # interleaved histograms (one would serialise on the spare bin's counter).
+    sub = np.zeros((k, 4, (1 << 16) + 1), np.int64)
     for start in range(0, n, _BLOCK):
         m = min(n, start + _BLOCK) - start
         _load(bits, rows[k] + start, m, shift, base_bits)
@@ -333,12 +337,8 @@ def trim(delta: torch.Tensor, threshold: float, quota: int) -> int:
     """Zero the entries of ``delta`` (contiguous, in place) whose magnitude as float32 is below
     ``threshold``, and those equal to it past the first ``quota`` in index order; returns the
     quota left for the next chunk."""
-    return int(_trim(delta.reshape(-1).numpy(), np.float32(threshold), quota))
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _trim(row, threshold, quota):  # pragma: no cover (compiled)
-    return _trim_block(row, row.shape[0], threshold, quota)
+    row = delta.reshape(-1).numpy()
+    return int(_trim_block(row, len(row), np.float32(threshold), quota))
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -368,36 +368,8 @@ def _trim_block(row, m, threshold, quota):  # pragma: no cover (compiled)
 def magnitude_histograms(deltas: torch.Tensor, high: np.ndarray | None = None) -> torch.Tensor:
     """Per row of ``deltas`` ``[K, ...]``, the radix histogram (``quantile.BINS`` bins) of the
     float32 bit patterns of its magnitudes: of the high 16 bits, or, with ``high`` (per row a
-    high half, or -1 for an all-zero row), of the low 16 bits of the entries in that bin."""
-    bits = deltas.reshape(len(deltas), -1).float().contiguous().view(torch.int32)
-    hist = np.zeros((len(deltas), 1 << 16), dtype=np.int64)
-    if high is None:
-        _high_hist(bits.numpy(), hist)
-    else:
-        _low_hist(bits.numpy(), np.asarray(high, dtype=np.int64), hist)
-    return torch.from_numpy(hist)
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _high_hist(bits, hist):  # pragma: no cover (compiled)
-    for i in range(bits.shape[0]):
-        for j in range(bits.shape[1]):
-            hist[i, (bits[i, j] & 0x7FFFFFFF) >> 16] += 1
-
-
-@njit(cache=True, nogil=True, boundscheck=False)
-def _low_hist(bits, high, hist):  # pragma: no cover (compiled)
-    # A threshold bin of bf16-rounded deltas can hold a fifth of the entries: a branch on "in
-    # the bin" mispredicts, so every entry is counted, out-of-bin ones in a spare bin 0, in four
-    # interleaved histograms (one would serialise on the spare bin's counter).
-    sub = np.zeros((4, (1 << 16) + 1), np.int64)
-    for i in range(bits.shape[0]):
-        if high[i] < 0:
-            continue
-        row, low = bits[i], np.int32(high[i]) << 16
-        sub[:] = 0
-        for j in range(row.shape[0]):
-            v = (row[j] & 0x7FFFFFFF) - low
-            sub[j & 3, v + 1 if 0 <= v < (1 << 16) else 0] += 1
-        for b in range(1 << 16):
-            hist[i, b] += sub[0, b + 1] + sub[1, b + 1] + sub[2, b + 1] + sub[3, b + 1]
+    high half, or -1 for an all-zero row), of the low 16 bits of the entries in that bin. The
+    ``histograms`` loops, with the deltas as float32 inputs and a zero base (x − 0 is x)."""
+    rows = deltas.reshape(len(deltas), -1).float()
+    inputs = fused_inputs(rows, torch.zeros(rows.shape[1]), torch.float32)
+    return histograms(inputs, high)

@@ -166,6 +166,12 @@ class MethodSpec:
         """What the alignment reads, given the config's merge params (a dict)."""
         return self.alignment(params) if callable(self.alignment) else self.alignment
 
+    @property
+    def reads_windows(self) -> bool:
+        """Whether kernels and statistics get whole read windows: stored inputs whose random
+        draws, if any, are not keyed by chunk."""
+        return self.stored_inputs and not self.uses_rng
+
     def tensor_stats_for(self, p: Any) -> TensorStats | None:
         return self.tensor_stats if self.tensor_stats and self.tensor_stats.needed(p) else None
 
