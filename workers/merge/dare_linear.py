@@ -49,16 +49,12 @@ def keep_masks(shape: torch.Size, p: DareParams, rng: Sequence[np.random.BitGene
     return [None if d >= 1 else keep_mask(shape, d, g, dtype) for d, g in zip(p.density, rng)]
 
 
-def fused_plan(n: int, p: DareParams, rng: Sequence[np.random.BitGenerator],
+def fused_plan(p: DareParams, rng: Sequence[np.random.SFC64],
                l1_factors: list[float] | None = None) -> tuple[np.ndarray, ...]:
     """``kernels.dare_plan`` of ``drop_and_rescale``: the same draws, cuts and rescaling
     (L1 factors 1 until given)."""
-    draws = np.empty((len(p.density), n), dtype=np.uint16)
-    for i, (d, g) in enumerate(zip(p.density, rng)):
-        if d < 1:
-            draws[i] = _draws(n, g)
     modes, factors = zip(*_rescaling(p, l1_factors or [1.0] * len(p.density)))
-    return kernels.dare_plan(draws, np.array([_cut(d) for d in p.density]),
+    return kernels.dare_plan(kernels.sfc64_states(rng), np.array([_cut(d) for d in p.density]),
                              np.array(modes), np.array(factors))
 
 
@@ -87,7 +83,7 @@ class L1Rescale:
         """Inputs as stored with ``dtype`` (the compute dtype), else already cast."""
         fused = kernels.fused_inputs(tensors, base, dtype or base.dtype)
         if fused:  # the fused sums add entry by entry, torch's in its own order
-            return kernels.dare_l1(fused, fused_plan(base.numel(), p, rng))
+            return kernels.dare_l1(fused, fused_plan(p, rng))
         tensors, base = cast_inputs(tensors, base, dtype)
         return _l1_sums(task_vectors(tensors, base), keep_masks(base.shape, p, rng, base.dtype))
 

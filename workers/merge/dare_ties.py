@@ -27,7 +27,7 @@ def dare_ties(tensors: Sequence[torch.Tensor], p: DareParams, *, base: torch.Ten
     """
     fused = kernels.fused_inputs(tensors, base, dtype or base.dtype)
     if fused:
-        plan = fused_plan(base.numel(), p, rng, tensor_stats)
+        plan = fused_plan(p, rng, tensor_stats)
         if p.rescale == "l1" and tensor_stats is None:  # a whole tensor, outside the engine
             plan[3][:] = L1Rescale().reduce(0, kernels.dare_l1(fused, plan), p, None)
         return kernels.dare_ties_merge(fused, plan, p.weight, unit=all(w == 1 for w in p.weight),

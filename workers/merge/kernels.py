@@ -16,6 +16,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 from numba import njit
+from numba.extending import intrinsic
 
 FUSED_DTYPES = (torch.float32, torch.float64)
 _BLOCK = 512  # elements whose per-entry sums stay in registers / L1 while K rows stream by
@@ -96,34 +97,38 @@ class Stored(NamedTuple):
     shift: int
 
 
-def fused_inputs(tensors, base: torch.Tensor, dtype: torch.dtype) -> Stored | None:
-    """``Stored`` inputs for ``ties_merge`` and ``histograms``: without a copy when
-    ``tensors`` and ``base`` are consecutive rows of one tensor (the engine's read window).
-    None where the loops do not apply (compute dtype other than float32, inputs of other or
-    differing dtypes): the caller casts and uses torch."""
+def fused_inputs(tensors, base: torch.Tensor | None, dtype: torch.dtype) -> Stored | None:
+    """``Stored`` inputs (then the base, if any) for the loops here: without a copy when they
+    are consecutive rows of one tensor (the engine's read window). None where the loops do not
+    apply (compute dtype other than float32, inputs of other or differing dtypes): the caller
+    casts and uses torch."""
     if dtype != torch.float32 or not len(tensors):
         return None
-    stored = {t.dtype for t in tensors} | {base.dtype}
+    rows = list(tensors) + ([] if base is None else [base])
+    stored = {t.dtype for t in rows}
     if len(stored) != 1 or stored.isdisjoint(_STORED):
         return None
-    as_int, as_np, shift = _STORED[base.dtype]
-    k, n = len(tensors), base.numel()
+    as_int, as_np, shift = _STORED[rows[0].dtype]
+    n = rows[0].numel()
     step = _row_step(tensors, base)
     if step:
-        flat = torch.as_strided(tensors, (k * step + n,), (1,))
+        flat = torch.as_strided(tensors, ((len(rows) - 1) * step + n,), (1,))
     else:
-        step, flat = n, torch.cat([t.reshape(-1) for t in tensors] + [base.reshape(-1)])
+        step, flat = n, torch.cat([t.reshape(-1) for t in rows])
     return Stored(flat.view(as_int).numpy().view(as_np),
-                  np.arange(k + 1, dtype=np.int64) * step, n, shift)
+                  np.arange(len(rows), dtype=np.int64) * step, n, shift)
 
 
-def _row_step(tensors, base: torch.Tensor) -> int | None:
-    """The row stride when ``tensors`` is a 2-D tensor of rows and ``base`` the row after."""
-    if not isinstance(tensors, torch.Tensor) or tensors.dim() != 2 or base.dim() != 1:
+def _row_step(tensors, base: torch.Tensor | None) -> int | None:
+    """The row stride when ``tensors`` is a 2-D tensor of rows and ``base``, if any, the row
+    after."""
+    if not isinstance(tensors, torch.Tensor) or tensors.dim() != 2 or tensors.stride(1) != 1:
         return None
     step = tensors.stride(0)
-    if (tensors.stride(1) != 1 or base.stride(0) != 1 or base.numel() != tensors.shape[1]
-            or base.data_ptr() != tensors.data_ptr() + len(tensors) * step * base.itemsize):
+    if base is not None and (base.dim() != 1 or base.stride(0) != 1
+                             or base.numel() != tensors.shape[1]
+                             or base.data_ptr() != tensors.data_ptr()
+                             + len(tensors) * step * base.itemsize):
         return None
     return step
 
@@ -150,6 +155,63 @@ def _task_vector(bits, at, m, shift, base, x_bits, out):  # pragma: no cover (co
         out[j] = x[j] - base[j]
 
 
+def weighted_sum(inputs: Stored, weights: Sequence[float], *, has_base: bool,
+                 fused_multiply: bool, divisor: float | None, scale: float = 1) -> torch.Tensor:
+    """Σ w_i x_i over ``fused_inputs`` (linear), or with ``has_base`` base + scale · Σ w_i τ_i,
+    τ_i = x_i − base (task arithmetic), in float32: the sum starts from 0 and adds model by
+    model, each term as one fused multiply-add with ``fused_multiply`` (torch's ``addcmul_``),
+    else rounded before it is added (torch's ``mul_`` then ``sum(dim=0)``); ``divisor``, if
+    any, divides the sum. The same bits as those torch steps (where torch sums in model order:
+    up to 16 models on this CPU; more are summed pairwise in blocks)."""
+    out = np.empty(inputs.n, dtype=np.float32)
+    w = np.asarray(weights, dtype=np.float32)
+    _weighted_sum(*inputs, has_base, w, fused_multiply, bool(np.all(w == 1)),
+                  divisor is not None, np.float32(divisor or 1), np.float32(scale), out)
+    return torch.from_numpy(out)
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):  # pragma: no cover (compiled)
+    """a · b + c rounded once (LLVM's fma intrinsic: an instruction where the CPU has one)."""
+    return a(a, b, c), lambda context, builder, signature, args: builder.fma(*args)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _weighted_sum(bits, rows, n, shift, has_base, w, fused_multiply, unit, divide, divisor,
+                  scale, out):  # pragma: no cover (compiled)
+    k = len(rows) - 1 if has_base else len(rows)
+    base_bits = np.empty(_BLOCK, np.uint32)
+    x_bits = np.empty(_BLOCK, np.uint32)
+    base, x = base_bits.view(np.float32), x_bits.view(np.float32)
+    acc = np.empty(_BLOCK, np.float32)
+    for start in range(0, n, _BLOCK):
+        m = min(n, start + _BLOCK) - start
+        acc[:m] = np.float32(0)
+        if has_base:
+            _load(bits, rows[k] + start, m, shift, base_bits)
+        for i in range(k):
+            _load(bits, rows[i] + start, m, shift, x_bits)
+            if has_base:
+                for j in range(m):
+                    x[j] -= base[j]
+            wi = w[i]
+            if fused_multiply:
+                for j in range(m):
+                    acc[j] = _fma(x[j], wi, acc[j])
+            elif unit:
+                for j in range(m):
+                    acc[j] += x[j]
+            else:
+                for j in range(m):
+                    acc[j] += x[j] * wi
+        part = out[start:start + m]
+        for j in range(m):
+            r = acc[j] / divisor if divide else acc[j]
+            if scale != np.float32(1):
+                r = r * scale
+            part[j] = base[j] + r if has_base else r
+
+
 def ties_merge(inputs: Stored, states: list[list | None], weights,
                *, unit: bool, normalize: bool, scale: float) -> torch.Tensor:
     """TIES on ``fused_inputs``: τ_i = x_i − base in float32, trimmed by ``states`` (per model
@@ -159,7 +221,7 @@ def ties_merge(inputs: Stored, states: list[list | None], weights,
     keep = np.array([s is not None for s in states])
     thresholds = np.array([0 if s is None else s[0] for s in states], dtype=np.float32)
     quotas = np.array([0 if s is None else s[1] for s in states], dtype=np.int64)
-    untouched = dare_plan(np.empty((k, 0), np.uint16), np.zeros(k), np.zeros(k), np.ones(k))
+    untouched = dare_plan(np.zeros((k, 4), np.uint64), np.zeros(k), np.zeros(k), np.ones(k))
     out = _stored_merge(inputs, (keep, thresholds, quotas), untouched, weights, unit,
                         normalize, scale)
     for i in range(k):
@@ -177,11 +239,14 @@ def _stored_merge(inputs: Stored, trims: tuple, plan: tuple, weights, unit: bool
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _sparse_sign_merge(bits, rows, n, shift, keep, thresholds, quotas, draws, cuts, modes,
+def _sparse_sign_merge(bits, rows, n, shift, keep, thresholds, quotas, states, cuts, modes,
                        factors, w, unit, normalize, scale, out):  # pragma: no cover (compiled)
     """τ_i of stored inputs, trimmed (TIES: ``keep``, ``thresholds``, ``quotas``) and dropped
-    and rescaled (DARE: ``draws`` ... ``factors``, mode 0 leaves τ_i), then the sign merge."""
+    and rescaled (DARE: ``states`` ... ``factors``, mode 0 leaves τ_i), then the sign merge."""
     k = len(rows) - 1
+    states = states.copy()
+    raw = np.empty(_BLOCK // 4, np.uint64)
+    draws = raw.view(np.uint16)
     base_bits = np.empty(_BLOCK, np.uint32)
     base = base_bits.view(np.float32)
     x_bits = np.empty(_BLOCK, np.uint32)
@@ -197,33 +262,62 @@ def _sparse_sign_merge(bits, rows, n, shift, keep, thresholds, quotas, draws, cu
                     d[i, j] = np.float32(0)
             elif thresholds[i] > 0 or quotas[i] > 0:  # else the trim would change nothing
                 quotas[i] = _trim_block(d[i], m, thresholds[i], quotas[i])
-            _drop_and_rescale(d[i], m, draws[i, start:start + m], cuts[i], modes[i],
-                              factors[i])
+            if modes[i] != 0:
+                _sfc64(states[i], raw, (m + 3) // 4)
+                _drop_and_rescale(d[i], m, draws, cuts[i], modes[i], factors[i])
         _merge_block(d, m, w, unit, normalize, scale, base, out[start:start + m], sums)
 
 
-def dare_plan(draws: np.ndarray, cuts: np.ndarray, modes: np.ndarray,
+def dare_plan(states: np.ndarray, cuts: np.ndarray, modes: np.ndarray,
               factors: np.ndarray) -> tuple[np.ndarray, ...]:
-    """DARE's per-model drop and rescale for ``dare_ties_merge`` and ``dare_l1``: 16-bit
-    ``draws`` ``[K, n]``, an entry kept when its draw is below ``cuts[i]``; ``modes[i]`` 0 keeps
+    """DARE's per-model drop and rescale for ``dare_ties_merge`` and ``dare_l1``: ``states``
+    ``[K, 4]``, each model's SFC64 generator (``sfc64_states``) whose 16-bit draws, one per
+    entry, keep an entry when below ``cuts[i]``; ``modes[i]`` 0 keeps
     the task vector as it is (density 1), 1 drops only, 2 drops then divides by
     ``factors[i]`` (the density), 3 drops then multiplies by it (the L1 factor)."""
-    return (draws, cuts.astype(np.uint32), modes.astype(np.int64), factors.astype(np.float32))
+    return (states, cuts.astype(np.uint32), modes.astype(np.int64), factors.astype(np.float32))
+
+
+def sfc64_states(rng: Sequence[np.random.SFC64]) -> np.ndarray:
+    """``[K, 4]`` uint64: each generator's state (a, b, c, counter). The loops draw from copies
+    of it the same numbers as ``rng[i].random_raw``, and leave the generators as they are."""
+    states = np.zeros((len(rng), 4), dtype=np.uint64)
+    for i, g in enumerate(rng):
+        if not isinstance(g, np.random.SFC64):
+            raise TypeError(f"the fused DARE loops draw from SFC64 generators, got {type(g)}")
+        states[i] = g.state["state"]["state"]
+    return states
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _sfc64(state, raw, count):  # pragma: no cover (compiled)
+    """The next ``count`` outputs of numpy's SFC64 generator from ``state``, into ``raw``
+    (its 16-bit halves, little-endian, are ``random_raw(...).view(np.uint16)``)."""
+    a, b, c, w = state[0], state[1], state[2], state[3]
+    for s in range(count):
+        tmp = a + b + w
+        w += np.uint64(1)
+        a = b ^ (b >> np.uint64(11))
+        b = c + (c << np.uint64(3))
+        c = ((c << np.uint64(24)) | (c >> np.uint64(40))) + tmp
+        raw[s] = tmp
+    state[0], state[1], state[2], state[3] = a, b, c, w
 
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _drop_and_rescale(tau, m, draws, cut, mode, factor):  # pragma: no cover (compiled)
-    """``tau[:m]`` dropped and rescaled in place as ``dare_linear.drop_and_rescale`` does it."""
-    if mode == 0:
-        return
+    """``tau[:m]`` dropped and rescaled in place as ``dare_linear.drop_and_rescale`` does it
+    (one loop per mode: a branch inside keeps it from vectorising)."""
     one, zero = np.float32(1), np.float32(0)
-    for j in range(m):
-        t = tau[j] * (one if np.uint32(draws[j]) < cut else zero)
-        if mode == 2:
-            t = t / factor
-        elif mode == 3:
-            t = t * factor
-        tau[j] = t
+    if mode == 1:
+        for j in range(m):
+            tau[j] = tau[j] * (one if np.uint32(draws[j]) < cut else zero)
+    elif mode == 2:
+        for j in range(m):
+            tau[j] = tau[j] * (one if np.uint32(draws[j]) < cut else zero) / factor
+    elif mode == 3:
+        for j in range(m):
+            tau[j] = tau[j] * (one if np.uint32(draws[j]) < cut else zero) * factor
 
 
 def dare_ties_merge(inputs: Stored, plan: tuple[np.ndarray, ...], weights, *, unit: bool,
@@ -237,9 +331,10 @@ def dare_ties_merge(inputs: Stored, plan: tuple[np.ndarray, ...], weights, *, un
 
 def dare_l1(inputs: Stored, plan: tuple[np.ndarray, ...]) -> torch.Tensor:
     """Per model ``[Σ|τ|, Σ|τ kept|]`` in float64 (0 for models that keep everything):
-    ``dare_linear.L1Rescale``'s statistics on ``fused_inputs``. Entry j adds to lane j mod 8,
-    the lanes are added at the end: a fixed order that vectorises (one float64 chain would
-    cost a cycle per add)."""
+    ``dare_linear.L1Rescale``'s statistics on ``fused_inputs``. A fixed order that vectorises
+    (one float64 chain would cost a cycle per add): each block of ``_BLOCK`` entries is summed
+    by halving (entry j + entry j + w, w = 256, 128, ..., 8) into 8 lanes, added to 8 running
+    lanes, which are added at the end."""
     lanes = np.zeros((len(inputs.rows) - 1, 2, _LANES), dtype=np.float64)
     _dare_l1(*inputs, plan[0], plan[1], plan[2], lanes)
     return torch.from_numpy(lanes.sum(axis=2))
@@ -249,11 +344,15 @@ _LANES = 8
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _dare_l1(bits, rows, n, shift, draws, cuts, modes, lanes):  # pragma: no cover (compiled)
+def _dare_l1(bits, rows, n, shift, states, cuts, modes, lanes):  # pragma: no cover (compiled)
     k = len(rows) - 1
+    states = states.copy()
+    raw = np.empty(_BLOCK // 4, np.uint64)
+    kept = raw.view(np.uint16)
     base_bits = np.empty(_BLOCK, np.uint32)
     x_bits = np.empty(_BLOCK, np.uint32)
     base, x = base_bits.view(np.float32), x_bits.view(np.float32)
+    before, after = np.zeros(_BLOCK, np.float64), np.zeros(_BLOCK, np.float64)
     for start in range(0, n, _BLOCK):
         m = min(n, start + _BLOCK) - start
         _load(bits, rows[k] + start, m, shift, base_bits)
@@ -261,17 +360,29 @@ def _dare_l1(bits, rows, n, shift, draws, cuts, modes, lanes):  # pragma: no cov
             if modes[i] == 0:
                 continue
             _load(bits, rows[i] + start, m, shift, x_bits)
-            kept, before, after = draws[i, start:start + m], lanes[i, 0], lanes[i, 1]
-            cut, full = cuts[i], m - m % _LANES
-            for j0 in range(0, full, _LANES):
-                for lane in range(_LANES):
-                    t = np.float64(abs(x[j0 + lane] - base[j0 + lane]))
-                    before[lane] += t
-                    after[lane] += t if np.uint32(kept[j0 + lane]) < cut else 0.0
-            for j in range(full, m):
+            _sfc64(states[i], raw, (m + 3) // 4)
+            cut = cuts[i]
+            for j in range(m):
                 t = np.float64(abs(x[j] - base[j]))
-                before[j - full] += t
-                after[j - full] += t if np.uint32(kept[j]) < cut else 0.0
+                before[j] = t
+                after[j] = t if np.uint32(kept[j]) < cut else 0.0
+            if m < _BLOCK:  # the last block: zeros add nothing
+                before[m:] = 0.0
+                after[m:] = 0.0
+            _halve(before, lanes[i, 0])
+            _halve(after, lanes[i, 1])
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _halve(t, lanes):  # pragma: no cover (compiled)
+    """``lanes`` += ``t`` (``_BLOCK`` entries) summed by halving down to ``len(lanes)``."""
+    w = len(t) // 2
+    while w >= len(lanes):
+        for j in range(w):
+            t[j] += t[j + w]
+        w //= 2
+    for j in range(len(lanes)):
+        lanes[j] += t[j]
 
 
 def histograms(inputs: Stored, high: list[int] | None = None) -> torch.Tensor:

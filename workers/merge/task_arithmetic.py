@@ -7,8 +7,9 @@ from typing import Sequence
 
 import torch
 
+from workers.merge import kernels
 from workers.merge.registry import merge_method, param, per_model
-from workers.merge.task_vectors import combine, task_vectors
+from workers.merge.task_vectors import cast_inputs, combine, task_vectors, weight_sum
 
 
 @dataclass(frozen=True)
@@ -19,13 +20,21 @@ class TaskArithmeticParams:
 
 
 @merge_method("task_arithmetic", params=TaskArithmeticParams, needs_base=True,
-              elementwise=True)
+              elementwise=True, stored_inputs=True)
 def task_arithmetic(tensors: Sequence[torch.Tensor], p: TaskArithmeticParams, *,
-                    base: torch.Tensor) -> torch.Tensor:
+                    base: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """θ0 + λ Σ w_i (θ_i − θ0); with ``normalize`` the sum is divided by Σ w_i.
 
     λ = 1/K with unit weights is exactly uniform averaging. Task vectors are formed in the
-    compute dtype (fp32 by default), never in a bf16 storage dtype.
+    compute dtype (fp32 by default), never in a bf16 storage dtype. With ``dtype`` the inputs
+    come as stored: float32 arithmetic on bfloat16 or float32 inputs is one loop
+    (``kernels.weighted_sum``, the same bits as the torch steps for up to 16 models).
     """
+    fused = kernels.fused_inputs(tensors, base, dtype or base.dtype)
+    if fused:
+        divisor = float(weight_sum(p.weight, torch.float32)) if p.normalize else None
+        return kernels.weighted_sum(fused, p.weight, has_base=True, fused_multiply=False,
+                                    divisor=divisor, scale=p.scale).reshape(base.shape)
+    tensors, base = cast_inputs(tensors, base, dtype)
     return combine(task_vectors(tensors, base), p.weight, base=base, sign_consensus=False,
                    normalize=p.normalize, scale=p.scale)

@@ -61,13 +61,18 @@ def combine(
         divisor[divisor == 0] = 1
     else:
         mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor = weight_sum(weights, deltas.dtype)
     if normalize:
         mixed /= divisor
     if scale != 1:
         mixed *= scale
     return base + mixed
+
+
+def weight_sum(weights: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+    """Σ w_i in ``dtype``, the divisor of a normalised sum; 1 where it is about 0."""
+    total = torch.tensor(list(weights), dtype=dtype).sum()
+    return torch.where(total.abs() < 1e-8, torch.ones((), dtype=dtype), total)
 
 
 def as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

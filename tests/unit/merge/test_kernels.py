@@ -204,3 +204,65 @@ def test_fused_dare_ties_equals_the_torch_steps(rescale):
     want = torch_sign_merge(drop_and_rescale(list(rows[:-1].float()), p, base, rng(), factors),
                             list(p.weight), base, True, 1.0)
     assert torch.equal(got, want)
+
+
+def test_fused_inputs_without_a_base():
+    rows = stored_inputs(3, 300, torch.bfloat16)
+    fused = kernels.fused_inputs(rows[:-1], None, torch.float32)
+    assert fused.bits.ctypes.data == rows.data_ptr() and list(fused.rows) == [0, 300, 600]
+    copied = kernels.fused_inputs(list(rows[:-1]), None, torch.float32)
+    assert (copied.bits[:900] == fused.bits[:900]).all()
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_linear_loop_equals_mergekit_addcmul(stored, k):
+    """Σ w_i x_i as fused multiply-adds in model order, then / Σ w: torch's ``addcmul_``
+    (mergekit's linear) bit for bit, for entries in whole vectors and in the tail."""
+    from workers.merge.linear import LinearParams, linear
+
+    rows = stored_inputs(k, 4099, stored)[:-1]
+    weights = [0.3 + 0.7 * i for i in range(k)]
+    want = torch.zeros(rows.shape[1])
+    for t, w in zip(rows.float(), torch.tensor(weights).unbind(0)):
+        want.addcmul_(t, w)
+    want /= torch.tensor(weights).sum()
+    assert torch.equal(linear(rows, LinearParams(tuple(weights)), dtype=torch.float32), want)
+    assert torch.equal(linear(list(rows.float()), LinearParams(tuple(weights))), want)
+    unnormalized = linear(rows, LinearParams(tuple(weights), normalize=False),
+                          dtype=torch.float32)
+    assert not torch.equal(unnormalized, want)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_task_arithmetic_loop_equals_the_torch_steps(normalize):
+    """(x_i − base) · w_i rounded, summed in model order, / Σ w, · λ, + base: ``combine``'s
+    torch steps bit for bit (vector lengths, so that torch's sum adds in model order too)."""
+    from workers.merge.task_arithmetic import TaskArithmeticParams, task_arithmetic
+
+    rows = stored_inputs(8, 4096, torch.bfloat16)
+    p = TaskArithmeticParams(weight=tuple(0.2 + 0.1 * i for i in range(8)), scale=0.7,
+                             normalize=normalize)
+    base = rows[-1].float()
+    want = combine(torch.stack([r - base for r in rows[:-1].float()]), p.weight, base=base,
+                   sign_consensus=False, normalize=normalize, scale=0.7)
+    got = task_arithmetic(rows[:-1], p, base=rows[-1], dtype=torch.float32)
+    assert torch.equal(got, want)
+
+
+def test_inline_sfc64_draws_are_numpys():
+    """The loops' own SFC64 steps give ``random_raw``'s numbers and leave the generator as
+    it was; a non-SFC64 generator is refused by name."""
+    import numpy as np
+
+    g = np.random.SFC64(42)
+    states = kernels.sfc64_states([g])
+    plan = kernels.dare_plan(states, np.array([1 << 15]), np.array([1]), np.ones(1))
+    rows = torch.stack([torch.ones(1001), torch.zeros(1001)])  # τ = 1: kept entries stay 1
+    kept = kernels.dare_ties_merge(kernels.fused_inputs(rows[:1], rows[1], torch.float32),
+                                   plan, [1.0], unit=True, normalize=False, scale=1.0)
+    draws = np.random.SFC64(42).random_raw(251).view(np.uint16)[:1001]
+    assert torch.equal(kept, torch.from_numpy((draws < (1 << 15)).astype(np.float32)))
+    assert (kernels.sfc64_states([g]) == states).all()  # not advanced
+    with pytest.raises(TypeError, match="SFC64"):
+        kernels.sfc64_states([np.random.PCG64(1)])
