@@ -12,9 +12,16 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from workers.align.spec import Group, Member, Spec, member_index
+
+
+def max_assignment(profit: np.ndarray) -> np.ndarray:
+    """Each row's column in the assignment of greatest total profit (scipy's solver, imported
+    on first use: merges without alignment never need it, and it costs 0.3 s per process)."""
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment(profit, maximize=True)[1]
 
 
 def assign(group: Group, profit: torch.Tensor) -> torch.Tensor:
@@ -25,7 +32,7 @@ def assign(group: Group, profit: torch.Tensor) -> torch.Tensor:
     then heads are assigned to heads by those scores."""
     p = profit.double().numpy()
     if group.head_dim is None:
-        return torch.from_numpy(linear_sum_assignment(p, maximize=True)[1]).long()
+        return torch.from_numpy(max_assignment(p)).long()
     hd = group.head_dim
     heads = group.size // hd
     blocks = p.reshape(heads, hd, heads, hd).transpose(0, 2, 1, 3)
@@ -34,12 +41,12 @@ def assign(group: Group, profit: torch.Tensor) -> torch.Tensor:
     for j in range(heads):
         for k in range(heads):
             if group.within:
-                cols = linear_sum_assignment(blocks[j, k], maximize=True)[1]
+                cols = max_assignment(blocks[j, k])
             else:
                 cols = np.arange(hd)
             inner[j, k] = cols
             score[j, k] = blocks[j, k][np.arange(hd), cols].sum()
-    match = linear_sum_assignment(score, maximize=True)[1]
+    match = max_assignment(score)
     return torch.from_numpy(np.concatenate([match[j] * hd + inner[j, match[j]]
                                             for j in range(heads)])).long()
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from scipy.optimize import linear_sum_assignment
+
+from workers.align.match import max_assignment
 
 
 def partial_matching(corr: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +28,7 @@ def partial_matching(corr: torch.Tensor, width: int) -> tuple[torch.Tensor, torc
     n = corr.shape[0]
     if not n <= width <= 2 * n:
         raise ValueError(f"PLeaS width {width} outside [{n}, {2 * n}]")
-    cols = torch.from_numpy(linear_sum_assignment(corr.double().numpy(), maximize=True)[1])
+    cols = torch.from_numpy(max_assignment(corr.double().numpy()))
     score = corr.double()[torch.arange(n), cols]
     merged = sorted(torch.argsort(score, descending=True, stable=True)[:2 * n - width].tolist())
     a_to, b_to = torch.full((n,), -1), torch.full((n,), -1)
