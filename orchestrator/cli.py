@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
 
 from orchestrator.errors import ConfigError, MergeError
@@ -369,5 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``raymerge`` console script: ``main``, then an exit that skips the final garbage
+    collection over the objects torch and the method modules made at import (0.3 s a run)."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
