@@ -1,4 +1,5 @@
-"""Fused loops for the hot paths of the sign-consensus merges, compiled with numba.
+"""Fused loops for the hot paths of the weighted sums (linear, task arithmetic) and the
+sign-consensus merges (TIES, DARE-TIES), compiled with numba.
 
 Each torch operation of TIES' trim and sign election is a separate pass over K x chunk floats
 (about ten of them), with a temporary each; these loops make one pass, block by block, and do
