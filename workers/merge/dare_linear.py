@@ -82,7 +82,7 @@ class L1Rescale:
                 dtype: torch.dtype | None = None) -> torch.Tensor:
         """Inputs as stored with ``dtype`` (the compute dtype), else already cast."""
         fused = kernels.fused_inputs(tensors, base, dtype or base.dtype)
-        if fused:  # the fused sums add entry by entry, torch's in its own order
+        if fused:  # the fused sums add by halving blocks, torch's in its own order
             return kernels.dare_l1(fused, fused_plan(p, rng))
         tensors, base = cast_inputs(tensors, base, dtype)
         return _l1_sums(task_vectors(tensors, base), keep_masks(base.shape, p, rng, base.dtype))

@@ -191,10 +191,10 @@ def _weighted_sum(bits, rows, n, shift, has_base, w, fused_multiply, unit, divid
         if has_base:
             _load(bits, rows[k] + start, m, shift, base_bits)
         for i in range(k):
-            _load(bits, rows[i] + start, m, shift, x_bits)
             if has_base:
-                for j in range(m):
-                    x[j] -= base[j]
+                _task_vector(bits, rows[i] + start, m, shift, base, x_bits, x)
+            else:
+                _load(bits, rows[i] + start, m, shift, x_bits)
             wi = w[i]
             if fused_multiply:
                 for j in range(m):
