@@ -157,7 +157,7 @@ def actor_pool(cls: type, init_args: Sequence[tuple], runtime: RuntimeConfig) ->
     from ray.exceptions import RayError
 
     with _RayExecutor(runtime):
-        remote = ray.remote(num_cpus=1, runtime_env={"env_vars": storage_env()})(cls)
+        remote = ray.remote(num_cpus=1, **_task_env())(cls)
         actors = [remote.remote(*a) for a in init_args]
         try:
             yield _RayPool(actors)
@@ -239,6 +239,18 @@ class _LocalExecutor:
             yield unit, result
 
 
+_INHERITED: list[dict[str, str] | None] = [None]  # storage_env() when this process started Ray
+
+
+def _task_env() -> dict[str, Any]:
+    """``ray.remote`` options that bring this process's storage settings to the workers: none
+    when they run on the embedded cluster this process started with the same settings (its
+    workers inherit them, and the prestarted ones serve; a runtime_env would start new ones,
+    about 1 s), else a runtime_env, which reaches the workers of any cluster."""
+    env = storage_env()
+    return {} if env == _INHERITED[0] else {"runtime_env": {"env_vars": env}}
+
+
 class _RayExecutor:
     """Ray tasks with at most ``num_workers`` in flight; starts an embedded cluster if needed."""
 
@@ -261,6 +273,7 @@ class _RayExecutor:
                 ray.init(num_cpus=self.runtime.num_workers or os.cpu_count(),
                          include_dashboard=False, _node_ip_address="127.0.0.1",
                          log_to_driver=True)
+                _INHERITED[0] = storage_env()
             self.started = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.in_flight = max(1, self.runtime.num_workers or cpus)
@@ -271,6 +284,7 @@ class _RayExecutor:
             import ray
 
             ray.shutdown()
+            _INHERITED[0] = None
         return False
 
     def imap(self, fn: Callable, units: Sequence[WorkUnit], args: tuple,
@@ -279,10 +293,8 @@ class _RayExecutor:
         import ray
         from ray.exceptions import RayError, RayTaskError
 
-        # storage settings reach workers of any cluster through the task's runtime_env
         remote = ray.remote(num_cpus=1, max_retries=self.runtime.max_retries,
-                            retry_exceptions=False,
-                            runtime_env={"env_vars": storage_env()})(fn)
+                            retry_exceptions=False, **_task_env())(fn)
         arg_refs = [ray.put(a) for a in args]
         pending: dict = {}
         next_unit = 0

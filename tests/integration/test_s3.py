@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from orchestrator import run_job
 from orchestrator.cli import main
@@ -51,6 +52,23 @@ def test_s3_source_and_sink_equal_local_run(s3, llama_family, ray_session, tmp_p
     assert main(["verify", "s3://merged/ties/v1"]) == 0
     assert run_job(job([uris[k] for k in ("ft1", "ft2", "ft3")], uris["base"],
                        "s3://merged/ties/v1"), quiet=True).skipped
+
+
+def test_cli_on_its_own_embedded_ray_reads_and_writes_s3(s3, llama_family, tmp_path):
+    """``raymerge run`` in a fresh process starts its own Ray, whose workers get the S3
+    settings from the environment they inherit (no runtime_env): same bytes as in-process."""
+    s3.create_bucket(Bucket="cli")
+    uris = {k: upload(s3, "cli", llama_family[k], k) for k in ("base", "ft1", "ft2")}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job([uris["ft1"], uris["ft2"]], uris["base"], "s3://cli/out")))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path),
+                           "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    local = run_job(job([uris["ft1"], uris["ft2"]], uris["base"], str(tmp_path / "local"),
+                        runtime={"executor": "local"}), quiet=True)
+    manifest = json.loads(s3.get_object(Bucket="cli", Key="out/raymerge-manifest.json")["Body"]
+                          .read())
+    assert shard_digests(manifest) == shard_digests(local.manifest)
 
 
 def test_big_shards_are_streamed_in_multipart_uploads(s3, ray_session, tmp_path):
@@ -122,8 +140,6 @@ def test_access_denied_fails_fast_with_a_clear_message(tmp_path):
 
 
 def write_job(tmp_path):
-    import yaml
-
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job(["s3://any/ft"], "s3://any/base", str(tmp_path / "o"))))
     return path
