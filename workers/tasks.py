@@ -141,23 +141,38 @@ def _refs(item: Any) -> list[Any]:
     return list(item.inputs) + ([item.base] if item.base is not None else [])
 
 
-def _chunks(item: Any, ctx: TaskContext,
-            whole_windows: bool = False) -> Iterator[tuple[int, Any]]:
+def _chunks(item: Any, ctx: TaskContext, whole_windows: bool = False,
+            held: list[tuple[int, Any]] | None = None) -> Iterator[tuple[int, Any]]:
     """``(chunk index, flat stored values of every input)`` for each CHUNK elements of the
     item's tensor; inputs are read a window of several chunks at a time, READ_WINDOW bytes for
-    all inputs together (fewer, larger reads from object storage). The values are one
-    ``[inputs, elements]`` tensor (rows of one buffer) when the inputs share a dtype, else a
-    list. With ``whole_windows`` the pieces are whole windows (no cast, or a fused loop that
-    converts block by block: cache-sized chunks are for torch's separate passes)."""
+    all inputs together (fewer, larger reads from object storage), or come from ``held``
+    (``_held``'s one window, read before). The values are one ``[inputs, elements]`` tensor
+    (rows of one buffer) when the inputs share a dtype, else a list. With ``whole_windows``
+    the pieces are whole windows (no cast, or a fused loop that converts block by block:
+    cache-sized chunks are for torch's separate passes)."""
     if item.rows:
         gathered = _gathered(item, ctx)
         for c0 in range(0, item.numel, CHUNK):
             yield c0 // CHUNK, [g[c0:c0 + CHUNK] for g in gathered]
         return
+    for w0, block in held if held is not None else _windows(item, ctx, READ_WINDOW):
+        if whole_windows:
+            yield w0 // CHUNK, block
+            continue
+        w1 = w0 + (block.shape[1] if isinstance(block, torch.Tensor) else len(block[0]))
+        for c0 in range(w0, w1, CHUNK):
+            yield c0 // CHUNK, (block[:, c0 - w0:c0 - w0 + CHUNK]
+                                if isinstance(block, torch.Tensor) else
+                                [v[c0 - w0:c0 - w0 + CHUNK] for v in block])
+
+
+def _windows(item: Any, ctx: TaskContext, nbytes: int) -> Iterator[tuple[int, Any]]:
+    """``(first element, values)`` of each read window of at most ``nbytes`` (whole chunks,
+    at least one) of all the item's inputs, read into this process's buffer."""
     refs = _refs(item)
     numel = refs[0].info.numel
     sizes = [itemsize(r.info.dtype) for r in refs]
-    window = max(1, READ_WINDOW // (sum(sizes) * CHUNK)) * CHUNK
+    window = max(1, nbytes // (sum(sizes) * CHUNK)) * CHUNK
     stride = min(window, numel) * max(sizes)
     rows = _buffer(len(refs) * stride)[:len(refs) * stride].view(len(refs), stride)
     same = len({r.info.dtype for r in refs}) == 1
@@ -165,13 +180,19 @@ def _chunks(item: Any, ctx: TaskContext,
         w1 = min(w0 + window, numel)
         views = [read_elements(ctx.stores[r.source], r.file, r.info, w0, w1, row)
                  for r, row in zip(refs, rows)]
-        block = rows[:, :(w1 - w0) * sizes[0]].view(views[0].dtype) if same else views
-        if whole_windows:
-            yield w0 // CHUNK, block
-            continue
-        for c0 in range(w0, w1, CHUNK):
-            yield c0 // CHUNK, (block[:, c0 - w0:c0 - w0 + CHUNK] if same else
-                                [v[c0 - w0:c0 - w0 + CHUNK] for v in views])
+        yield w0, rows[:, :(w1 - w0) * sizes[0]].view(views[0].dtype) if same else views
+
+
+HOLD_BYTES = 256 << 20  # a tensor whose inputs fit is read once for all of its passes
+
+
+def _held(item: Any, ctx: TaskContext) -> list[tuple[int, Any]] | None:
+    """The item's inputs as one window when they take at most HOLD_BYTES, for methods that
+    pass over a tensor more than once (its statistics, then the merge) to read it once; None
+    for larger tensors (read again each pass) and vocabulary items."""
+    if item.rows or sum(r.info.nbytes for r in _refs(item)) > HOLD_BYTES:
+        return None
+    return list(_windows(item, ctx, HOLD_BYTES))
 
 
 _BUFFER = [torch.empty(0, dtype=torch.uint8)]  # read windows, reused: fresh pages cost more
@@ -251,11 +272,13 @@ def _merge_item(item: Any, ctx: TaskContext, stats: dict[int, Any]) -> Iterator[
         yield spec.fn(tensors, item.params, **kwargs).to(out_dtype).reshape(-1)
         return
     tensor_stats = spec.tensor_stats_for(item.params)
+    held = None
     if tensor_stats is not None and item.numel:
-        kwargs["tensor_stats"] = _tensor_stats(tensor_stats, item, ctx)
+        held = _held(item, ctx)
+        kwargs["tensor_stats"] = _tensor_stats(tensor_stats, item, ctx, held)
     if spec.stored_inputs:
         kwargs["dtype"] = dtype
-    for chunk, values in _chunks(item, ctx, whole_windows=spec.reads_windows):
+    for chunk, values in _chunks(item, ctx, spec.reads_windows, held):
         tensors, base = _split(item, values, dtype, spec.stored_inputs)
         if spec.uses_base:
             kwargs["base"] = base
@@ -283,11 +306,12 @@ def _whole(item: Any, ctx: TaskContext) -> list[torch.Tensor]:
     return [read_tensor(ctx.stores[r.source], r.file, r.info) for r in _refs(item)]
 
 
-def _tensor_stats(stats: Any, item: Any, ctx: TaskContext) -> Any:
+def _tensor_stats(stats: Any, item: Any, ctx: TaskContext,
+                  held: list[tuple[int, Any]] | None) -> Any:
     state = None
     for p in range(stats.passes):
         total = _sum_over_chunks(item, ctx, lambda tensors, base, rng, **kw: stats.collect(
-            p, tensors, item.params, base=base, state=state, rng=rng, **kw))
+            p, tensors, item.params, base=base, state=state, rng=rng, **kw), held)
         state = stats.reduce(p, total, item.params, state)
     return state
 
@@ -302,8 +326,8 @@ def _collect_item(item: Any, ctx: TaskContext, pass_index: int, state: Any) -> t
         pass_index, tensors, item.params, base=base, state=state, **kw))
 
 
-def _sum_over_chunks(item: Any, ctx: TaskContext,
-                     collect: Callable[..., torch.Tensor]) -> torch.Tensor:
+def _sum_over_chunks(item: Any, ctx: TaskContext, collect: Callable[..., torch.Tensor],
+                     held: list[tuple[int, Any]] | None = None) -> torch.Tensor:
     """``collect(tensors, base, rng)`` on every chunk (cache-sized: casts there are ten times
     cheaper than on whole windows), partials summed in chunk order. A method that takes its
     inputs as stored gets them (and ``dtype=``) a whole window at a time unless keyed."""
@@ -311,7 +335,7 @@ def _sum_over_chunks(item: Any, ctx: TaskContext,
     dtype = torch_dtype(ctx.compute_dtype)
     kwargs = {"dtype": dtype} if spec.stored_inputs else {}
     total = None
-    for chunk, values in _chunks(item, ctx, whole_windows=spec.reads_windows):
+    for chunk, values in _chunks(item, ctx, spec.reads_windows, held):
         tensors, base = _split(item, values, dtype, spec.stored_inputs)
         part = collect(tensors, base, _generators(ctx, item, chunk) if spec.uses_rng else None,
                        **kwargs)
