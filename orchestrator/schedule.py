@@ -289,20 +289,23 @@ class _RayExecutor:
 
     def imap(self, fn: Callable, units: Sequence[WorkUnit], args: tuple,
              progress: _Progress) -> Iterator[tuple[WorkUnit, Any]]:
-        """(unit, result) in completion order; on failure the remaining tasks are cancelled."""
+        """(unit, result) in completion order, the largest units started first; on failure the
+        remaining tasks are cancelled."""
         import ray
         from ray.exceptions import RayError, RayTaskError
 
         remote = ray.remote(num_cpus=1, max_retries=self.runtime.max_retries,
                             retry_exceptions=False, **_task_env())(fn)
         arg_refs = [ray.put(a) for a in args]
+        # largest first (merge units by input bytes; others keep their order): a large unit
+        # started last would run alone while the other workers idle
+        order = sorted(range(len(units)), key=lambda i: -getattr(units[i], "input_bytes", 0))
         pending: dict = {}
-        next_unit = 0
         try:
-            while next_unit < len(units) or pending:
-                while next_unit < len(units) and len(pending) < self.in_flight:
-                    pending[remote.remote(units[next_unit], *arg_refs)] = next_unit
-                    next_unit += 1
+            while order or pending:
+                while order and len(pending) < self.in_flight:
+                    i = order.pop(0)
+                    pending[remote.remote(units[i], *arg_refs)] = i
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     i = pending.pop(ref)
