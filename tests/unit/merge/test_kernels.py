@@ -264,5 +264,12 @@ def test_inline_sfc64_draws_are_numpys():
     draws = np.random.SFC64(42).random_raw(251).view(np.uint16)[:1001]
     assert torch.equal(kept, torch.from_numpy((draws < (1 << 15)).astype(np.float32)))
     assert (kernels.sfc64_states([g]) == states).all()  # not advanced
+    # the loops draw for all models of a block at once, two generators stepped together
+    gens = [np.random.SFC64(s) for s in (1, 2, 3, 4)]
+    raw = np.zeros((4, 251), dtype=np.uint64)
+    kernels._draw(kernels.sfc64_states(gens), np.array([0, 2, 3]), raw, 251)
+    for i in (0, 2, 3):  # a pair and one alone
+        assert (raw[i] == gens[i].random_raw(251)).all()
+    assert not raw[1].any()  # density 1 draws nothing
     with pytest.raises(TypeError, match="SFC64"):
         kernels.sfc64_states([np.random.PCG64(1)])
