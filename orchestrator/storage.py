@@ -11,12 +11,15 @@ with a clear message instead of being mistaken for local paths.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import BinaryIO, ContextManager, Iterator, Protocol
+
+import numpy as np
 
 from orchestrator.errors import StorageError
 
@@ -144,6 +147,33 @@ class LocalStore:
                 done += n
         finally:
             os.close(fd)
+
+    def map_range(self, name: str, offset: int, nbytes: int) -> np.ndarray:
+        """Bytes ``[offset, offset + nbytes)`` of ``name`` as a uint8 array without a copy: a
+        private mapping of the file (the page cache itself, as the pages are touched; writes
+        to it, if any, go to private copies, never to the file), checked as ``readinto``
+        checks. The mapping goes when the last view of it does."""
+        if nbytes == 0:
+            return np.empty(0, dtype=np.uint8)
+        path = self.path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise StorageError(f"{path}: cannot open ({e.strerror})") from None
+        try:
+            self._check_pin(name, fd)
+            size = os.fstat(fd).st_size
+            if offset + nbytes > size:
+                raise StorageError(
+                    f"{path}: expected {nbytes} bytes at offset {offset} but the file ends "
+                    f"after {max(0, size - offset)} (was it truncated or replaced during the "
+                    "merge?)")
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        finally:
+            os.close(fd)
+        return np.frombuffer(mapped, dtype=np.uint8, count=nbytes, offset=offset - start)
 
     def read_bytes(self, name: str) -> bytes:
         try:

@@ -16,7 +16,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Protocol
+from typing import Any, BinaryIO, Iterable, Protocol
 
 import torch
 
@@ -182,6 +182,18 @@ def read_elements(store: RangeReader, path: str, info: TensorInfo, start: int, s
     if stop > start:
         store.readinto(path, info.start + start * size, memoryview(raw.numpy()))
     return raw.view(DTYPES[info.dtype])
+
+
+def map_elements(store: Any, path: str, info: TensorInfo, start: int,
+                 stop: int) -> torch.Tensor | None:
+    """Elements ``[start, stop)`` of one tensor without a copy, where ``store`` can map its
+    files (``map_range``: local files); else None (read them instead)."""
+    map_range = getattr(store, "map_range", None)
+    if map_range is None:
+        return None
+    size = itemsize(info.dtype)
+    raw = map_range(path, info.start + start * size, (stop - start) * size)
+    return torch.from_numpy(raw).view(DTYPES[info.dtype])
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

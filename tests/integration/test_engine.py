@@ -255,6 +255,23 @@ def chunked_reference(doc, family, chunk):
     return out
 
 
+@pytest.mark.parametrize("case", ["linear", "ties", "dare_ties", "slerp"])
+def test_mapped_and_read_inputs_give_the_same_bytes(case, llama_family, tmp_path, monkeypatch):
+    """Local inputs are mapped (read where they lie in the page cache); read into the buffer
+    instead, as object storage is, they give the same shards."""
+    from orchestrator.storage import LocalStore
+
+    digests = {}
+    for how in ("mapped", "read"):
+        if how == "read":
+            monkeypatch.delattr(LocalStore, "map_range")
+        cfg, _ = write_job(tmp_path, llama_family, case, tmp_path / how, executor="local")
+        assert main(["run", cfg, "--quiet"]) == 0
+        manifest = json.loads((tmp_path / how / "raymerge-manifest.json").read_text())
+        digests[how] = {s["file"]: s["sha256"] for s in manifest["shards"]}
+    assert digests["mapped"] == digests["read"]
+
+
 def chunked_cases():
     """Elementwise cases; those with per-tensor statistics passes twice: their tensors held
     in memory between the passes (each fits) and read again each pass (nothing fits)."""

@@ -62,3 +62,28 @@ def test_pinned_store_detects_a_replaced_file(tmp_path):
     os.utime(tmp_path / "f.bin", ns=(1, 1))
     with pytest.raises(StorageError, match="mtime"):
         pinned.read_range("f.bin", 0, 1)
+
+
+def test_mapped_ranges_equal_reads_and_never_write_the_file(tmp_path):
+    """``map_range`` gives the bytes ``read_range`` gives, at any offset (mappings start on
+    page boundaries), is checked as a read is, and writes to it stay private."""
+    import dataclasses
+    import mmap
+
+    data = bytes(range(256)) * (3 * mmap.ALLOCATIONGRANULARITY // 256 + 7)
+    store = LocalStore(str(tmp_path))
+    store.write_bytes("f.bin", data)
+    for offset, n in [(0, 10), (5, mmap.ALLOCATIONGRANULARITY), (mmap.ALLOCATIONGRANULARITY + 3,
+                                                                 1000), (len(data) - 9, 9)]:
+        assert store.map_range("f.bin", offset, n).tobytes() == store.read_range(
+            "f.bin", offset, offset + n)
+    assert store.map_range("f.bin", 4, 0).size == 0
+    view = store.map_range("f.bin", 100, 50)
+    view[:] = 0
+    assert store.read_bytes("f.bin") == data
+    with pytest.raises(StorageError, match="truncated or replaced"):
+        store.map_range("f.bin", len(data) - 5, 10)
+    pinned = dataclasses.replace(store, pins={"f.bin": store.pin("f.bin")})
+    store.write_bytes("f.bin", data + b"x")
+    with pytest.raises(StorageError, match="changed after it was indexed"):
+        pinned.map_range("f.bin", 0, 4)

@@ -16,7 +16,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
-from numba import njit
+from numba import carray, njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 FUSED_DTYPES = (torch.float32, torch.float64)
@@ -88,69 +89,70 @@ def _merge_block(d, m, w, unit, normalize, scale, base, out,
 
 
 class Stored(NamedTuple):
-    """Inputs then the base, as stored: ``row`` ``i`` is ``bits[rows[i]:rows[i] + n]``, bit
-    patterns (uint16 for bfloat16, shifted up ``shift`` = 16 bits; uint32 for float32) that the
-    loops read block by block (contiguous, so they vectorise) and convert to float32."""
+    """Inputs then the base, as stored, for the loops: row ``i`` is ``n`` bit patterns at byte
+    address ``addrs[i]`` (uint16 for bfloat16, shifted up ``shift`` = 16 bits; uint32 for
+    float32, as ``like``'s dtype says), which the loops read block by block (contiguous, so
+    they vectorise) and convert to float32. ``owners`` keeps the memory behind the addresses
+    alive (the tensors the rows are read from, e.g. views of mapped files)."""
 
-    bits: np.ndarray
-    rows: np.ndarray
+    like: np.ndarray
+    addrs: np.ndarray
     n: int
     shift: int
+    owners: tuple
+
+    @property
+    def k(self) -> int:
+        """Rows, the base included."""
+        return len(self.addrs)
+
+    def args(self) -> tuple:
+        """What the compiled loops take."""
+        return self.like, self.addrs, self.n, self.shift
 
 
 def fused_inputs(tensors, base: torch.Tensor | None, dtype: torch.dtype) -> Stored | None:
-    """``Stored`` inputs (then the base, if any) for the loops here: without a copy when they
-    are consecutive rows of one tensor (the engine's read window). None where the loops do not
-    apply (compute dtype other than float32, inputs of other or differing dtypes): the caller
-    casts and uses torch."""
+    """``Stored`` inputs (then the base, if any) for the loops here, read where they are (a
+    read window's rows, mapped files; only non-contiguous ones are copied). None where the
+    loops do not apply (compute dtype other than float32, inputs of other or differing
+    dtypes): the caller casts and uses torch."""
     if dtype != torch.float32 or not len(tensors):
         return None
     rows = list(tensors) + ([] if base is None else [base])
     stored = {t.dtype for t in rows}
     if len(stored) != 1 or stored.isdisjoint(_STORED):
         return None
-    as_int, as_np, shift = _STORED[rows[0].dtype]
     n = rows[0].numel()
-    step = _row_step(tensors, base)
-    if step:
-        flat = torch.as_strided(tensors, ((len(rows) - 1) * step + n,), (1,))
-    else:
-        step, flat = n, torch.cat([t.reshape(-1) for t in rows])
-    return Stored(flat.view(as_int).numpy().view(as_np),
-                  np.arange(len(rows), dtype=np.int64) * step, n, shift)
+    if any(t.numel() != n for t in rows):
+        raise ValueError(f"inputs of differing sizes: {[t.numel() for t in rows]}")
+    rows = [t if t.is_contiguous() else t.contiguous() for t in rows]
+    return Stored(np.empty(0, _STORED[rows[0].dtype][0]),
+                  np.array([t.data_ptr() for t in rows], dtype=np.int64), n,
+                  _STORED[rows[0].dtype][1], tuple(rows))
 
 
-def _row_step(tensors, base: torch.Tensor | None) -> int | None:
-    """The row stride when ``tensors`` is a 2-D tensor of rows and ``base``, if any, the row
-    after."""
-    if not isinstance(tensors, torch.Tensor) or tensors.dim() != 2 or tensors.stride(1) != 1:
-        return None
-    step = tensors.stride(0)
-    if base is not None and (base.dim() != 1 or base.stride(0) != 1
-                             or base.numel() != tensors.shape[1]
-                             or base.data_ptr() != tensors.data_ptr()
-                             + len(tensors) * step * base.itemsize):
-        return None
-    return step
+_STORED = {torch.bfloat16: (np.uint16, 16), torch.float32: (np.uint32, 0)}
 
 
-_STORED = {torch.bfloat16: (torch.int16, np.uint16, 16),
-           torch.float32: (torch.int32, np.uint32, 0)}
+@intrinsic
+def _pointer(typingctx, address):  # pragma: no cover (compiled)
+    """The integer ``address`` as a pointer (for ``carray``)."""
+    return types.voidptr(types.int64), lambda context, builder, signature, args: \
+        builder.inttoptr(args[0], cgutils.voidptr_t)
 
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
-def _load(bits, at, m, shift, out_bits):  # pragma: no cover (compiled)
-    # index a slice from 0: numba cannot tell that at + j >= 0, and its check for negative
-    # indices keeps LLVM from vectorising (12x slower)
-    row = bits[at:at + m]
+def _load(like, at, m, shift, out_bits):  # pragma: no cover (compiled)
+    """``m`` stored values (``like``'s dtype) from byte address ``at``, as float32 bits."""
+    row = carray(_pointer(at), m, like.dtype)
     for j in range(m):
         out_bits[j] = np.uint32(row[j]) << shift
 
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
-def _task_vector(bits, at, m, shift, base, x_bits, out):  # pragma: no cover (compiled)
+def _task_vector(like, at, m, shift, base, x_bits, out):  # pragma: no cover (compiled)
     """``out[:m]`` = x − base in float32, for the ``m`` stored inputs from ``at``."""
-    _load(bits, at, m, shift, x_bits)
+    _load(like, at, m, shift, x_bits)
     x = x_bits.view(np.float32)
     for j in range(m):
         out[j] = x[j] - base[j]
@@ -166,7 +168,7 @@ def weighted_sum(inputs: Stored, weights: Sequence[float], *, has_base: bool,
     up to 16 models on this CPU; more are summed pairwise in blocks)."""
     out = np.empty(inputs.n, dtype=np.float32)
     w = np.asarray(weights, dtype=np.float32)
-    _weighted_sum(*inputs, has_base, w, fused_multiply, bool(np.all(w == 1)),
+    _weighted_sum(*inputs.args(), has_base, w, fused_multiply, bool(np.all(w == 1)),
                   divisor is not None, np.float32(divisor or 1), np.float32(scale), out)
     return torch.from_numpy(out)
 
@@ -178,23 +180,24 @@ def _fma(typingctx, a, b, c):  # pragma: no cover (compiled)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _weighted_sum(bits, rows, n, shift, has_base, w, fused_multiply, unit, divide, divisor,
+def _weighted_sum(like, addrs, n, shift, has_base, w, fused_multiply, unit, divide, divisor,
                   scale, out):  # pragma: no cover (compiled)
-    k = len(rows) - 1 if has_base else len(rows)
+    k = len(addrs) - 1 if has_base else len(addrs)
     base_bits = np.empty(_BLOCK, np.uint32)
     x_bits = np.empty(_BLOCK, np.uint32)
     base, x = base_bits.view(np.float32), x_bits.view(np.float32)
     acc = np.empty(_BLOCK, np.float32)
     for start in range(0, n, _BLOCK):
         m = min(n, start + _BLOCK) - start
+        at = start * like.itemsize  # bytes into each row
         acc[:m] = np.float32(0)
         if has_base:
-            _load(bits, rows[k] + start, m, shift, base_bits)
+            _load(like, addrs[k] + at, m, shift, base_bits)
         for i in range(k):
             if has_base:
-                _task_vector(bits, rows[i] + start, m, shift, base, x_bits, x)
+                _task_vector(like, addrs[i] + at, m, shift, base, x_bits, x)
             else:
-                _load(bits, rows[i] + start, m, shift, x_bits)
+                _load(like, addrs[i] + at, m, shift, x_bits)
             wi = w[i]
             if fused_multiply:
                 for j in range(m):
@@ -218,7 +221,7 @@ def ties_merge(inputs: Stored, states: list[list | None], weights,
     """TIES on ``fused_inputs``: τ_i = x_i − base in float32, trimmed by ``states`` (per model
     None, or ``[threshold, quota]`` as ``ties._keep_quota`` takes it; quotas are consumed),
     then ``sign_merge``: the same bits as those torch steps, in one pass with no temporaries."""
-    k = len(inputs.rows) - 1
+    k = inputs.k - 1
     keep = np.array([s is not None for s in states])
     thresholds = np.array([0 if s is None else s[0] for s in states], dtype=np.float32)
     quotas = np.array([0 if s is None else s[1] for s in states], dtype=np.int64)
@@ -234,17 +237,17 @@ def ties_merge(inputs: Stored, states: list[list | None], weights,
 def _stored_merge(inputs: Stored, trims: tuple, plan: tuple, weights, unit: bool,
                   normalize: bool, scale: float) -> torch.Tensor:
     out = np.empty(inputs.n, dtype=np.float32)
-    _sparse_sign_merge(*inputs, *trims, *plan, np.asarray(weights, dtype=np.float32), unit,
+    _sparse_sign_merge(*inputs.args(), *trims, *plan, np.asarray(weights, dtype=np.float32), unit,
                        normalize, np.float32(scale), out)
     return torch.from_numpy(out)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _sparse_sign_merge(bits, rows, n, shift, keep, thresholds, quotas, states, cuts, modes,
+def _sparse_sign_merge(like, addrs, n, shift, keep, thresholds, quotas, states, cuts, modes,
                        factors, w, unit, normalize, scale, out):  # pragma: no cover (compiled)
     """τ_i of stored inputs, trimmed (TIES: ``keep``, ``thresholds``, ``quotas``) and dropped
     and rescaled (DARE: ``states`` ... ``factors``, mode 0 leaves τ_i), then the sign merge."""
-    k = len(rows) - 1
+    k = len(addrs) - 1
     states = states.copy()
     drawn = np.flatnonzero(modes != 0)
     raw = np.empty((k, _BLOCK // 4), np.uint64)
@@ -256,10 +259,11 @@ def _sparse_sign_merge(bits, rows, n, shift, keep, thresholds, quotas, states, c
     sums = np.empty((3, _BLOCK), np.float32)
     for start in range(0, n, _BLOCK):
         m = min(n, start + _BLOCK) - start
-        _load(bits, rows[k] + start, m, shift, base_bits)
+        at = start * like.itemsize  # bytes into each row
+        _load(like, addrs[k] + at, m, shift, base_bits)
         _draw(states, drawn, raw, (m + 3) // 4)
         for i in range(k):
-            _task_vector(bits, rows[i] + start, m, shift, base, x_bits, d[i])
+            _task_vector(like, addrs[i] + at, m, shift, base, x_bits, d[i])
             if not keep[i]:  # keep nothing (zero_, as ties._keep_quota)
                 for j in range(m):
                     d[i, j] = np.float32(0)
@@ -357,7 +361,7 @@ def dare_ties_merge(inputs: Stored, plan: tuple[np.ndarray, ...], weights, *, un
                     normalize: bool, scale: float) -> torch.Tensor:
     """DARE-TIES on ``fused_inputs``: each τ_i dropped and rescaled by ``plan``
     (``dare_plan``), then ``sign_merge``; the same bits as those torch steps."""
-    k = len(inputs.rows) - 1
+    k = inputs.k - 1
     untrimmed = (np.ones(k, dtype=np.bool_), np.zeros(k, np.float32), np.zeros(k, np.int64))
     return _stored_merge(inputs, untrimmed, plan, weights, unit, normalize, scale)
 
@@ -368,8 +372,8 @@ def dare_l1(inputs: Stored, plan: tuple[np.ndarray, ...]) -> torch.Tensor:
     (one float64 chain would cost a cycle per add): each block of ``_BLOCK`` entries is summed
     by halving (entry j + entry j + w, w = 256, 128, ..., 8) into 8 lanes, added to 8 running
     lanes, which are added at the end."""
-    lanes = np.zeros((len(inputs.rows) - 1, 2, _LANES), dtype=np.float64)
-    _dare_l1(*inputs, plan[0], plan[1], plan[2], lanes)
+    lanes = np.zeros((inputs.k - 1, 2, _LANES), dtype=np.float64)
+    _dare_l1(*inputs.args(), plan[0], plan[1], plan[2], lanes)
     return torch.from_numpy(lanes.sum(axis=2))
 
 
@@ -377,8 +381,8 @@ _LANES = 8
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _dare_l1(bits, rows, n, shift, states, cuts, modes, lanes):  # pragma: no cover (compiled)
-    k = len(rows) - 1
+def _dare_l1(like, addrs, n, shift, states, cuts, modes, lanes):  # pragma: no cover (compiled)
+    k = len(addrs) - 1
     states = states.copy()
     drawn = np.flatnonzero(modes != 0)
     raw = np.empty((k, _BLOCK // 4), np.uint64)
@@ -389,10 +393,11 @@ def _dare_l1(bits, rows, n, shift, states, cuts, modes, lanes):  # pragma: no co
     before, after = np.zeros(_BLOCK, np.float64), np.zeros(_BLOCK, np.float64)
     for start in range(0, n, _BLOCK):
         m = min(n, start + _BLOCK) - start
-        _load(bits, rows[k] + start, m, shift, base_bits)
+        at = start * like.itemsize  # bytes into each row
+        _load(like, addrs[k] + at, m, shift, base_bits)
         _draw(states, drawn, raw, (m + 3) // 4)
         for i in drawn:
-            _load(bits, rows[i] + start, m, shift, x_bits)
+            _load(like, addrs[i] + at, m, shift, x_bits)
             kept = draws[i]
             cut = cuts[i]
             for j in range(m):
@@ -420,40 +425,41 @@ def _halve(t, lanes):  # pragma: no cover (compiled)
 
 def histograms(inputs: Stored, high: list[int] | None = None) -> torch.Tensor:
     """``magnitude_histograms`` of the task vectors of ``fused_inputs``, computed on the fly."""
-    hist = np.zeros((len(inputs.rows) - 1, 1 << 16), dtype=np.int64)
+    hist = np.zeros((inputs.k - 1, 1 << 16), dtype=np.int64)
     if high is None:
-        _high_hist_raw(*inputs, hist)
+        _high_hist_raw(*inputs.args(), hist)
     else:
-        _low_hist_raw(*inputs, np.asarray(high, dtype=np.int64), hist)
+        _low_hist_raw(*inputs.args(), np.asarray(high, dtype=np.int64), hist)
     return torch.from_numpy(hist)
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _task_vector_bits(bits, at, m, shift, base_bits, x_bits):  # pragma: no cover (compiled)
+def _task_vector_bits(like, at, m, shift, base_bits, x_bits):  # pragma: no cover (compiled)
     """|x − base| as float32 bit patterns, in ``x_bits``, for the ``m`` inputs from ``at``."""
     x = x_bits.view(np.float32)
-    _task_vector(bits, at, m, shift, base_bits.view(np.float32), x_bits, x)
+    _task_vector(like, at, m, shift, base_bits.view(np.float32), x_bits, x)
     for j in range(m):
         x_bits[j] &= 0x7FFFFFFF
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _high_hist_raw(bits, rows, n, shift, hist):  # pragma: no cover (compiled)
-    k = len(rows) - 1
+def _high_hist_raw(like, addrs, n, shift, hist):  # pragma: no cover (compiled)
+    k = len(addrs) - 1
     base_bits = np.empty(_BLOCK, np.uint32)
     x_bits = np.empty(_BLOCK, np.uint32)
     for start in range(0, n, _BLOCK):
         m = min(n, start + _BLOCK) - start
-        _load(bits, rows[k] + start, m, shift, base_bits)
+        at = start * like.itemsize  # bytes into each row
+        _load(like, addrs[k] + at, m, shift, base_bits)
         for i in range(k):
-            _task_vector_bits(bits, rows[i] + start, m, shift, base_bits, x_bits)
+            _task_vector_bits(like, addrs[i] + at, m, shift, base_bits, x_bits)
             for j in range(m):
                 hist[i, x_bits[j] >> 16] += 1
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _low_hist_raw(bits, rows, n, shift, high, hist):  # pragma: no cover (compiled)
-    k = len(rows) - 1
+def _low_hist_raw(like, addrs, n, shift, high, hist):  # pragma: no cover (compiled)
+    k = len(addrs) - 1
     base_bits = np.empty(_BLOCK, np.uint32)
     x_bits = np.empty(_BLOCK, np.uint32)
     # A threshold bin of bf16-rounded deltas can hold a fifth of the entries: a branch on "in
@@ -462,12 +468,13 @@ def _low_hist_raw(bits, rows, n, shift, high, hist):  # pragma: no cover (compil
     sub = np.zeros((k, 4, (1 << 16) + 1), np.int64)
     for start in range(0, n, _BLOCK):
         m = min(n, start + _BLOCK) - start
-        _load(bits, rows[k] + start, m, shift, base_bits)
+        at = start * like.itemsize  # bytes into each row
+        _load(like, addrs[k] + at, m, shift, base_bits)
         for i in range(k):
             if high[i] < 0:
                 continue
             low = np.uint32(high[i]) << 16
-            _task_vector_bits(bits, rows[i] + start, m, shift, base_bits, x_bits)
+            _task_vector_bits(like, addrs[i] + at, m, shift, base_bits, x_bits)
             for j in range(m):
                 v = np.int64(x_bits[j]) - low
                 inside = (v >= 0) & (v < (1 << 16))

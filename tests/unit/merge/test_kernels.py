@@ -146,16 +146,25 @@ def test_fused_ties_equals_the_torch_steps(stored):
     assert torch.equal(torch.cat(got), torch.cat(want))
 
 
-def test_fused_inputs_reads_window_rows_in_place_and_copies_otherwise():
+def test_fused_inputs_read_rows_where_they_are():
+    """Rows of a read window, or separate tensors (views of mapped files), are read in place;
+    only a non-contiguous input is copied."""
     rows = stored_inputs(2, 300, torch.bfloat16)
     in_place = kernels.fused_inputs(rows[:-1], rows[-1], torch.float32)
-    assert in_place.bits.ctypes.data == rows.data_ptr()  # no copy: rows of one buffer
-    copied = kernels.fused_inputs(list(rows[:-1]), rows[-1].clone(), torch.float32)
-    for fused in (in_place, copied):
+    assert in_place.addrs.tolist() == [r.data_ptr() for r in rows]
+    separate = [r.clone() for r in rows]
+    apart = kernels.fused_inputs(separate[:-1], separate[-1], torch.float32)
+    assert apart.addrs.tolist() == [r.data_ptr() for r in separate]
+    strided = torch.stack([rows[0], rows[0]], dim=1)[:, 0]
+    assert not strided.is_contiguous()
+    copied = kernels.fused_inputs([strided, rows[1]], rows[2], torch.float32)
+    assert copied.addrs[0] != strided.data_ptr()
+    for fused in (in_place, apart, copied):
         for i in range(3):
-            row = fused.bits[fused.rows[i]:fused.rows[i] + fused.n]
-            assert torch.equal(torch.from_numpy(row.astype("int32")).to(torch.int16),
-                               rows[i].view(torch.int16))
+            row = fused.owners[i]
+            assert row.data_ptr() == fused.addrs[i] and torch.equal(row, rows[i])
+    with pytest.raises(ValueError, match="differing sizes"):
+        kernels.fused_inputs([rows[0][:10]], rows[1], torch.float32)
     assert kernels.fused_inputs(rows[:-1], rows[-1], torch.float64) is None  # cast instead
     assert kernels.fused_inputs(rows[:-1].half(), rows[-1].half(), torch.float32) is None
     assert kernels.fused_inputs(rows[:-1], rows[-1].float(), torch.float32) is None
@@ -209,9 +218,7 @@ def test_fused_dare_ties_equals_the_torch_steps(rescale):
 def test_fused_inputs_without_a_base():
     rows = stored_inputs(3, 300, torch.bfloat16)
     fused = kernels.fused_inputs(rows[:-1], None, torch.float32)
-    assert fused.bits.ctypes.data == rows.data_ptr() and list(fused.rows) == [0, 300, 600]
-    copied = kernels.fused_inputs(list(rows[:-1]), None, torch.float32)
-    assert (copied.bits[:900] == fused.bits[:900]).all()
+    assert fused.addrs.tolist() == [r.data_ptr() for r in rows[:-1]] and fused.k == 3
 
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
