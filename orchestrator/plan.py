@@ -28,7 +28,7 @@ from orchestrator.vocab import RowMap, Vocabulary, is_vocab_tensor, row_maps
 from workers.merge import get_method
 from workers.merge.registry import MethodSpec, internal_fields, per_model_fields
 from workers.safetensors_io import DTYPE_NAMES, FLOAT_CODES, TensorInfo, itemsize
-from workers.tasks import CHUNK, READ_WINDOW
+from workers.tasks import CHUNK, HOLD_BYTES, READ_WINDOW
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -261,7 +261,7 @@ def make_plan(cfg: JobConfig, models: list[CheckpointIndex], base: CheckpointInd
 
     units = _pack_units(items, parse_bytes(cfg.output.shard_size),
                         parse_bytes(cfg.runtime.worker_memory), compute_size, len(sources),
-                        lambda it: it.method is None or spec.is_elementwise(it.params))
+                        lambda it: _window(spec, it))
     groups = tuple(StatsGroup(spec.name, p, n) for p, n in zip(stats_params, stats_counts))
     return Plan(sources, units, groups, spec.name, cfg.compute_dtype, cfg.seed,
                 cfg.runtime.threads_per_worker, reference, layer_map,
@@ -323,8 +323,18 @@ def resolve_params(spec: MethodSpec, cfg: JobConfig, place: Placement,
     return spec.params(**resolved)
 
 
+def _window(spec: Any, item: WorkItem) -> int:
+    """Input bytes a worker holds at once for a chunked item (a read window, or the whole
+    tensor up to HOLD_BYTES for methods that pass over it twice); 0 for whole-tensor items."""
+    if item.method is None:
+        return READ_WINDOW
+    if not spec.is_elementwise(item.params):
+        return 0
+    return HOLD_BYTES if spec.tensor_stats_for(item.params) is not None else READ_WINDOW
+
+
 def _pack_units(items: list[WorkItem], shard_size: int, memory: int, compute_size: int,
-                n_sources: int, chunked: Callable[[WorkItem], bool]) -> tuple[WorkUnit, ...]:
+                n_sources: int, window: Callable[[WorkItem], int]) -> tuple[WorkUnit, ...]:
     """Units of whole layers (a layer is split at tensor boundaries only when it alone exceeds
     a unit): at most ``shard_size`` of output and ``memory`` of input each, and at most 1/16 of
     all input (not below MIN_UNIT_INPUT), so that up to 16 workers have units to share whatever
@@ -341,9 +351,9 @@ def _pack_units(items: list[WorkItem], shard_size: int, memory: int, compute_siz
         # stored inputs + their compute-dtype copies + stacked task vectors + output (+ cast);
         # chunked items hold one read window and the working set of one chunk
         k = len(item.inputs) + (1 if item.base else 0)
-        if chunked(item) and not item.rows:
+        if window(item) and not item.rows:
             elements = min(item.numel, CHUNK)
-            return min(in_bytes(item), READ_WINDOW + k * CHUNK * 8) + \
+            return min(in_bytes(item), window(item) + k * CHUNK * 8) + \
                 k * elements * compute_size * 4
         n = item.numel
         return in_bytes(item) + n * compute_size * (2 * k + 2) + item.out_bytes

@@ -4,9 +4,11 @@
 A unit reads its own input byte ranges from the source stores, computes tensor by tensor in the
 compute dtype and streams each result into its output shard; the driver never sees tensor bytes.
 Elementwise methods run on fixed chunks of CHUNK elements, read a window of chunks at a time, so a
-worker's memory does not grow with tensor size or model count; methods whose fused loops take
-the inputs as stored (``stored_inputs``) get whole windows unless their random draws are keyed
-by chunk. The others hold one tensor's inputs at a time.
+worker's memory does not grow with tensor size or model count (local files are mapped, not
+copied: a window is views of the page cache); methods whose fused loops take the inputs as
+stored (``stored_inputs``) get whole windows unless their random draws are keyed by chunk, and
+methods with per-tensor statistics passes hold a tensor's inputs for all passes when they fit
+in HOLD_BYTES. The others hold one tensor's inputs at a time.
 """
 
 from __future__ import annotations
