@@ -239,6 +239,29 @@ class _LocalExecutor:
             yield unit, result
 
 
+@contextmanager
+def _without_api_server() -> Iterator[None]:
+    """A head node started meanwhile runs no API server. Ray's head starts one even with
+    ``include_dashboard=False`` (a dashboard process loading only the usage-stats module) and
+    ``ray.init`` waits until it is up: 0.7 s, and a Python process competing for the cores.
+    The embedded cluster serves this process alone, which uses neither the dashboard nor job
+    submission. Ray without that hook (``Node.start_api_server``, Ray 2.40-2.60) starts as
+    usual."""
+    try:
+        from ray._private.node import Node
+    except ImportError:
+        Node = None
+    start = getattr(Node, "start_api_server", None)
+    if start is None:
+        yield
+        return
+    Node.start_api_server = lambda self, **kwargs: None
+    try:
+        yield
+    finally:
+        Node.start_api_server = start
+
+
 _INHERITED: list[dict[str, str] | None] = [None]  # storage_env() when this process started Ray
 
 
@@ -270,9 +293,10 @@ class _RayExecutor:
                 ray.init(address=self.runtime.address, log_to_driver=True)
             else:
                 # embedded: this machine only, bound to loopback, no dashboard
-                ray.init(num_cpus=self.runtime.num_workers or os.cpu_count(),
-                         include_dashboard=False, _node_ip_address="127.0.0.1",
-                         log_to_driver=True)
+                with _without_api_server():
+                    ray.init(num_cpus=self.runtime.num_workers or os.cpu_count(),
+                             include_dashboard=False, _node_ip_address="127.0.0.1",
+                             log_to_driver=True)
                 _INHERITED[0] = storage_env()
             self.started = True
         cpus = int(ray.cluster_resources().get("CPU", 1))

@@ -1,5 +1,6 @@
 """The embedded Ray of `raymerge run` listens on 127.0.0.1 only: every listening TCP socket of
-the command's process tree (driver, GCS, raylet, agents, workers) is watched while it runs."""
+the command's process tree (driver, GCS, raylet, agents, workers) is watched while it runs; it
+starts no dashboard / API server process."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _listen_addresses() -> dict[str, ipaddress._BaseAddress]:
     return out
 
 
-def _tree_socket_inodes(root: int) -> set[str]:
+def _tree_pids(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -44,10 +45,16 @@ def _tree_socket_inodes(root: int) -> set[str]:
             except OSError:
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    inodes, todo = set(), [root]
+    pids, todo = [], [root]
     while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
+        pids.append(todo.pop())
+        todo.extend(children.get(pids[-1], []))
+    return pids
+
+
+def _socket_inodes(pids: list[int]) -> set[str]:
+    inodes = set()
+    for pid in pids:
         try:
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 link = os.readlink(f"/proc/{pid}/fd/{fd}")
@@ -73,11 +80,31 @@ def test_embedded_ray_listens_on_loopback_only(llama_family, tmp_path):
                              "from orchestrator.cli import main; raise SystemExit(main())",
                              "run", str(tmp_path / "job.yaml"), "--quiet"],
                             env=env, start_new_session=True)
-    seen = {}
+    seen, commands = {}, set()
     while proc.poll() is None:
         listening = _listen_addresses()
-        seen.update({i: listening[i] for i in _tree_socket_inodes(proc.pid) if i in listening})
+        pids = _tree_pids(proc.pid)
+        seen.update({i: listening[i] for i in _socket_inodes(pids) if i in listening})
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    commands.add(f.read().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
         time.sleep(0.05)
     assert proc.returncode == 0
     assert len(seen) >= 3  # GCS, raylet, agents: the watch did see Ray's services
     assert all(_is_loopback(a) for a in seen.values()), sorted(map(str, seen.values()))
+    assert any("raylet" in c for c in commands)  # the watch did see Ray's processes
+    assert not [c for c in commands if "dashboard/dashboard.py" in c]  # no API server
+
+
+def test_the_api_server_is_skipped_only_inside_the_embedded_start():
+    from ray._private.node import Node
+
+    from orchestrator.schedule import _without_api_server
+
+    start = Node.start_api_server
+    with _without_api_server():
+        assert Node.start_api_server is not start
+    assert Node.start_api_server is start
