@@ -240,26 +240,27 @@ class _LocalExecutor:
 
 
 @contextmanager
-def _without_api_server() -> Iterator[None]:
-    """A head node started meanwhile runs no API server. Ray's head starts one even with
-    ``include_dashboard=False`` (a dashboard process loading only the usage-stats module) and
-    ``ray.init`` waits until it is up: 0.7 s, and a Python process competing for the cores.
-    The embedded cluster serves this process alone, which uses neither the dashboard nor job
-    submission. Ray without that hook (``Node.start_api_server``, Ray 2.40-2.60) starts as
-    usual."""
+def _lean_head() -> Iterator[None]:
+    """A head node started meanwhile runs neither Ray's API server nor its autoscaler monitor.
+    The head starts an API server even with ``include_dashboard=False`` (a dashboard process
+    loading only the usage-stats module) and ``ray.init`` waits until it is up (0.7 s); the
+    monitor ignores SIGTERM long enough that ``ray.shutdown`` waits 1 s before killing it. The
+    embedded cluster is one fixed node serving this process alone, which uses no dashboard, job
+    submission or autoscaling. A Ray without these hooks (``Node.start_api_server``,
+    ``Node.start_monitor``: Ray 2.40-2.60) starts as usual."""
     try:
         from ray._private.node import Node
     except ImportError:
         Node = None
-    start = getattr(Node, "start_api_server", None)
-    if start is None:
-        yield
-        return
-    Node.start_api_server = lambda self, **kwargs: None
+    saved = {name: getattr(Node, name) for name in ("start_api_server", "start_monitor")
+             if hasattr(Node, name)}
+    for name in saved:
+        setattr(Node, name, lambda self, **kwargs: None)
     try:
         yield
     finally:
-        Node.start_api_server = start
+        for name, start in saved.items():
+            setattr(Node, name, start)
 
 
 _INHERITED: list[dict[str, str] | None] = [None]  # storage_env() when this process started Ray
@@ -293,7 +294,7 @@ class _RayExecutor:
                 ray.init(address=self.runtime.address, log_to_driver=True)
             else:
                 # embedded: this machine only, bound to loopback, no dashboard
-                with _without_api_server():
+                with _lean_head():
                     ray.init(num_cpus=self.runtime.num_workers or os.cpu_count(),
                              include_dashboard=False, _node_ip_address="127.0.0.1",
                              log_to_driver=True)

@@ -1,6 +1,6 @@
 """The embedded Ray of `raymerge run` listens on 127.0.0.1 only: every listening TCP socket of
 the command's process tree (driver, GCS, raylet, agents, workers) is watched while it runs; it
-starts no dashboard / API server process."""
+starts no dashboard / API server or autoscaler monitor process."""
 
 from __future__ import annotations
 
@@ -96,15 +96,16 @@ def test_embedded_ray_listens_on_loopback_only(llama_family, tmp_path):
     assert len(seen) >= 3  # GCS, raylet, agents: the watch did see Ray's services
     assert all(_is_loopback(a) for a in seen.values()), sorted(map(str, seen.values()))
     assert any("raylet" in c for c in commands)  # the watch did see Ray's processes
-    assert not [c for c in commands if "dashboard/dashboard.py" in c]  # no API server
+    assert not [c for c in commands if "dashboard/dashboard.py" in c
+                or "autoscaler/_private/monitor.py" in c]
 
 
-def test_the_api_server_is_skipped_only_inside_the_embedded_start():
+def test_services_are_skipped_only_inside_the_embedded_start():
     from ray._private.node import Node
 
-    from orchestrator.schedule import _without_api_server
+    from orchestrator.schedule import _lean_head
 
-    start = Node.start_api_server
-    with _without_api_server():
-        assert Node.start_api_server is not start
-    assert Node.start_api_server is start
+    starts = Node.start_api_server, Node.start_monitor
+    with _lean_head():
+        assert Node.start_api_server is not starts[0] and Node.start_monitor is not starts[1]
+    assert (Node.start_api_server, Node.start_monitor) == starts
