@@ -18,7 +18,12 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from tests.integration.test_loopback import _is_loopback, _listen_addresses, _tree_socket_inodes
+from tests.integration.test_loopback import (
+    _is_loopback,
+    _listen_addresses,
+    _socket_inodes,
+    _tree_pids,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +134,7 @@ def test_submitted_job_succeeds_and_its_output_verifies(ray_head, llama_family, 
     listening = _listen_addresses()
     inodes = set()
     for pid in _session_pids(temp):
-        inodes |= _tree_socket_inodes(pid)
+        inodes |= _socket_inodes(_tree_pids(pid))
     addresses = {listening[i] for i in inodes if i in listening}
     assert addresses and all(_is_loopback(a) for a in addresses), addresses
 
