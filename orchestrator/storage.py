@@ -128,25 +128,32 @@ class LocalStore:
         self.readinto(name, start, memoryview(buf))
         return bytes(buf)
 
-    def readinto(self, name: str, offset: int, buffer: memoryview) -> None:
-        path = self.path(name)
+    @contextmanager
+    def _pinned_fd(self, name: str) -> Iterator[int]:
+        """``name`` opened for reading, its pin checked; closed on exit."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(self.path(name), os.O_RDONLY)
         except OSError as e:
-            raise StorageError(f"{path}: cannot open ({e.strerror})") from None
+            raise StorageError(f"{self.path(name)}: cannot open ({e.strerror})") from None
         try:
             self._check_pin(name, fd)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _short(self, name: str, want: int, offset: int, got: int) -> StorageError:
+        return StorageError(f"{self.path(name)}: expected {want} bytes at offset {offset} but the "
+                            f"file ends after {got} (was it truncated or replaced during the "
+                            "merge?)")
+
+    def readinto(self, name: str, offset: int, buffer: memoryview) -> None:
+        with self._pinned_fd(name) as fd:
             done, want = 0, len(buffer)
             while done < want:
                 n = os.preadv(fd, [buffer[done:]], offset + done)
                 if n == 0:
-                    raise StorageError(
-                        f"{path}: expected {want} bytes at offset {offset} but the file ends "
-                        f"after {done} (was it truncated or replaced during the merge?)"
-                    )
+                    raise self._short(name, want, offset, done)
                 done += n
-        finally:
-            os.close(fd)
 
     def map_range(self, name: str, offset: int, nbytes: int) -> np.ndarray:
         """Bytes ``[offset, offset + nbytes)`` of ``name`` as a uint8 array without a copy: a
@@ -155,24 +162,13 @@ class LocalStore:
         checks. The mapping goes when the last view of it does."""
         if nbytes == 0:
             return np.empty(0, dtype=np.uint8)
-        path = self.path(name)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise StorageError(f"{path}: cannot open ({e.strerror})") from None
-        try:
-            self._check_pin(name, fd)
+        with self._pinned_fd(name) as fd:
             size = os.fstat(fd).st_size
             if offset + nbytes > size:
-                raise StorageError(
-                    f"{path}: expected {nbytes} bytes at offset {offset} but the file ends "
-                    f"after {max(0, size - offset)} (was it truncated or replaced during the "
-                    "merge?)")
+                raise self._short(name, nbytes, offset, max(0, size - offset))
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
             mapped = mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_PRIVATE,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        finally:
-            os.close(fd)
         return np.frombuffer(mapped, dtype=np.uint8, count=nbytes, offset=offset - start)
 
     def read_bytes(self, name: str) -> bytes:
