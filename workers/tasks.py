@@ -198,10 +198,13 @@ HOLD_BYTES = 256 << 20  # a tensor whose inputs fit is read once for all of its 
 def _held(item: Any, ctx: TaskContext) -> list[tuple[int, Any]] | None:
     """The item's inputs as one window when they take at most HOLD_BYTES, for methods that
     pass over a tensor more than once (its statistics, then the merge) to read it once; None
-    for larger tensors (read again each pass) and vocabulary items."""
-    if item.rows or sum(r.info.nbytes for r in _refs(item)) > HOLD_BYTES:
+    for larger tensors (read again each pass) and vocabulary items. One window of whole
+    chunks covering the tensor: several would share the read buffer, each read over the last."""
+    refs = _refs(item)
+    if item.rows or sum(r.info.nbytes for r in refs) > HOLD_BYTES:
         return None
-    return list(_windows(item, ctx, HOLD_BYTES))
+    chunks = -(-refs[0].info.numel // CHUNK)
+    return list(_windows(item, ctx, chunks * CHUNK * sum(itemsize(r.info.dtype) for r in refs)))
 
 
 _BUFFER = [torch.empty(0, dtype=torch.uint8)]  # read windows, reused: fresh pages cost more

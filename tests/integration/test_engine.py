@@ -273,33 +273,41 @@ def test_mapped_and_read_inputs_give_the_same_bytes(case, llama_family, tmp_path
 
 
 def chunked_cases():
-    """Elementwise cases; those with per-tensor statistics passes twice: their tensors held
-    in memory between the passes (each fits) and read again each pass (nothing fits)."""
+    """Elementwise cases; those with per-tensor statistics passes also with their tensors
+    read again each pass (nothing fits HOLD_BYTES) and held as read into the buffer, as from
+    object storage, where HOLD_BYTES (4096) is a tensor's size but not a whole number of the
+    48-element chunks (the q and o projections: 256 entries x 4 float32 inputs)."""
     for c in CASES:
         spec = METHODS[method_of(c)]
         p = params(spec.params, 1, **CASES[c][0])
         if spec.is_elementwise(p):
-            yield pytest.param(c, None, id=c)
+            yield pytest.param(c, "held", id=c)
             if spec.tensor_stats_for(p) is not None:
-                yield pytest.param(c, 0, id=f"{c}-reread")
+                yield pytest.param(c, "reread", id=f"{c}-reread")
+                yield pytest.param(c, "held-read", id=f"{c}-held-read")
 
 
-@pytest.mark.parametrize("case, hold", chunked_cases())
-def test_chunked_tensors_equal_whole_tensor_reference(case, hold, llama_family, tmp_path,
+@pytest.mark.parametrize("case, variant", chunked_cases())
+def test_chunked_tensors_equal_whole_tensor_reference(case, variant, llama_family, tmp_path,
                                                       monkeypatch):
     """Elementwise methods run on chunks of a tensor, read a window of chunks at a time: with
     chunks of 64 elements (most tensors span many chunks and windows) the result equals the
     whole-tensor reference, and DARE's masks follow their (tensor, chunk) keys."""
     import workers.tasks
+    from orchestrator.storage import LocalStore
 
-    monkeypatch.setattr(workers.tasks, "CHUNK", 64)
-    monkeypatch.setattr(workers.tasks, "READ_WINDOW", 64 * 4 * 3 * 4)
-    if hold is not None:
-        monkeypatch.setattr(workers.tasks, "HOLD_BYTES", hold)
+    chunk = 48 if variant == "held-read" else 64
+    monkeypatch.setattr(workers.tasks, "CHUNK", chunk)
+    monkeypatch.setattr(workers.tasks, "READ_WINDOW", chunk * 4 * 3 * 4)
+    if variant == "reread":
+        monkeypatch.setattr(workers.tasks, "HOLD_BYTES", 0)
+    if variant == "held-read":
+        monkeypatch.setattr(workers.tasks, "HOLD_BYTES", 4096)
+        monkeypatch.delattr(LocalStore, "map_range")
     out = tmp_path / "out"
     cfg, doc = write_job(tmp_path, llama_family, case, out, executor="local")
     assert main(["run", cfg, "--quiet"]) == 0
-    got, want = load_state(str(out)), chunked_reference(doc, llama_family, 64)
+    got, want = load_state(str(out)), chunked_reference(doc, llama_family, chunk)
     for name, tensor in want.items():
         if doc["merge"]["params"].get("rescale") == "l1":  # float64 sums in another order
             torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-7)
