@@ -185,14 +185,11 @@ def read_elements(store: RangeReader, path: str, info: TensorInfo, start: int, s
 
 
 def map_elements(store: Any, path: str, info: TensorInfo, start: int,
-                 stop: int) -> torch.Tensor | None:
-    """Elements ``[start, stop)`` of one tensor without a copy, where ``store`` can map its
-    files (``map_range``: local files); else None (read them instead)."""
-    map_range = getattr(store, "map_range", None)
-    if map_range is None:
-        return None
+                 stop: int) -> torch.Tensor:
+    """Elements ``[start, stop)`` of one tensor without a copy, from a ``store`` that maps its
+    files (``map_range``: local files)."""
     size = itemsize(info.dtype)
-    raw = map_range(path, info.start + start * size, (stop - start) * size)
+    raw = store.map_range(path, info.start + start * size, (stop - start) * size)
     return torch.from_numpy(raw).view(DTYPES[info.dtype])
 
 
