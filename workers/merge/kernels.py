@@ -296,17 +296,20 @@ def sfc64_states(rng: Sequence[np.random.SFC64]) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _sfc64_step(a, b, c, w):  # pragma: no cover (compiled)
+    """One step of numpy's SFC64 from state (a, b, c, counter w): (output, next state)."""
+    out = a + b + w
+    return (out, b ^ (b >> np.uint64(11)), c + (c << np.uint64(3)),
+            ((c << np.uint64(24)) | (c >> np.uint64(40))) + out, w + np.uint64(1))
+
+
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _sfc64(state, raw, count):  # pragma: no cover (compiled)
     """The next ``count`` outputs of numpy's SFC64 generator from ``state``, into ``raw``
     (its 16-bit halves, little-endian, are ``random_raw(...).view(np.uint16)``)."""
     a, b, c, w = state[0], state[1], state[2], state[3]
     for s in range(count):
-        tmp = a + b + w
-        w += np.uint64(1)
-        a = b ^ (b >> np.uint64(11))
-        b = c + (c << np.uint64(3))
-        c = ((c << np.uint64(24)) | (c >> np.uint64(40))) + tmp
-        raw[s] = tmp
+        raw[s], a, b, c, w = _sfc64_step(a, b, c, w)
     state[0], state[1], state[2], state[3] = a, b, c, w
 
 
@@ -328,15 +331,9 @@ def _sfc64_pair(s0, s1, raw0, raw1, count):  # pragma: no cover (compiled)
     """``_sfc64`` of two generators, interleaved."""
     a0, b0, c0, w0 = s0[0], s0[1], s0[2], s0[3]
     a1, b1, c1, w1 = s1[0], s1[1], s1[2], s1[3]
-    one, r11, l3, l24, r40 = np.uint64(1), np.uint64(11), np.uint64(3), np.uint64(24), \
-        np.uint64(40)
     for s in range(count):
-        t0, t1 = a0 + b0 + w0, a1 + b1 + w1
-        w0, w1 = w0 + one, w1 + one
-        a0, a1 = b0 ^ (b0 >> r11), b1 ^ (b1 >> r11)
-        b0, b1 = c0 + (c0 << l3), c1 + (c1 << l3)
-        c0, c1 = ((c0 << l24) | (c0 >> r40)) + t0, ((c1 << l24) | (c1 >> r40)) + t1
-        raw0[s], raw1[s] = t0, t1
+        raw0[s], a0, b0, c0, w0 = _sfc64_step(a0, b0, c0, w0)
+        raw1[s], a1, b1, c1, w1 = _sfc64_step(a1, b1, c1, w1)
     s0[0], s0[1], s0[2], s0[3] = a0, b0, c0, w0
     s1[0], s1[1], s1[2], s1[3] = a1, b1, c1, w1
 
