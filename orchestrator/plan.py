@@ -323,7 +323,7 @@ def resolve_params(spec: MethodSpec, cfg: JobConfig, place: Placement,
     return spec.params(**resolved)
 
 
-def _window(spec: Any, item: WorkItem) -> int:
+def _window(spec: MethodSpec, item: WorkItem) -> int:
     """Input bytes a worker holds at once for a chunked item (a read window, or the whole
     tensor up to HOLD_BYTES for methods that pass over it twice); 0 for whole-tensor items."""
     if item.method is None:
