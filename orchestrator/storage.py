@@ -10,6 +10,7 @@ with a clear message instead of being mistaken for local paths.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -65,6 +66,85 @@ class Store(Protocol):
     def create_exclusive(self, name: str, data: bytes) -> str | None: ...
     def read_versioned(self, name: str) -> tuple[bytes, str] | None: ...
     def replace_if(self, name: str, data: bytes, token: str) -> str | None: ...
+
+
+_ALIGN = 4096  # O_DIRECT's alignment of memory, offsets and lengths (a page covers any disk's)
+_STAGE = 8 << 20  # bytes a direct writer gathers before each write
+
+
+def _open_new(path: str) -> BinaryIO:
+    """``path`` created for writing, past the page cache (``O_DIRECT``) where the filesystem
+    allows it, else an ordinary buffered file (tmpfs, other systems)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return _DirectFile(os.open(path, flags | os.O_DIRECT, 0o644))
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return open(path, "wb")
+
+
+class _DirectFile:
+    """A new file written with ``O_DIRECT``: bytes gather in a page-aligned staging buffer that
+    is written whole, straight to the disk; ``flush`` writes the last partial block padded to
+    the alignment, truncates the padding away and keeps that block staged, so writing may go on.
+
+    Output shards are written once and not read back by the merge, so keeping them out of the
+    page cache costs nothing, and saves filling a new page-cache page per 4 KiB (on the
+    benchmark VM 1 GB of buffered writes takes 2.0 CPU-s (0.45 GB/s); direct, 0.6 s of disk)."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._stage = mmap.mmap(-1, _STAGE)
+        self._view = memoryview(self._stage)
+        self._used = 0  # staged bytes
+        self._offset = 0  # where the staged bytes go (a multiple of _ALIGN)
+
+    def write(self, data: bytes | memoryview) -> int:
+        src = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(src):
+            take = min(len(src) - pos, _STAGE - self._used)
+            self._view[self._used:self._used + take] = src[pos:pos + take]
+            self._used += take
+            pos += take
+            if self._used == _STAGE:
+                self._write_staged(_STAGE)
+                self._offset += _STAGE
+                self._used = 0
+        return len(src)
+
+    def _write_staged(self, length: int) -> None:
+        done = 0
+        while done < length:
+            done += os.pwrite(self._fd, self._view[done:length], self._offset + done)
+
+    def flush(self) -> None:
+        if not self._used:
+            return
+        self._write_staged(-(-self._used // _ALIGN) * _ALIGN)
+        os.ftruncate(self._fd, self._offset + self._used)
+        whole = self._used // _ALIGN * _ALIGN
+        self._view[:self._used - whole] = self._view[whole:self._used]
+        self._offset += whole
+        self._used -= whole
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            self._view.release()
+            self._stage.close()
+            os.close(fd)
+
+    def __enter__(self) -> "_DirectFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -192,7 +272,7 @@ class LocalStore:
         os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = f"{final}.{os.getpid()}{TMP_SUFFIX}"
         try:
-            with open(tmp, "wb") as f:
+            with _open_new(tmp) as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())

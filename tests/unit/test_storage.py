@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from orchestrator.errors import StorageError
@@ -22,6 +24,63 @@ def test_atomic_writer_leaves_nothing_on_error(tmp_path):
             raise RuntimeError("boom")
     assert store.read_bytes("f.bin") == b"old"
     assert store.list_files() == ["f.bin"]
+
+
+def test_direct_writes_keep_every_byte(tmp_path, monkeypatch):
+    """Written past the page cache where the filesystem allows it: whatever the sizes of the
+    writes (empty, unaligned, larger than the staging buffer) and wherever ``flush`` falls
+    (the last block goes out padded, then is rewritten as writing goes on), the file holds
+    exactly the bytes written."""
+    import fcntl
+    import random
+
+    from orchestrator import storage
+
+    monkeypatch.setattr(storage, "_STAGE", 3 * storage._ALIGN)  # many whole-buffer writes
+    store = LocalStore(str(tmp_path))
+    rng = random.Random(0)
+    sizes = [0, 1, 7, storage._ALIGN, storage._ALIGN + 5, 3 * storage._ALIGN,
+             7 * storage._ALIGN + 3]
+    for trial in range(30):
+        pieces = [rng.randbytes(rng.choice(sizes)) for _ in range(rng.randint(0, 6))]
+        with store.open_writer("a.bin") as f:
+            if hasattr(os, "O_DIRECT"):
+                assert fcntl.fcntl(f.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+            for piece in pieces:
+                assert f.write(memoryview(piece)) == len(piece)
+                if rng.random() < 0.3:
+                    f.flush()
+        assert (tmp_path / "a.bin").read_bytes() == b"".join(pieces), trial
+    assert store.list_files() == ["a.bin"]
+
+
+def test_writes_fall_back_to_the_page_cache(tmp_path, monkeypatch):
+    """A filesystem that refuses O_DIRECT (EINVAL) gets ordinary buffered writes; any other
+    error opening the file is the caller's."""
+    import errno
+
+    from orchestrator import storage
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this system: every write is buffered")
+    real_open = os.open
+
+    def refusing(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing)
+    store = LocalStore(str(tmp_path))
+    with store.open_writer("a.bin") as f:
+        assert not isinstance(f, storage._DirectFile)
+        f.write(b"buffered")
+    assert store.read_bytes("a.bin") == b"buffered"
+    monkeypatch.setattr(os, "open", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.EACCES, "Permission denied")))
+    with pytest.raises(PermissionError):
+        with store.open_writer("b.bin"):
+            pass
 
 
 def test_short_read_is_reported(tmp_path):
