@@ -143,9 +143,12 @@ class Plan:
         return sum(len(u.items) for u in self.units)
 
     def digest(self) -> str:
-        """sha256 of everything that determines the output bytes (not of worker counts)."""
-        doc = json.dumps(_plain(self), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(doc.encode()).hexdigest()
+        """sha256 of everything that determines the output bytes (not of worker counts);
+        computed once (the plan is frozen; the progress record asks after every shard)."""
+        if "_digest" not in self.__dict__:
+            doc = json.dumps(_plain(self), sort_keys=True, separators=(",", ":"))
+            object.__setattr__(self, "_digest", hashlib.sha256(doc.encode()).hexdigest())
+        return self.__dict__["_digest"]
 
 
 def _plain(value: Any) -> Any:
