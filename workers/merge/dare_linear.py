@@ -9,7 +9,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from workers.merge import kernels
 from workers.merge.registry import merge_method, param, per_model
 from workers.merge.task_vectors import cast_inputs, combine, task_vectors
 
@@ -53,6 +52,8 @@ def fused_plan(p: DareParams, rng: Sequence[np.random.SFC64],
                l1_factors: list[float] | None = None) -> tuple[np.ndarray, ...]:
     """``kernels.dare_plan`` of ``drop_and_rescale``: the same draws, cuts and rescaling
     (L1 factors 1 until given)."""
+    from workers.merge import kernels
+
     modes, factors = zip(*_rescaling(p, l1_factors or [1.0] * len(p.density)))
     return kernels.dare_plan(kernels.sfc64_states(rng), np.array([_cut(d) for d in p.density]),
                              np.array(modes), np.array(factors))
@@ -81,6 +82,8 @@ class L1Rescale:
                 base: torch.Tensor, state: Any, rng: Sequence[np.random.BitGenerator],
                 dtype: torch.dtype | None = None) -> torch.Tensor:
         """Inputs as stored with ``dtype`` (the compute dtype), else already cast."""
+        from workers.merge import kernels
+
         fused = kernels.fused_inputs(tensors, base, dtype or base.dtype)
         if fused:  # the fused sums add by halving blocks, torch's in its own order
             return kernels.dare_l1(fused, fused_plan(p, rng))

@@ -7,7 +7,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from workers.merge import kernels
 from workers.merge.dare_linear import DareParams, L1Rescale, drop_and_rescale, fused_plan
 from workers.merge.registry import merge_method
 from workers.merge.task_vectors import cast_inputs, combine
@@ -25,6 +24,8 @@ def dare_ties(tensors: Sequence[torch.Tensor], p: DareParams, *, base: torch.Ten
     With ``dtype`` the inputs come as stored: float32 arithmetic on bfloat16 or float32 inputs
     runs as one fused loop (``kernels.dare_ties_merge``), anything else is cast first.
     """
+    from workers.merge import kernels
+
     fused = kernels.fused_inputs(tensors, base, dtype or base.dtype)
     if fused:
         plan = fused_plan(p, rng, tensor_stats)

@@ -7,7 +7,6 @@ from typing import Sequence
 
 import torch
 
-from workers.merge import kernels
 from workers.merge.registry import merge_method, param, per_model
 from workers.merge.task_vectors import cast_inputs
 
@@ -28,6 +27,8 @@ def linear(tensors: Sequence[torch.Tensor], p: LinearParams, *,
     multiply-add, as mergekit's ``addcmul_`` does. With ``dtype`` the inputs come as stored:
     float32 arithmetic on bfloat16 or float32 inputs is one loop (``kernels.weighted_sum``).
     """
+    from workers.merge import kernels
+
     weights = torch.tensor(list(p.weight), dtype=dtype or tensors[0].dtype)
     divisor = weights.sum() if p.normalize else None
     fused = kernels.fused_inputs(tensors, None, dtype or tensors[0].dtype)

@@ -7,7 +7,6 @@ from typing import Sequence
 
 import torch
 
-from workers.merge import kernels
 from workers.merge.registry import merge_method, param, per_model
 from workers.merge.task_vectors import cast_inputs, combine, task_vectors, weight_sum
 
@@ -30,6 +29,8 @@ def task_arithmetic(tensors: Sequence[torch.Tensor], p: TaskArithmeticParams, *,
     come as stored: float32 arithmetic on bfloat16 or float32 inputs is one loop
     (``kernels.weighted_sum``, the same bits as the torch steps for up to 16 models).
     """
+    from workers.merge import kernels
+
     fused = kernels.fused_inputs(tensors, base, dtype or base.dtype)
     if fused:
         divisor = float(weight_sum(p.weight, torch.float32)) if p.normalize else None

@@ -11,7 +11,6 @@ from typing import Sequence
 
 import torch
 
-from workers.merge import kernels
 
 
 def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
@@ -46,6 +45,8 @@ def combine(
     the positive sign. ``deltas`` may be modified in place. Float32 and float64 take the fused loop
     of ``kernels.sign_merge`` (the same bits, one pass instead of about ten).
     """
+    from workers.merge import kernels
+
     unit = all(x == 1 for x in weights)  # x * 1 == x: skip the multiplications
     if sign_consensus and kernels.fused(deltas):
         return kernels.sign_merge(deltas, list(weights), base, unit=unit, normalize=normalize,

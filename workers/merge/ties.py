@@ -7,7 +7,7 @@ from typing import Any, Hashable, Sequence
 
 import torch
 
-from workers.merge import kernels, quantile
+from workers.merge import quantile
 from workers.merge.registry import merge_method, param, per_model, single_pass_stats
 from workers.merge.task_vectors import (
     as_float,
@@ -51,6 +51,8 @@ class GlobalTrim:
                 base: torch.Tensor, state: Any, rng: Any = None,
                 dtype: torch.dtype | None = None) -> torch.Tensor:
         """Inputs as stored with ``dtype`` (the compute dtype), else already cast."""
+        from workers.merge import kernels
+
         high = None if pass_index == 0 else [s[0] if isinstance(s, tuple) else -1 for s in state]
         fused = pass_index < 2 and kernels.fused_inputs(tensors, base, dtype or base.dtype)
         if fused:
@@ -122,6 +124,8 @@ def _threshold(hist: torch.Tensor, located: str | tuple[int, int]) -> list | Non
 
 def _keep_quota(delta: torch.Tensor, state: list | None) -> None:
     """Zero ``delta`` (a chunk) below the threshold, and past the quota of tied entries."""
+    from workers.merge import kernels
+
     if state is None:
         delta.zero_()
         return
@@ -162,6 +166,8 @@ def ties(tensors: Sequence[torch.Tensor], p: TiesParams, *, base: torch.Tensor,
     With ``dtype`` the inputs come as stored: float32 arithmetic on bfloat16 or float32 inputs
     runs as one fused loop (``kernels.ties_merge``), anything else is cast first.
     """
+    from workers.merge import kernels
+
     if p.trim_scope == "tensor" and not _sorted_trim(p) and tensor_stats is None:
         whole, whole_base = cast_inputs(tensors, base, dtype)  # a whole tensor, outside the engine
         tensor_stats = single_pass_stats(TensorTrim(), whole, p, whole_base)
