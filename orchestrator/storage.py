@@ -74,13 +74,19 @@ _STAGE = 8 << 20  # bytes a direct writer gathers before each write
 
 def _open_new(path: str) -> BinaryIO:
     """``path`` created for writing, past the page cache (``O_DIRECT``) where the filesystem
-    allows it, else an ordinary buffered file (tmpfs, other systems)."""
+    allows it, else an ordinary buffered file (filesystems without direct I/O, other systems)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
     if hasattr(os, "O_DIRECT"):
         try:
-            return _DirectFile(os.open(path, flags | os.O_DIRECT, 0o644))
+            fd = os.open(path, flags | os.O_DIRECT, 0o644)
         except OSError as e:
             if e.errno != errno.EINVAL:
+                raise
+        else:
+            try:
+                return _DirectFile(fd)
+            except BaseException:
+                os.close(fd)
                 raise
     return open(path, "wb")
 
