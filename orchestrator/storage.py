@@ -15,6 +15,7 @@ import hashlib
 import mmap
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -92,9 +93,11 @@ def _open_new(path: str) -> BinaryIO:
 
 
 class _DirectFile:
-    """A new file written with ``O_DIRECT``: bytes gather in a page-aligned staging buffer that
-    is written whole, straight to the disk; ``flush`` writes the last partial block padded to
-    the alignment, truncates the padding away and keeps that block staged, so writing may go on.
+    """A new file written with ``O_DIRECT``: bytes gather in one of two page-aligned staging
+    buffers; a full one goes to the disk from a writing thread while the other fills, so the
+    disk works while the caller computes (a direct write returns only when the disk has the
+    bytes). ``flush`` writes the last partial block padded to the alignment, truncates the
+    padding away and keeps that block staged, so writing may go on; ``close`` does not flush.
 
     Output shards are written once and not read back by the merge, so keeping them out of the
     page cache costs nothing, and saves filling a new page-cache page per 4 KiB (on the
@@ -102,37 +105,53 @@ class _DirectFile:
 
     def __init__(self, fd: int):
         self._fd = fd
-        self._stage = mmap.mmap(-1, _STAGE)
-        self._view = memoryview(self._stage)
-        self._used = 0  # staged bytes
-        self._offset = 0  # where the staged bytes go (a multiple of _ALIGN)
+        self._stages = [mmap.mmap(-1, _STAGE), mmap.mmap(-1, _STAGE)]
+        self._views = [memoryview(stage) for stage in self._stages]
+        self._current = 0  # the stage being filled
+        self._used = 0  # its bytes
+        self._offset = 0  # where they go (a multiple of _ALIGN)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="raymerge-direct-write")
+        self._pending: Future | None = None  # the other stage, being written
 
     def write(self, data: bytes | memoryview) -> int:
         src = memoryview(data).cast("B")
         pos = 0
         while pos < len(src):
             take = min(len(src) - pos, _STAGE - self._used)
-            self._view[self._used:self._used + take] = src[pos:pos + take]
+            self._views[self._current][self._used:self._used + take] = src[pos:pos + take]
             self._used += take
             pos += take
             if self._used == _STAGE:
-                self._write_staged(_STAGE)
+                self._wait()
+                self._pending = self._writer.submit(self._write_at, self._views[self._current],
+                                                    _STAGE, self._offset)
+                self._current ^= 1
                 self._offset += _STAGE
                 self._used = 0
         return len(src)
 
-    def _write_staged(self, length: int) -> None:
+    def _write_at(self, view: memoryview, length: int, offset: int) -> None:
         done = 0
         while done < length:
-            done += os.pwrite(self._fd, self._view[done:length], self._offset + done)
+            # a slice released even when the write fails (the error's traceback keeps it)
+            with view[done:length] as part:
+                done += os.pwrite(self._fd, part, offset + done)
+
+    def _wait(self) -> None:
+        """Until the stage being written is on disk; its error, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def flush(self) -> None:
+        self._wait()
         if not self._used:
             return
-        self._write_staged(-(-self._used // _ALIGN) * _ALIGN)
+        view = self._views[self._current]
+        self._write_at(view, -(-self._used // _ALIGN) * _ALIGN, self._offset)
         os.ftruncate(self._fd, self._offset + self._used)
         whole = self._used // _ALIGN * _ALIGN
-        self._view[:self._used - whole] = self._view[whole:self._used]
+        view[:self._used - whole] = view[whole:self._used]
         self._offset += whole
         self._used -= whole
 
@@ -141,9 +160,11 @@ class _DirectFile:
 
     def close(self) -> None:
         if self._fd >= 0:
+            self._writer.shutdown(wait=True)  # a write in flight still uses the buffers
             fd, self._fd = self._fd, -1
-            self._view.release()
-            self._stage.close()
+            for view, stage in zip(self._views, self._stages):
+                view.release()
+                stage.close()
             os.close(fd)
 
     def __enter__(self) -> "_DirectFile":

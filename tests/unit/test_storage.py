@@ -54,6 +54,33 @@ def test_direct_writes_keep_every_byte(tmp_path, monkeypatch):
     assert store.list_files() == ["a.bin"]
 
 
+def test_a_failed_direct_write_is_raised_and_leaves_nothing(tmp_path, monkeypatch):
+    """A disk error in the writing thread (here: the disk fills up on the third whole-buffer
+    write) reaches the writer, and the half-written file is removed."""
+    import errno
+
+    from orchestrator import storage
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this system: every write is buffered")
+    monkeypatch.setattr(storage, "_STAGE", storage._ALIGN)
+    real_pwrite, calls = os.pwrite, []
+
+    def filling(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", filling)
+    store = LocalStore(str(tmp_path))
+    with pytest.raises(OSError, match="No space left"):
+        with store.open_writer("a.bin") as f:
+            for _ in range(10):
+                f.write(bytes(storage._ALIGN))
+    assert store.list_files() == [] and os.listdir(tmp_path) == []
+
+
 def test_writes_fall_back_to_the_page_cache(tmp_path, monkeypatch):
     """A filesystem that refuses O_DIRECT (EINVAL) gets ordinary buffered writes; any other
     error opening the file is the caller's."""
