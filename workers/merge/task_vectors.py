@@ -12,7 +12,6 @@ from typing import Sequence
 import torch
 
 
-
 def task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """Stacked deltas ``[K, *shape]`` of each model from the base."""
     out = base.new_empty((len(tensors), *base.shape))
