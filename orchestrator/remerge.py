@@ -37,6 +37,7 @@ import yaml
 
 from orchestrator import cron
 from orchestrator.errors import ConfigError, MergeError, StorageError
+from orchestrator.schedule import HeldRay
 from orchestrator.storage import Store, open_store
 
 LOCK, LATEST = "lock", "latest"
@@ -328,14 +329,18 @@ def _step_doc(doc: dict, sources: list[dict], method_params: dict, output: str) 
     return step
 
 
-def _run(doc: dict, quiet: bool) -> Any:
-    from orchestrator.job import run_job
+def _run(doc: dict, quiet: bool, session: HeldRay | None) -> Any:
+    from orchestrator.job import resolve_config, run_job
 
+    cfg = resolve_config(doc)
+    if session is not None:
+        session.hold(cfg.runtime)
     # an unpublished version may hold a finished merge of another plan from a dead tick
-    return run_job(doc, force=True, quiet=quiet)
+    return run_job(cfg, force=True, quiet=quiet)
 
 
-def _continual(doc: dict, out: Store, previous: dict, version: int, quiet: bool) -> Any:
+def _continual(doc: dict, out: Store, previous: dict, version: int, quiet: bool,
+               session: HeldRay | None) -> Any:
     """Merge the one new model (the job's last source) into the previous version."""
     method = doc["merge"]["method"]
     params = dict(doc["merge"].get("params", {}))
@@ -349,11 +354,13 @@ def _continual(doc: dict, out: Store, previous: dict, version: int, quiet: bool)
     else:  # task_arithmetic: θ_prev + λ τ_new
         prev["params"], new["params"] = {"weight": 1.0}, {"weight": params.get("scale", 1.0)}
         params["scale"] = 1.0
-    return _run(_step_doc(doc, [prev, new], params, f"{out.uri}/v{version}"), quiet)
+    return _run(_step_doc(doc, [prev, new], params, f"{out.uri}/v{version}"), quiet, session)
 
 
-def tick(schedule: Schedule, lock_ttl: float, *, quiet: bool = False) -> TickResult:
-    """One tick of one schedule: lock, compare, merge if needed, publish, unlock."""
+def tick(schedule: Schedule, lock_ttl: float, *, quiet: bool = False,
+         session: HeldRay | None = None) -> TickResult:
+    """One tick of one schedule: lock, compare, merge if needed, publish, unlock. With ``session``,
+    the merge runs on the Ray it holds (started for it if needed), which outlives the tick."""
     out = open_store(schedule.output)
     out.check_writable()
     lock = Lock(out, lock_ttl)
@@ -363,12 +370,13 @@ def tick(schedule: Schedule, lock_ttl: float, *, quiet: bool = False) -> TickRes
         return TickResult(schedule.name, "busy", None, f"locked by {holder}")
     try:
         with lock.kept_alive():
-            return _locked_tick(schedule, out, lock, quiet)
+            return _locked_tick(schedule, out, lock, quiet, session)
     finally:
         lock.release()
 
 
-def _locked_tick(schedule: Schedule, out: Store, lock: Lock, quiet: bool) -> TickResult:
+def _locked_tick(schedule: Schedule, out: Store, lock: Lock, quiet: bool,
+                 session: HeldRay | None) -> TickResult:
     latest = read_latest(out)
     last = json.loads(out.read_bytes(latest["run"])) if latest else None
     now = _pin(schedule)
@@ -386,10 +394,10 @@ def _locked_tick(schedule: Schedule, out: Store, lock: Lock, quiet: bool) -> Tic
     start = time.monotonic()
     try:
         if action == "continual":
-            result = _continual(now.doc, out, last, version, quiet)
+            result = _continual(now.doc, out, last, version, quiet, session)
         else:  # an OPCM job runs as one step per model, in source order
             result = _run(_step_doc(now.doc, now.doc["sources"], now.doc["merge"].get(
-                "params", {}), f"{out.uri}/v{version}"), quiet)
+                "params", {}), f"{out.uri}/v{version}"), quiet, session)
         if result.kept_shards:
             _log(f"[{schedule.name}] v{version}: kept {result.kept_shards} intact shards of an "
                  "interrupted tick")
@@ -438,19 +446,21 @@ def run_schedules(file: ScheduleFile, *, once: bool = False, only: str | None = 
     if not chosen:
         raise ConfigError(f"{file.path}: no schedule named {only!r}; have "
                           f"{', '.join(s.name for s in file.schedules)}")
-    if once:
-        return [tick(s, file.lock_ttl, quiet=quiet) for s in chosen]
-    _log(f"scheduling {', '.join(s.name for s in chosen)} (Ctrl-C stops)")
-    last_fired: dict[str, Any] = {}
-    while True:
-        now = datetime.datetime.now(datetime.timezone.utc).replace(second=0, microsecond=0)
-        for s in chosen:
-            if due(s, now, last_fired, file.poll_interval, time.monotonic()):
-                try:
-                    tick(s, file.lock_ttl, quiet=quiet)
-                except Exception as e:  # noqa: BLE001 - one failed tick must not stop the rest
-                    _log(f"[{s.name}] tick failed: {type(e).__name__}: {e}")
-        time.sleep(max(1.0, 60 - time.time() % 60))
+    with HeldRay() as session:  # one Ray for every tick: warm workers, no start-up per merge
+        if once:
+            return [tick(s, file.lock_ttl, quiet=quiet, session=session) for s in chosen]
+        _log(f"scheduling {', '.join(s.name for s in chosen)} (Ctrl-C stops)")
+        last_fired: dict[str, Any] = {}
+        while True:
+            now = datetime.datetime.now(datetime.timezone.utc).replace(second=0, microsecond=0)
+            for s in chosen:
+                if due(s, now, last_fired, file.poll_interval, time.monotonic()):
+                    try:
+                        tick(s, file.lock_ttl, quiet=quiet, session=session)
+                    except Exception as e:  # noqa: BLE001 - a failed tick must not stop the rest
+                        session.release()  # the next tick starts a fresh Ray, in case it was Ray's
+                        _log(f"[{s.name}] tick failed: {type(e).__name__}: {e}")
+            time.sleep(max(1.0, 60 - time.time() % 60))
 
 
 def history(output: str) -> Iterator[str]:

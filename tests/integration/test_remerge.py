@@ -270,6 +270,60 @@ def test_a_tick_killed_mid_merge_is_resumed_by_the_next_after_the_lock_expires(
     assert json.loads((out / "latest").read_text())["version"] == 1
 
 
+HOLD_RAY_LOOP = """
+import json, sys, time, types
+import ray
+from orchestrator import remerge
+inits, start = [], ray.init
+def counted(*args, **kwargs):
+    inits.append(kwargs.get("num_cpus"))
+    return start(*args, **kwargs)
+ray.init = counted
+remerge.due = lambda *args: True
+def stop(seconds):  # the loop's wait for the next minute ends the first pass
+    raise KeyboardInterrupt
+remerge.time = types.SimpleNamespace(sleep=stop, time=time.time, monotonic=time.monotonic)
+try:
+    remerge.run_schedules(remerge.load_schedules(sys.argv[1]), quiet=True)
+except KeyboardInterrupt:
+    print(json.dumps({"inits": inits, "up": ray.is_initialized()}))
+"""
+
+
+def test_the_scheduler_keeps_one_ray_across_ticks_and_a_new_one_after_a_failure(
+        family, tmp_path):
+    """One pass of the schedule loop over five schedules: ``a`` starts Ray, ``b`` (same runtime)
+    runs on it, ``bad`` fails inside its merge (a model of another shape) and Ray is let go,
+    ``c`` starts a fresh one, ``d`` asks for two workers and gets its own. Each output is a
+    published v1 equal to the in-process merge; the loop's exit shuts Ray down."""
+    odd = tiny_llama(str(tmp_path / "odd"), seed=5, base=None, intermediate_size=48)
+    jobs = {name: {"sources": [{"name": "ft1", "uri": family["ft1"]},
+                               {"name": "other", "uri": odd if name == "bad" else family["ft2"]}],
+                   "merge": {"method": "linear"},
+                   "output": {"uri": "unused", "shard_size": "12KB"},
+                   "runtime": {"num_workers": 2 if name == "d" else 1}}
+            for name in ("a", "b", "bad", "c", "d")}
+    for name, doc in jobs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+    path = tmp_path / "schedules.yaml"
+    path.write_text(yaml.safe_dump({"schedules": [
+        {"name": name, "job": f"{name}.yaml", "output": str(tmp_path / "out" / name),
+         "on_change": True} for name in jobs]}))
+    proc = subprocess.run([sys.executable, "-c", HOLD_RAY_LOOP, str(path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    assert seen == {"inits": [1, 1, 2], "up": False}, proc.stderr[-3000:]
+    assert "[bad] tick failed" in proc.stderr
+    fresh = run_job({**jobs["a"], "output": {"uri": str(tmp_path / "fresh"), "shard_size": "12KB"},
+                     "runtime": {"executor": "local"}}, quiet=True)
+    for name in ("a", "b", "c", "d"):
+        out = tmp_path / "out" / name
+        assert json.loads((out / "latest").read_text())["version"] == 1
+        assert shards(out / "v1") == shards(fresh.output)
+    assert not (tmp_path / "out" / "bad" / "latest").exists()
+
+
 def test_hub_revision_change_between_ticks_remerges(family, tmp_path):
     """A hub source pinned by commit: moving refs/main to a new commit is a change."""
     cache = str(tmp_path / "cache")
