@@ -11,8 +11,13 @@ and loading them with ``safetensors.torch.load_file``.
     python benchmarks/run.py --mergekit ~/.cache/raymerge-tests/mergekit-0.1.5 \\
         --workdir /tmp/raymerge-bench --size 1GB --models 8 --runs 3
 
+``--warm`` also times the job on a Ray that is already up with warm workers, as
+``raymerge schedule`` runs every tick after its first (``orchestrator.schedule.HeldRay``): one
+process holds Ray, merges once to warm its workers, then RUNS timed merges (``warm`` runs).
+
 ``--smoke`` runs a tiny version once and checks the outputs: linear, task_arithmetic and ties
-(with ``trim_ties=sort``, mergekit's exact tie-breaking) must equal mergekit's bit for bit.
+(with ``trim_ties=sort``, mergekit's exact tie-breaking) must equal mergekit's bit for bit
+(with ``--warm``, the outputs checked are the warm runs').
 Results go to WORKDIR/results-<size>-<dtype>-k<K>-<methods>.json (``results.json`` for the smoke
 run) and a markdown table on stdout.
 """
@@ -45,6 +50,22 @@ METHODS = {  # mergekit parameters; weights 1 and the papers' usual densities
 GLOBAL = {"task_arithmetic": {"lambda": 0.5}}
 DETERMINISTIC = ("linear", "task_arithmetic", "ties")
 _TICK = os.sysconf("SC_CLK_TCK")
+WARM = """
+import json, shutil, sys, time
+from orchestrator import run_job
+from orchestrator.job import resolve_config
+from orchestrator.schedule import HeldRay
+cfg, out, runs, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+walls = []
+with HeldRay() as session:
+    session.hold(resolve_config(cfg, overrides, out).runtime)
+    for _ in range(runs + 1):  # the first run starts the workers
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        run_job(cfg, overrides, output=out, quiet=True)
+        walls.append(time.perf_counter() - start)
+print(json.dumps(walls[1:]))
+"""
 
 
 def mergekit_config(method: str, base: str, models: list[str], out_dtype: str) -> dict:
@@ -123,7 +144,7 @@ def measure(cmd: list[str]) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
     phases = dict(re.findall(r"(ray_start|statistics|merge) ([\d.]+)s", out))
-    return {"wall": wall, "cpu": sum(watch.cpu.values()),
+    return {"wall": wall, "cpu": sum(watch.cpu.values()), "stdout": out,
             "max_rss": max(watch.hwm.values(), default=0), "sum_rss": watch.peak_sum,
             "processes": len(watch.hwm), "ray_start": float(phases.get("ray_start", 0)),
             "merge_phase": float(phases.get("merge", 0)) + float(phases.get("statistics", 0))}
@@ -192,6 +213,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs of each tool per cell")
     ap.add_argument("--mergekit-runs", type=int, help="fewer runs for mergekit (slow methods)")
     ap.add_argument("--no-mergekit", action="store_true", help="raymerge only (memory curves)")
+    ap.add_argument("--warm", action="store_true",
+                    help="also time RUNS merges on a Ray already up (workers warm)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny inputs, one run, check outputs against mergekit")
     ap.add_argument("--raymerge-arg", action="append", default=[],
@@ -228,6 +251,15 @@ def main() -> None:
                     shutil.rmtree(rm_out, ignore_errors=True)
                     runs["raymerge"].append(measure(["raymerge", "run", cfg, rm_out, "--quiet",
                                                      *args.raymerge_arg]))
+            if args.warm:
+                shutil.rmtree(rm_out, ignore_errors=True)
+                held = measure([sys.executable, "-c", WARM, cfg, rm_out, str(args.runs),
+                                *args.raymerge_arg])
+                runs["warm"] = [{"wall": w, "max_rss": held["max_rss"],
+                                 "sum_rss": held["sum_rss"]}
+                                for w in json.loads(held["stdout"].splitlines()[-1])]
+            for r in (r for tool in runs.values() for r in tool):
+                r.pop("stdout", None)
             cell = {"k": k, "method": method, "input_bytes": input_bytes, "io_floor": floor,
                     "output_bytes": sum(os.path.getsize(f) for f in files_of([rm_out])),
                     "runs": runs}
@@ -269,7 +301,16 @@ def row(cell: dict) -> str:
             f"{median(mk, 'max_rss') / 2**30:.2f} / {median(rm, 'max_rss') / 2**30:.2f} | "
             f"{median(rm, 'sum_rss') / 2**30:.2f} |"
             + (f" equal: {cell['equal']} ({cell['differing']:.2%} differ)"
-               if "equal" in cell else ""))
+               if "equal" in cell else "")
+            + (warm(cell) if "warm" in cell["runs"] else ""))
+
+
+def warm(cell: dict) -> str:
+    """The warm runs: median wall, its ratio to mergekit and to the load + copy floor."""
+    mk, held = median(cell["runs"]["mergekit"], "wall"), median(cell["runs"]["warm"], "wall")
+    return (f" warm (Ray up): {held:.2f} s, {mk / held:.1f}x mergekit, "
+            f"{held / cell['io_floor']['safetensors_load']:.1f}x the load + copy floor, max RSS "
+            f"{median(cell['runs']['warm'], 'max_rss') / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

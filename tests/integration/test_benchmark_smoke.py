@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_benchmark_smoke(mergekit_yaml, tmp_path):
     venv = os.path.dirname(os.path.dirname(mergekit_yaml))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"),
-                           "--smoke", "--mergekit", venv, "--workdir", str(tmp_path)],
+                           "--smoke", "--warm", "--mergekit", venv, "--workdir",
+                           str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "smoke: outputs equal mergekit's" in proc.stdout
@@ -36,6 +37,8 @@ def test_benchmark_smoke(mergekit_yaml, tmp_path):
             (run,) = cell["runs"][tool]
             assert run["wall"] > 0 and run["cpu"] > 0 and run["max_rss"] > 0
         assert cell["runs"]["raymerge"][0]["processes"] > 2  # driver, Ray services, workers
+        (warm,) = cell["runs"]["warm"]  # the output compared above is the warm run's
+        assert warm["wall"] > 0 and warm["max_rss"] > 0
         assert cell["io_floor"]["read"] > 0 and cell["output_bytes"] > 0
 
 
