@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "unchanged -> skipped, one model appended -> continual update (opcm, "
                     "uniform linear, task_arithmetic), otherwise a full re-merge into the next "
                     "version OUTPUT/v{N}/; OUTPUT/latest is written last. A lock in the output "
-                    "keeps two schedulers apart.")
+                    "keeps two schedulers apart. One Ray stays up across the ticks, its "
+                    "workers warm.")
     schedule.add_argument("schedules", help="schedules YAML (see configs/examples/schedules.yaml)")
     schedule.add_argument("--once", action="store_true",
                           help="one tick of each schedule now, then exit")
