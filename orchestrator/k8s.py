@@ -3,7 +3,8 @@
 One ConfigMap carries the schedules file and every job file; each schedule becomes a RayCronJob
 whose job runs one tick of that schedule (``raymerge schedule ... --once --only NAME``) on a
 fresh Ray cluster. The output's lock still keeps overlapping ticks apart. ``on_change``
-schedules tick every ``poll_interval`` (whole minutes, at least one).
+schedules tick every ``poll_interval``, which a cron line can say exactly only for minutes
+dividing an hour or hours dividing a day (``*/120`` minutes would fire hourly).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 
 import yaml
 
+from orchestrator.errors import ConfigError
 from orchestrator.remerge import ScheduleFile
 
 CONFIG_MAP = "raymerge-schedules"
@@ -45,6 +47,20 @@ def _cluster(image: str, workers: int, worker_cpus: int, worker_memory: str) -> 
     }
 
 
+def poll_cron(seconds: float) -> str:
+    """The cron line that fires every ``seconds`` (rounded up to whole minutes), or a
+    ConfigError when no cron line does."""
+    minutes = max(1, math.ceil(seconds / 60))
+    if 60 % minutes == 0:
+        return f"*/{minutes} * * * *"
+    if minutes % 60 == 0 and 24 % (minutes // 60) == 0:
+        return f"0 */{minutes // 60} * * *"
+    raise ConfigError(f"poll_interval: {minutes} minutes is no cron schedule (cron steps restart "
+                      "every hour and every day, so */N minutes with N not dividing 60 fires "
+                      "unevenly); for --render k8s use minutes dividing 60 or hours dividing "
+                      "24, or give the schedule a cron line")
+
+
 def render(file: ScheduleFile, *, image: str = "raymerge:0.1.0", namespace: str | None = None,
            workers: int = 4, worker_cpus: int = 4, worker_memory: str = "16Gi") -> str:
     """Multi-document YAML: the ConfigMap, then one RayCronJob per schedule."""
@@ -60,9 +76,8 @@ def render(file: ScheduleFile, *, image: str = "raymerge:0.1.0", namespace: str 
     meta = {"namespace": namespace} if namespace else {}
     docs = [{"apiVersion": "v1", "kind": "ConfigMap",
              "metadata": {"name": CONFIG_MAP, **meta}, "data": data}]
-    every = max(1, math.ceil(file.poll_interval / 60))
     for s in file.schedules:
-        when = f"*/{every} * * * *" if s.on_change else s.cron.text
+        when = poll_cron(file.poll_interval) if s.on_change else s.cron.text
         docs.append({
             "apiVersion": "ray.io/v1", "kind": "RayCronJob",
             "metadata": {"name": f"raymerge-{s.name}", **meta,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -149,3 +150,35 @@ def test_rendered_schedules_validate_and_match_the_periodic_overlay(tmp_path, ca
     want["headGroupSpec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] = (
         config_map["metadata"]["name"])
     assert nightly["spec"]["jobTemplate"]["rayClusterSpec"] == want
+
+
+@pytest.mark.parametrize("minutes, line", [(1, "*/1 * * * *"), (10, "*/10 * * * *"),
+                                           (60, "*/60 * * * *"), (120, "0 */2 * * *"),
+                                           (360, "0 */6 * * *"), (1440, "0 */24 * * *")])
+def test_poll_intervals_render_as_cron_lines_that_fire_that_often(minutes, line):
+    """A poll_interval becomes a cron line only where cron can say it: `*/120` minutes fires
+    hourly (cron's minute steps restart every hour), so two hours is `0 */2 * * *`."""
+    from orchestrator.cron import parse
+    from orchestrator.k8s import poll_cron
+
+    assert poll_cron(minutes * 60) == line
+    parse(line)
+
+
+@pytest.mark.parametrize("minutes", [45, 90, 300, 2880])
+def test_poll_intervals_no_cron_line_says_are_refused(minutes):
+    from orchestrator.errors import ConfigError
+    from orchestrator.k8s import poll_cron
+
+    with pytest.raises(ConfigError, match=f"poll_interval: {minutes} minutes is no cron"):
+        poll_cron(minutes * 60)
+
+
+def test_schedule_help_names_a_file_that_exists(capsys):
+    from orchestrator.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["schedule", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    named = re.search(r"see (\S+\.yaml)", text)[1]
+    assert os.path.exists(os.path.join(INFRA, "..", named)), named
