@@ -51,11 +51,11 @@ from workers.align.transforms import (
     SolveContext,
     StatsContext,
     dump,
+    merge_with,
     solve_task,
     stats_task,
 )
 from workers.align.transforms import load as load_alignment
-from workers.align.transforms import merge_with
 from workers.align.zip import head
 from workers.merge import get_method
 from workers.merge.registry import internal_fields

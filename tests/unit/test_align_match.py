@@ -9,9 +9,9 @@ from workers.align import spec as specs
 from workers.align.features import activation_stats
 from workers.align.match import (
     ActivationStats,
-    activation_matching,
     _members_of,
     _step,
+    activation_matching,
     assign,
     average,
     colored_descent,
