@@ -17,6 +17,7 @@ examples:
   raymerge run job.yaml out/ merge.params.density=0.3 runtime.num_workers=4
   raymerge plan job.yaml                          # dry run: units, bytes, memory; no tensor read
   raymerge verify ./merged                        # re-check every checksum in the manifest
+  raymerge verify --repair ./merged               # redo only the damaged shards
   raymerge import-mergekit mergekit.yml           # print the native equivalent
   raymerge submit job.yaml --address http://head:8265 --wait   # on a running Ray cluster
   raymerge status JOB_ID / logs JOB_ID --follow / stop JOB_ID  # (--address or $RAY_ADDRESS)
@@ -39,7 +40,10 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     from orchestrator.job import run_job
 
     output, overrides = _split_targets(ns.targets)
-    result = run_job(ns.config, overrides, output=output, force=ns.force, quiet=ns.quiet)
+    if ns.forward_credentials:
+        overrides.append("runtime.forward_credentials=true")
+    result = run_job(ns.config, overrides, output=output, force=ns.force, quiet=ns.quiet,
+                     wait_lock=ns.wait_lock, repair=ns.repair)
     if result.skipped:
         print(f"{result.output} already holds this merge (plan {result.plan.digest()[:12]}); "
               "nothing to do")
@@ -52,11 +56,15 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 
 
 def _cmd_plan(ns: argparse.Namespace) -> int:
+    from orchestrator.config import NO_OUTPUT
+    from orchestrator.guard import check_locations
     from orchestrator.job import plan_job, resolve_config
     from orchestrator.plan import describe
 
     output, overrides = _split_targets(ns.targets)
-    cfg = resolve_config(ns.config, overrides, output)
+    cfg = resolve_config(ns.config, overrides, output, output_required=False)
+    if cfg.output.uri != NO_OUTPUT:
+        check_locations(cfg)
     plan = plan_job(cfg)[0]
     print(describe(plan))
     return 0
@@ -66,6 +74,8 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
     from orchestrator.commit import verify_output
     from orchestrator.storage import open_store
 
+    if ns.repair:
+        return _repair(ns.output, ns.quiet)
     manifest, problems = verify_output(open_store(ns.output))
     if problems:
         print(f"{ns.output}: FAILED", file=sys.stderr)
@@ -74,6 +84,27 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
         return 1
     n = len(manifest["shards"]) + len(manifest["files"])
     print(f"{ns.output}: OK ({n} files match the manifest, plan {manifest['plan_digest'][:12]})")
+    return 0
+
+
+def _repair(output: str, quiet: bool) -> int:
+    """Redo the damaged shards of a finished output from the job its manifest records."""
+    from orchestrator.commit import finished_manifest
+    from orchestrator.job import run_job
+    from orchestrator.storage import open_store
+
+    manifest = finished_manifest(open_store(output))
+    job = manifest.get("job")
+    if job is None:  # an older manifest records only the prepared config
+        job = manifest["config"]
+    else:
+        job = {**job, "runtime": manifest["config"]["runtime"]}
+    result = run_job(job, output=output, repair=True, quiet=quiet)
+    if result.skipped:
+        print(f"{output}: OK (every file matches the manifest; nothing to repair)")
+    else:
+        print(f"{output}: repaired ({len(result.manifest['shards']) - result.kept_shards} "
+              f"shards redone, {result.kept_shards} intact; manifest rewritten)")
     return 0
 
 
@@ -243,12 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     run = job_parser("run", "run a merge job")
     run.add_argument("--force", action="store_true",
                      help="replace an output that holds a finished merge of another plan")
+    run.add_argument("--wait-lock", action="store_true",
+                     help="if another run is writing into the output, wait for it to end "
+                          "(default: fail at once, naming it)")
+    run.add_argument("--repair", action="store_true",
+                     help="re-check every byte of a finished output of this job and redo only "
+                          "its damaged or missing shards")
+    run.add_argument("--forward-credentials", action="store_true",
+                     help="on a Ray cluster this command did not start (runtime.address), hand "
+                          "this shell's AWS_*/HF_* keys and tokens to the workers through Ray's "
+                          "object store (never a runtime_env, which Ray logs); default: the "
+                          "workers use the cluster's own credentials")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.set_defaults(fn=_cmd_run)
     job_parser("plan", "print the work plan (no tensor data is read)").set_defaults(fn=_cmd_plan)
 
     verify = sub.add_parser("verify", help="re-check an output against its manifest")
-    verify.add_argument("output", help="output folder")
+    verify.add_argument("output", help="output folder (or s3://bucket/prefix)")
+    verify.add_argument("--repair", action="store_true",
+                        help="redo the damaged or missing shards from the job the manifest "
+                             "records (its sources must be unchanged) and rewrite the manifest")
+    verify.add_argument("--quiet", action="store_true", help="no progress lines (--repair)")
     verify.set_defaults(fn=_cmd_verify)
 
     imp = sub.add_parser("import-mergekit", help="print the native config for a mergekit YAML")
@@ -267,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true",
                         help="stream the job's log and exit with its outcome")
     submit.add_argument("--no-env", action="store_true",
-                        help="do not forward this shell's AWS_* / HF_* settings and credentials "
-                             "(the cluster's own credential chain is used)")
+                        help="do not forward this shell's AWS_* / HF_* settings (endpoints, "
+                             "region, profile name). Keys and tokens are never forwarded: Ray "
+                             "logs a job's runtime_env, so the cluster's own credential chain "
+                             "is used")
     submit.set_defaults(fn=_cmd_submit)
     for name, help_, fn in (("status", "show a submitted job's status", _cmd_status),
                             ("logs", "print a submitted job's log", _cmd_logs),
@@ -289,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "version OUTPUT/v{N}/; OUTPUT/latest is written last. A lock in the output "
                     "keeps two schedulers apart. One Ray stays up across the ticks, its "
                     "workers warm.")
-    schedule.add_argument("schedules", help="schedules YAML (see configs/examples/schedules.yaml)")
+    schedule.add_argument("schedules",
+                          help="schedules YAML (see configs/schedules/schedules.yaml)")
     schedule.add_argument("--once", action="store_true",
                           help="one tick of each schedule now, then exit")
     schedule.add_argument("--only", metavar="NAME", help="only the schedule with this name")
@@ -365,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     except MergeError as e:
         print(f"raymerge: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the driver's own files: disk full, a file removed underneath
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"raymerge: error: {where}{e.strerror or e}; no manifest was written for "
+              "unfinished work", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("raymerge: interrupted; no manifest was written for unfinished work",
               file=sys.stderr)

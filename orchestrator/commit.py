@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
 import re
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -18,9 +19,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from orchestrator.config import JobConfig
+from orchestrator.errors import StorageError
 from orchestrator.index import INDEX_FILE, CheckpointIndex
 from orchestrator.plan import Plan
-from orchestrator.storage import TMP_SUFFIX, Store, file_sha256
+from orchestrator.storage import TMP_SUFFIX, LocalStore, Store, file_sha256
 from orchestrator.vocab import TOKENIZER_FILES
 from workers.safetensors_io import DTYPE_NAMES
 from workers.tasks import ShardRecord
@@ -29,8 +31,18 @@ MANIFEST = "raymerge-manifest.json"
 PROGRESS = "raymerge-progress.json"  # finished shards of an unfinished job, for resuming
 MODEL_CARD = "README.md"
 MANIFEST_FORMAT = "raymerge-manifest/1"
-_COPIED = re.compile(r"\.(json|txt|model|jinja|tiktoken)$")
-_NOT_COPIED = {INDEX_FILE, MANIFEST, MODEL_CARD, PROGRESS}
+# the model metadata copied from the reference's top level (never anything else a folder holds:
+# notes, secrets, other checkpoints' files): config, generation and processor configs,
+# tokenizer files and chat templates, and sentence-transformers' module list
+METADATA_FILES = frozenset({
+    "config.json", "generation_config.json", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "chat_template.json",
+    "spiece.model", "sentencepiece.bpe.model", "source.spm", "target.spm", "tekken.json",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+    *TOKENIZER_FILES,
+})
+_METADATA_SUFFIXES = (".tiktoken",)
+_MODULE_DIR = re.compile(r"^\d+_[A-Za-z][\w-]*$")  # a sentence-transformers module: 1_Pooling
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _MAX_COPY_BYTES = 64 * 2**20
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -68,13 +80,15 @@ def finished_manifest(out: Store) -> dict:
 def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
            indexes: list[CheckpointIndex], stores: list[Store], out: Store,
            tokenizer_files: dict[str, bytes] | None = None,
-           method_state: dict | None = None, extra_files: dict[str, bytes] | None = None
-           ) -> dict:
+           method_state: dict | None = None, extra_files: dict[str, bytes] | None = None,
+           job: dict | None = None) -> dict:
     """Write everything but the shards, then the manifest; return the manifest.
     ``tokenizer_files`` (a built tokenizer) replace the reference's tokenizer files;
     ``method_state`` (a continual method's running state) is recorded for the next step;
     ``extra_files`` (an alignment's transforms and heads, statistics, a runtime), written by
-    the job before the merge, are listed with the others, not written again."""
+    the job before the merge, are listed with the others, not written again; ``job`` (the
+    job as given, see ``job.job_document``) lets a later run tell another job's output apart
+    before it does any work."""
     files: dict[str, bytes] = {}
     weight_map = {it.tensor_name: u.shard for u in plan.units for it in u.items}
     files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
@@ -101,6 +115,7 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
         "plan_digest": plan.digest(),
         "method": plan.method,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "job": job,
         "sources": [
             {"name": s.name, "role": s.role, "uri": s.uri, "revision": idx.revision,
              "pins": idx.pins}
@@ -118,31 +133,71 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
     return manifest
 
 
-def read_progress(out: Store, plan: Plan) -> dict[str, ShardRecord]:
-    """Shards an interrupted run of this same plan finished, still intact (re-hashed)."""
+def read_progress(out: Store, plan: Plan) -> tuple[dict[str, ShardRecord], list[str]]:
+    """Shards an interrupted run of this same plan finished, still intact (re-hashed), and
+    (when an interrupted run of another plan left its record) what changed since: the files
+    of sources that are not what they were, by what tells them apart."""
     if not out.exists(PROGRESS):
-        return {}
+        return {}, []
     try:
         doc = json.loads(out.read_bytes(PROGRESS))
         if doc.get("plan_digest") != plan.digest():
-            return {}
+            return {}, _changes(doc.get("sources") or {}, plan)
         records = [ShardRecord(**r) for r in doc["shards"]]
-    except (ValueError, KeyError, TypeError):
-        return {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}, []
     planned = {u.shard for u in plan.units}
     return {r.shard: r for r in records
             if r.shard in planned and out.exists(r.shard) and out.size(r.shard) == r.bytes
-            and file_sha256(out, r.shard) == r.sha256}
+            and file_sha256(out, r.shard) == r.sha256}, []
+
+
+def _changes(recorded: dict[str, str], plan: Plan) -> list[str]:
+    changes = []
+    for src in plan.sources:
+        if src.name not in recorded or recorded[src.name] == src.pin:
+            continue
+        was, now = json.loads(recorded[src.name]), json.loads(src.pin)
+        if was.get("revision") != now.get("revision"):
+            changes.append(f"{src.name}: revision {was.get('revision')} -> {now.get('revision')}")
+        for file in sorted(set(was.get("files", {})) | set(now.get("files", {}))):
+            a, b = was.get("files", {}).get(file), now.get("files", {}).get(file)
+            if a != b:
+                keys = sorted(k for k in set(a or {}) | set(b or {})
+                              if (a or {}).get(k) != (b or {}).get(k))
+                changes.append(f"{src.name}/{file}: {', '.join(keys) or 'added or removed'} "
+                               "changed")
+    return changes
 
 
 def write_progress(out: Store, plan: Plan, records: list[ShardRecord]) -> None:
     out.write_bytes(PROGRESS, _json({"plan_digest": plan.digest(),
+                                     "sources": {s.name: s.pin for s in plan.sources},
                                      "shards": [dataclasses.asdict(r) for r in records]}))
-
 
 
 def _json(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
+
+
+def is_metadata(name: str) -> bool:
+    """Whether ``name`` (relative to a model folder) is model metadata an output carries: a
+    known file at the top level, or a JSON file of a sentence-transformers module folder."""
+    folder, _, file = name.rpartition("/")
+    if not folder:
+        return file in METADATA_FILES or file.endswith(_METADATA_SUFFIXES)
+    return "/" not in folder and bool(_MODULE_DIR.match(folder)) and file.endswith(".json")
+
+
+def _confined(src: Store, name: str) -> bool:
+    """Whether reading ``name`` stays inside the source: a local file must not be a symlink
+    out of its folder (a hub snapshot's links into its repository's blobs are its own)."""
+    if not isinstance(src, LocalStore):
+        return True
+    root = os.path.realpath(src.root)
+    if os.path.basename(os.path.dirname(root)) == "snapshots":  # models--org--name/snapshots/sha
+        root = os.path.dirname(os.path.dirname(root))
+    return os.path.commonpath([root, os.path.realpath(src.path(name))]) == root
 
 
 def _copied_files(src: Store, cfg: JobConfig, layer_map: tuple[int, ...],
@@ -150,8 +205,12 @@ def _copied_files(src: Store, cfg: JobConfig, layer_map: tuple[int, ...],
     """Config, tokenizer and other small metadata files of the reference model."""
     out = {}
     for name in src.list_files():
-        if not _COPIED.search(name) or name in _NOT_COPIED or src.size(name) > _MAX_COPY_BYTES:
+        if not is_metadata(name) or src.size(name) > _MAX_COPY_BYTES:
             continue
+        if not _confined(src, name):
+            raise StorageError(f"{src.path(name)} is a link to a file outside {src.uri}; "
+                               "refusing to copy it into the output (replace the link by the "
+                               "file itself)")
         data = src.read_bytes(name)
         if name == "config.json" and (cfg.output.dtype or layer_map or vocab_rows):
             data = _output_config(data, cfg.output.dtype, layer_map, vocab_rows)
@@ -212,17 +271,25 @@ def verify_output(out: Store) -> tuple[dict | None, list[str]]:
     if manifest is None:
         return None, [f"{out.uri}: no {MANIFEST}: the output is incomplete (never finished, "
                       "or still being written)"]
-    problems = []
+    return manifest, [f"{name}: {why}" for name, why in
+                      damaged_files(out, manifest, full=True).items()]
+
+
+def damaged_files(out: Store, manifest: dict, *, full: bool) -> dict[str, str]:
+    """What is wrong with each file the manifest lists (file -> why): missing, another size
+    or (``full``: every byte read) another sha256. Sizes cost one stat each."""
+    problems = {}
     for entry in manifest["shards"] + manifest["files"]:
         name = entry["file"]
         if not out.exists(name):
-            problems.append(f"{name}: missing")
+            problems[name] = "missing"
             continue
         size = out.size(name)
         if size != entry["bytes"]:
-            problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
+            problems[name] = f"{size} bytes, manifest says {entry['bytes']}"
             continue
-        digest = file_sha256(out, name)
-        if digest != entry["sha256"]:
-            problems.append(f"{name}: sha256 {digest} does not match the manifest")
-    return manifest, problems
+        if full:
+            digest = file_sha256(out, name)
+            if digest != entry["sha256"]:
+                problems[name] = f"sha256 {digest} does not match the manifest"
+    return problems

@@ -112,6 +112,8 @@ class RuntimeConfig:
     worker_memory: str = field(default="2GB", metadata=_BYTES)
     threads_per_worker: int = 1
     max_retries: int = 3
+    forward_credentials: bool = False  # hand this process's AWS/HF credentials to the workers
+    # of a cluster it did not start (through Ray's object store; never a runtime_env)
 
 
 @dataclass
@@ -145,6 +147,9 @@ class JobConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
 
 
+NO_OUTPUT = "OUTPUT_DIR"  # the output of a mergekit config planned without one
+
+
 def parse_bytes(value: str | int) -> int:
     """``"512MB"`` / ``"1GiB"`` / ``1000`` -> bytes. ValueError if unreadable."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -155,8 +160,10 @@ def parse_bytes(value: str | int) -> int:
     return int(float(m[1]) * _UNITS[(m[2] or "B").lower()])
 
 
-def load_config(path: str, overrides: list[str] = (), output: str | None = None) -> JobConfig:
-    """Load a native or mergekit YAML job, apply an output URI and dotlist overrides, validate."""
+def load_config(path: str, overrides: list[str] = (), output: str | None = None, *,
+                output_required: bool = True) -> JobConfig:
+    """Load a native or mergekit YAML job, apply an output URI and dotlist overrides, validate.
+    Without ``output_required`` (a dry run) a mergekit config needs no output folder."""
     from orchestrator.mergekit import from_mergekit, is_mergekit
 
     try:
@@ -169,6 +176,8 @@ def load_config(path: str, overrides: list[str] = (), output: str | None = None)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     if is_mergekit(doc):
+        if output is None and not output_required:
+            output = NO_OUTPUT
         if output is None:
             raise ConfigError(f"{path} is a mergekit config: give the output folder, "
                               "as in `raymerge run config.yml OUT_DIR`")

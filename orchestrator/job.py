@@ -12,11 +12,20 @@ import time
 from dataclasses import dataclass
 
 from orchestrator import hub
-from orchestrator.commit import MANIFEST, commit, read_manifest, read_progress, write_progress
+from orchestrator.commit import (
+    MANIFEST,
+    commit,
+    damaged_files,
+    read_manifest,
+    read_progress,
+    write_progress,
+)
 from orchestrator.config import JobConfig, apply_overrides, config_from_dict, load_config
-from orchestrator.errors import ConfigError, MergeError
+from orchestrator.errors import MergeError
+from orchestrator.guard import STEPS_SUFFIX, check_locations, check_output_folder
 from orchestrator.hub import is_hub_uri
 from orchestrator.index import CheckpointIndex, index_checkpoint
+from orchestrator.lock import output_lock
 from orchestrator.plan import Plan, make_plan, reference_member
 from orchestrator.schedule import ray_session, run_plan
 from orchestrator.storage import LocalStore, Store, open_store
@@ -39,10 +48,10 @@ class JobResult:
 
 
 def resolve_config(config: JobConfig | dict | str, overrides: list[str] = (),
-                   output: str | None = None) -> JobConfig:
+                   output: str | None = None, *, output_required: bool = True) -> JobConfig:
     """A typed config from a YAML path (native or mergekit), a plain dict, or a JobConfig."""
     if isinstance(config, str):
-        return load_config(config, list(overrides), output)
+        return load_config(config, list(overrides), output, output_required=output_required)
     if isinstance(config, JobConfig):
         if not overrides and output is None:
             return config
@@ -79,19 +88,74 @@ def plan_job(cfg: JobConfig,
 
 
 def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
-            output: str | None = None, force: bool = False, quiet: bool = False) -> JobResult:
+            output: str | None = None, force: bool = False, quiet: bool = False,
+            wait_lock: bool = False, repair: bool = False) -> JobResult:
     """Merge as configured and commit the output; the Python twin of ``raymerge run``.
 
-    A finished output of the same plan is left as it is (``skipped``). A finished output of a
-    different plan is refused unless ``force``; then its manifest is removed first, so an
-    interrupted re-run can never pass for finished.
+    Before anything is read: the output must not overlap any input, must be new, empty or a
+    raymerge output (else ``force``), and is locked for the whole job (``wait_lock``: wait
+    for a run that holds it). A finished output of the same plan is left as it is
+    (``skipped``) once every listed file has its recorded size; a damaged one is an error, or
+    (``repair``) its damaged shards are redone. A finished output of a different plan is
+    refused unless ``force``; then its manifest is removed first, so an interrupted re-run can
+    never pass for finished.
     """
     start = time.monotonic()
     cfg = resolve_config(config, overrides, output)
+    check_locations(cfg)
+    out = open_store(cfg.output.uri)
+    check_output_folder(out, force or repair)
+    job = job_document(cfg)
+    with output_lock(out, wait=wait_lock):
+        existing = read_manifest(out)
+        if existing is not None and not force:
+            _check_same_job(out, existing, job, repair)
+        return _dispatch(cfg, _Options(force, quiet, repair, job), start)
+
+
+@dataclass(frozen=True)
+class _Options:
+    force: bool
+    quiet: bool
+    repair: bool
+    job: dict  # the job as given (``job_document``), recorded in the manifest
+
+
+def job_document(cfg: JobConfig) -> dict:
+    """The job as given, without what does not change the output's bytes (runtime) or names
+    where it goes (output.uri): what a finished output's manifest is compared with."""
+    from omegaconf import OmegaConf
+
+    doc = OmegaConf.to_container(OmegaConf.structured(cfg))
+    doc.pop("runtime", None)
+    doc["output"].pop("uri", None)
+    return doc
+
+
+def _check_same_job(out: Store, existing: dict, job: dict, repair: bool) -> None:
+    """Refuse, before any solve, training or read, an output finished by a different job."""
+    recorded = existing.get("job")
+    if recorded is None or recorded == job:
+        return
+    keys = sorted(_differing(recorded, job))
+    shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+    what = "cannot be repaired by" if repair else "was made by another job than"
+    raise MergeError(f"{out.uri} holds a finished merge that {what} this one (they differ in "
+                     f"{shown}); choose another output, or pass --force to replace it")
+
+
+def _differing(a: object, b: object, at: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b), key=str)
+                for k in _differing(a.get(key), b.get(key), f"{at}.{key}" if at else str(key))]
+    return [] if a == b else [at or "(the whole job)"]
+
+
+def _dispatch(cfg: JobConfig, opts: _Options, start: float) -> JobResult:
     spec = get_method(cfg.merge.method)
     if spec.models_for is not None and spec.models_for(dict(cfg.merge.params)) is None \
             and len(cfg.sources) > 1:
-        return _run_sequence(cfg, force, quiet)
+        return _run_sequence(cfg, opts)
     if spec.alignment:
         from orchestrator.align import prepare
         phase = "align"
@@ -102,15 +166,15 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
         from orchestrator.dynamic import prepare
         phase = "training"
     elif spec.masks is not None:
-        return _run_task_aware(cfg, force, quiet, start)
+        return _run_task_aware(cfg, opts, start)
     else:
-        return _run(cfg, {}, force, quiet, start, {})
+        return _run(cfg, {}, opts, start, {})
     with ray_session(cfg.runtime):  # statistics, solves and merge share one Ray
-        cfg, extra_files = prepare(cfg, open_store(cfg.output.uri), quiet)
-        return _run(cfg, extra_files, force, quiet, start, {phase: time.monotonic() - start})
+        cfg, extra_files = prepare(cfg, open_store(cfg.output.uri), opts.quiet)
+        return _run(cfg, extra_files, opts, start, {phase: time.monotonic() - start})
 
 
-def _run_task_aware(cfg: JobConfig, force: bool, quiet: bool, start: float) -> JobResult:
+def _run_task_aware(cfg: JobConfig, opts: _Options, start: float) -> JobResult:
     """A task-aware method (tall, emr): its per-task masks first, as a checkpoint of packed
     masks in ``OUTPUT/masks/`` (committed by its own manifest), then the unified model, whose
     manifest lists the masks' manifest: the output is finished only when both are."""
@@ -118,13 +182,13 @@ def _run_task_aware(cfg: JobConfig, force: bool, quiet: bool, start: float) -> J
     masks_cfg = dataclasses.replace(cfg, output=dataclasses.replace(
         cfg.output, uri=masks_out, dtype=None, push_to_hub=None))
     with ray_session(cfg.runtime):
-        masks = _run(masks_cfg, {}, force, quiet, start, {}, masks=True)
+        masks = _run(masks_cfg, {}, opts, start, {}, masks=True)
         manifest = open_store(masks_out).read_bytes(MANIFEST)
-        return _run(cfg, {f"{MASKS}/{MANIFEST}": manifest}, force, quiet, start,
+        return _run(cfg, {f"{MASKS}/{MANIFEST}": manifest}, opts, start,
                     {"masks": masks.seconds})
 
 
-def _run(cfg: JobConfig, extra_files: dict[str, bytes], force: bool, quiet: bool,
+def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
          start: float, timings: dict[str, float], masks: bool = False) -> JobResult:
     """Plan, merge and commit (``timings``: what ran before, e.g. the alignment solve);
     with ``masks``, a task-aware method's masks instead of the merge."""
@@ -132,26 +196,40 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], force: bool, quiet: bool
     plan, indexes, stores, tokenizer_files = plan_job(cfg, masks)
     timings = {**timings, "plan": time.monotonic() - planning}
     out = open_store(cfg.output.uri)
-    for src in plan.sources:
-        if _overlaps(src.uri, out.uri):
-            raise ConfigError(f"output.uri: {out.uri} overlaps source {src.name!r} "
-                              f"({src.uri}); refusing to write where inputs are read")
-    out.check_writable()
     existing = read_manifest(out)
     if existing is not None:
         if existing.get("plan_digest") == plan.digest():
-            return JobResult(out.uri, existing, plan, True, time.monotonic() - start, timings)
-        if not force:
+            damaged = damaged_files(out, existing, full=opts.repair)
+            if not damaged:
+                return JobResult(out.uri, existing, plan, True, time.monotonic() - start,
+                                 timings)
+            if not opts.repair:
+                raise MergeError(
+                    f"{out.uri} holds this merge but it is damaged ({_listed(damaged)}); "
+                    f"redo only the damaged shards with: raymerge verify --repair {out.uri}")
+            _log(opts.quiet, f"repairing {out.uri}: {_listed(damaged)}")
+            write_progress(out, plan, [ShardRecord(s["file"], s["bytes"], s["sha256"],
+                                                   s["tensors"])
+                                       for s in existing["shards"] if s["file"] not in damaged])
+        elif opts.repair:
+            raise MergeError(
+                f"{out.uri}: its sources or settings changed since it was merged (plan "
+                f"{str(existing.get('plan_digest'))[:12]}, now {plan.digest()[:12]}), so the "
+                "recorded merge cannot be rebuilt; re-run the job with --force to replace it")
+        elif not opts.force:
             raise MergeError(
                 f"{out.uri} already holds a finished merge of a different plan "
                 f"({existing.get('method')}, digest {str(existing.get('plan_digest'))[:12]}); "
                 "choose another output or pass --force to replace it"
             )
         out.remove(MANIFEST)
-    kept = read_progress(out, plan)
-    if kept and not quiet:
-        print(f"resuming: {len(kept)} of {len(plan.units)} shards of an interrupted run are "
-              "intact and kept", file=sys.stderr)
+    kept, changes = read_progress(out, plan)
+    if changes:
+        _log(opts.quiet, "not resuming the interrupted run: its inputs changed since ("
+                         + "; ".join(changes) + "); every shard is merged again")
+    if kept:
+        _log(opts.quiet, f"resuming: {len(kept)} of {len(plan.units)} shards of an "
+                         "interrupted run are intact and kept")
     finished = list(kept.values())
 
     def record_progress(record: ShardRecord) -> None:
@@ -166,30 +244,43 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], force: bool, quiet: bool
         compute_dtype=cfg.compute_dtype, seed=cfg.seed, threads=cfg.runtime.threads_per_worker,
     )
     new, run_timings, method_state = run_plan(plan, ctx, cfg.runtime, done=frozenset(kept),
-                                on_record=record_progress, quiet=quiet)
+                                              on_record=record_progress, quiet=opts.quiet)
     timings.update(run_timings)
     committing = time.monotonic()
     order = {u.shard: u.index for u in plan.units}
     records = sorted([*kept.values(), *new], key=lambda r: order[r.shard])
     manifest = commit(plan, cfg, records, indexes, stores, out, tokenizer_files, method_state,
-                      extra_files)
+                      extra_files, job=opts.job)
     timings["commit"] = time.monotonic() - committing
     if cfg.output.push_to_hub:
         pushing = time.monotonic()
         url = hub.push(out.uri, cfg.output.push_to_hub,
                        f"raymerge {plan.method} merge (plan {plan.digest()[:12]})")
         timings["push"] = time.monotonic() - pushing
-        if not quiet:
-            print(f"pushed to {url}", file=sys.stderr)
+        _log(opts.quiet, f"pushed to {url}")
     return JobResult(out.uri, manifest, plan, False, time.monotonic() - start, timings,
                      len(kept))
 
 
-def _run_sequence(cfg: JobConfig, force: bool, quiet: bool) -> JobResult:
+def _log(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+def _listed(damaged: dict[str, str]) -> str:
+    items = [f"{name}: {why}" for name, why in damaged.items()]
+    return "; ".join(items[:5]) + (f"; and {len(items) - 5} more" if len(items) > 5 else "")
+
+
+def _run_sequence(cfg: JobConfig, opts: _Options) -> JobResult:
     """A continual method (OPCM) over K models: K steps in source order, each merging one
     model into the previous step's output (kept in OUTPUT.steps/ until the last step is done)."""
     from omegaconf import OmegaConf
 
+    if opts.repair:
+        raise MergeError(f"{cfg.output.uri}: a continual merge over {len(cfg.sources)} models "
+                         "is rebuilt step by step, not shard by shard; re-run the job with "
+                         "--force to redo it")
     start = time.monotonic()
     doc = OmegaConf.to_container(OmegaConf.structured(cfg))
     final = cfg.output.uri.rstrip("/")
@@ -200,10 +291,11 @@ def _run_sequence(cfg: JobConfig, force: bool, quiet: bool) -> JobResult:
         step["sources"] = [src] if previous is None else [
             {"name": f"step-{i}", "uri": previous, "params": {}}, src]
         step["merge"]["params"] = {**doc["merge"]["params"], **state}
-        step["output"]["uri"] = final if last else f"{final}.steps/step-{i + 1}"
-        if not quiet:
-            print(f"[opcm] step {i + 1}/{len(doc['sources'])}: {src['name']}", file=sys.stderr)
-        result = run_job(step, force=force or not last, quiet=quiet)
+        step["output"]["uri"] = final if last else f"{final}{STEPS_SUFFIX}/step-{i + 1}"
+        _log(opts.quiet, f"[opcm] step {i + 1}/{len(doc['sources'])}: {src['name']}")
+        # the steps are written under the final output's lock
+        step_opts = dataclasses.replace(opts, force=opts.force or not last)
+        result = _dispatch(resolve_config(step), step_opts, time.monotonic())
         state = result.manifest["method_state"]
         previous = step["output"]["uri"]
         steps.append(previous)
@@ -221,9 +313,3 @@ def _clear(uri: str) -> None:
         return
     for name in store.list_files():
         store.remove(name)
-
-
-def _overlaps(a: str, b: str) -> bool:
-    """Whether one location contains the other (same folder, or one below the other)."""
-    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
-    return a.startswith(b) or b.startswith(a)

@@ -25,11 +25,8 @@ import datetime
 import json
 import os
 import re
-import socket
 import sys
-import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -37,6 +34,7 @@ import yaml
 
 from orchestrator import cron
 from orchestrator.errors import ConfigError, MergeError, StorageError
+from orchestrator.lock import Lock
 from orchestrator.schedule import HeldRay
 from orchestrator.storage import Store, open_store
 
@@ -139,83 +137,6 @@ def _log(message: str) -> None:
 
 def _json(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-
-
-class Lock:
-    """Exclusive right to merge into one output, held until ``expires`` and renewed by a
-    background thread every third of the TTL. Taken by exclusive create, or by a conditional
-    replace of an expired or released lock, so two schedulers never both hold it."""
-
-    def __init__(self, store: Store, ttl: float):
-        self.store, self.ttl = store, ttl
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.token: str | None = None
-        self.lost = threading.Event()
-
-    def _doc(self, expires: float) -> bytes:
-        return _json({"owner": self.owner, "expires": expires, "updated": _now()})
-
-    def acquire(self) -> str | None:
-        """None when taken; otherwise who holds it and until when."""
-        data = self._doc(time.time() + self.ttl)
-        self.token = self.store.create_exclusive(LOCK, data)
-        if self.token is not None:
-            return None
-        held = self.store.read_versioned(LOCK)
-        if held is None:  # released and removed by hand in between: try once more
-            self.token = self.store.create_exclusive(LOCK, data)
-            return None if self.token else "another scheduler (it just took the lock)"
-        current, token = held
-        try:
-            doc = json.loads(current)
-            expires, owner = float(doc["expires"]), doc.get("owner", "?")
-        except (ValueError, KeyError, TypeError):
-            expires, owner = 0.0, "an unreadable lock"  # corrupt: treat as expired
-        if expires > time.time():
-            until = datetime.datetime.fromtimestamp(expires, datetime.timezone.utc)
-            return f"{owner} until {until.isoformat(timespec='seconds')}"
-        self.token = self.store.replace_if(LOCK, data, token)
-        return None if self.token else "another scheduler (it took the expired lock first)"
-
-    def renew(self) -> bool:
-        token = self.store.replace_if(LOCK, self._doc(time.time() + self.ttl), self.token)
-        if token is None:
-            self.lost.set()
-            return False
-        self.token = token
-        return True
-
-    def release(self) -> None:
-        if self.token is not None and not self.lost.is_set():
-            self.store.replace_if(LOCK, self._doc(0.0), self.token)
-        self.token = None
-
-    def kept_alive(self) -> "_Renewer":
-        return _Renewer(self)
-
-
-class _Renewer:
-    def __init__(self, lock: Lock):
-        self.lock, self.stop = lock, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="raymerge-lock")
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.lock.ttl / 3):
-            try:
-                if not self.lock.renew():
-                    _log(f"lost the lock of {self.lock.store.uri} (it expired and was taken)")
-                    return
-            except StorageError as e:  # keep trying until the lock expires
-                _log(f"could not renew the lock of {self.lock.store.uri}: {e}")
-
-    def __enter__(self) -> Lock:
-        self.thread.start()
-        return self.lock
-
-    def __exit__(self, *exc) -> bool:
-        self.stop.set()
-        self.thread.join()
-        return False
 
 
 # ----------------------------------------------------------------------------- versions, runs

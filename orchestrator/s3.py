@@ -10,6 +10,8 @@ denied, a missing bucket or a missing object fail at once with a clear message.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,7 +73,7 @@ class S3Store:
         except ClientError as e:
             raise self._explain(what, e) from None
         except BotoCoreError as e:  # connection refused, timeouts: after botocore's retries
-            raise StorageError(f"{what}: cannot reach S3 ({e})") from None
+            raise _unreachable(what, e) from None
 
     def _explain(self, what: str, e: Any) -> StorageError:
         code = str(e.response.get("Error", {}).get("Code", ""))
@@ -126,7 +128,7 @@ class S3Store:
         except ClientError as e:
             raise self._explain(self.uri, e) from None
         except BotoCoreError as e:
-            raise StorageError(f"{self.uri}: cannot reach S3 ({e})") from None
+            raise _unreachable(self.uri, e) from None
         return sorted(n for n in names if n and not n.endswith("/"))
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
@@ -167,7 +169,7 @@ class S3Store:
                 return None
             raise self._explain(self.path(name), e) from None
         except BotoCoreError as e:
-            raise StorageError(f"{self.path(name)}: cannot reach S3 ({e})") from None
+            raise _unreachable(self.path(name), e) from None
 
     def create_exclusive(self, name: str, data: bytes) -> str | None:
         """PUT with ``If-None-Match: *``: only if no object has the key."""
@@ -256,7 +258,34 @@ class _MultipartWriter:
                 pass
 
 
-def storage_env() -> dict[str, str]:
-    """The AWS and Hugging Face settings of this process, for Ray workers' runtime_env."""
+def _unreachable(what: str, e: Exception) -> StorageError:
+    from botocore.exceptions import NoCredentialsError
+
+    if isinstance(e, NoCredentialsError):
+        return StorageError(
+            f"{what}: no AWS credentials on {socket.gethostname()} ({e}); give this node its "
+            "own (instance role, IRSA, a mounted credentials file or profile) or, on a cluster "
+            "this command did not start, pass --forward-credentials")
+    return StorageError(f"{what}: cannot reach S3 ({e})")
+
+
+_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+def _storage_vars() -> dict[str, str]:
     return {k: v for k, v in os.environ.items()
-            if k.startswith(("AWS_", "HF_", "HUGGINGFACE_"))}
+            if k.startswith(("AWS_", "HF_", "HUGGINGFACE_", "HUGGING_FACE_"))}
+
+
+def storage_env() -> dict[str, str]:
+    """This process's AWS and Hugging Face settings that are no secret (endpoints, region,
+    profile name, hub endpoint, cache settings), for a runtime_env: Ray records a runtime_env
+    in its logs, so keys, tokens and passwords never go there; a cluster's workers use their
+    own credential chain (instance roles, IRSA, mounted files), or get the secrets through
+    ``storage_secrets`` where the user forwards them."""
+    return {k: v for k, v in _storage_vars().items() if not _SECRET_NAME.search(k)}
+
+
+def storage_secrets() -> dict[str, str]:
+    """This process's AWS and Hugging Face credentials (what ``storage_env`` leaves out)."""
+    return {k: v for k, v in _storage_vars().items() if _SECRET_NAME.search(k)}

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 from orchestrator.config import RuntimeConfig
 from orchestrator.errors import WorkerError
 from orchestrator.plan import Plan, WorkUnit, format_bytes
-from orchestrator.s3 import storage_env
+from orchestrator.s3 import storage_env, storage_secrets
 from workers.merge import get_method
 from workers.tasks import ShardRecord, TaskContext, collect_unit, merge_unit
 
@@ -195,6 +195,9 @@ def actor_pool(cls: type, init_args: Sequence[tuple], runtime: RuntimeConfig) ->
     from ray.exceptions import RayError
 
     with _RayExecutor(runtime):
+        secrets = _secrets_ref(runtime)
+        if secrets is not None:
+            cls, init_args = _with_secrets_class(cls), [(secrets, *a) for a in init_args]
         remote = ray.remote(num_cpus=1, **_task_env())(cls)
         actors = [remote.remote(*a) for a in init_args]
         try:
@@ -277,6 +280,25 @@ class _LocalExecutor:
             yield unit, result
 
 
+def _cancel(refs: list) -> None:
+    """Cancel the tasks still running (a failure elsewhere, Ctrl-C): only those not finished
+    (a force-cancel racing a task's completion or retry can abort Ray's core worker), each on
+    its own so one refusal does not keep the others running."""
+    import ray
+
+    if not refs:
+        return
+    try:
+        _, running = ray.wait(refs, num_returns=len(refs), timeout=0)
+    except Exception:  # Ray is going down already: nothing left to cancel
+        return
+    for ref in running:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # finished meanwhile, or its worker is already gone
+            pass
+
+
 @contextmanager
 def _lean_head() -> Iterator[None]:
     """A head node started meanwhile runs neither Ray's API server nor its autoscaler monitor.
@@ -311,6 +333,33 @@ def _task_env() -> dict[str, Any]:
     about 1 s), else a runtime_env, which reaches the workers of any cluster."""
     env = storage_env()
     return {} if env == _INHERITED[0] else {"runtime_env": {"env_vars": env}}
+
+
+def _secrets_ref(runtime: RuntimeConfig) -> Any:
+    """With ``runtime.forward_credentials``, this process's credentials (``storage_secrets``)
+    as one object in Ray's object store, for tasks and actors to set before they start: Ray
+    logs runtime_envs and task specs, not object values. None when not asked for, or on the
+    embedded cluster this process started (its workers inherit the environment)."""
+    if not runtime.forward_credentials or _INHERITED[0] is not None:
+        return None
+    import ray
+
+    return ray.put(storage_secrets())
+
+
+def _with_secrets(unit: Any, fn: Callable, secrets: dict[str, str], *args: Any) -> Any:
+    os.environ.update(secrets)
+    return fn(unit, *args)
+
+
+def _with_secrets_class(cls: type) -> type:
+    class WithSecrets(cls):
+        def __init__(self, secrets: dict[str, str], *args: Any):
+            os.environ.update(secrets)
+            super().__init__(*args)
+
+    WithSecrets.__name__ = WithSecrets.__qualname__ = cls.__name__
+    return WithSecrets
 
 
 class _RayExecutor:
@@ -357,9 +406,12 @@ class _RayExecutor:
         import ray
         from ray.exceptions import RayError, RayTaskError
 
+        arg_refs = [ray.put(a) for a in args]
+        secrets = _secrets_ref(self.runtime)
+        if secrets is not None:  # the body runs after the credentials are set in the worker
+            fn, arg_refs = _with_secrets, [ray.put(fn), secrets, *arg_refs]
         remote = ray.remote(num_cpus=1, max_retries=self.runtime.max_retries,
                             retry_exceptions=False, **_task_env())(fn)
-        arg_refs = [ray.put(a) for a in args]
         # largest first (merge units by input bytes; others keep their order): a large unit
         # started last would run alone while the other workers idle
         order = sorted(range(len(units)), key=lambda i: -getattr(units[i], "input_bytes", 0))
@@ -381,5 +433,4 @@ class _RayExecutor:
                     progress.update(units[i])
                     yield units[i], result
         finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            _cancel(list(pending))

@@ -71,6 +71,7 @@ class Store(Protocol):
 
 _ALIGN = 4096  # O_DIRECT's alignment of memory, offsets and lengths (a page covers any disk's)
 _STAGE = 8 << 20  # bytes a direct writer gathers before each write
+_SAMPLE = 1 << 20  # bytes a local pin hashes at each end of a file
 
 
 def _open_new(path: str) -> BinaryIO:
@@ -203,9 +204,20 @@ class LocalStore:
             raise StorageError(f"{self.path(name)}: cannot stat ({e.strerror})") from None
 
     def pin(self, name: str) -> dict:
-        """What identifies this version of a file: size and modification time (ns)."""
-        st = os.stat(self.path(name))
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        """What identifies this version of a file: size, modification time (ns) and a sha256
+        of its first and last MiB (a file rewritten in place keeping size and mtime, between
+        an interrupted run and its resume, does not pass for the same file)."""
+        try:
+            with open(self.path(name), "rb") as f:
+                st = os.fstat(f.fileno())
+                sample = hashlib.sha256(f.read(_SAMPLE))
+                if st.st_size > _SAMPLE:
+                    f.seek(max(_SAMPLE, st.st_size - _SAMPLE))
+                    sample.update(f.read(_SAMPLE))
+        except OSError as e:
+            raise StorageError(f"{self.path(name)}: cannot read ({e.strerror})") from None
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "sample_sha256": sample.hexdigest()}
 
     def _check_pin(self, name: str, fd: int) -> None:
         want = (self.pins or {}).get(name)

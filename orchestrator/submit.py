@@ -3,9 +3,12 @@ Ray Jobs API (the dashboard address, ``http://HEAD:8265``).
 
 A submitted job is validated here first, so config errors never reach the cluster. The job's
 runtime_env carries the resolved config (one ``job.yaml`` in its working_dir) and, unless told
-otherwise, this process's storage settings (``AWS_*``, ``HF_*``), as ``raymerge run`` hands them
-to its workers; the entry point is ``raymerge run job.yaml`` against the cluster
-(``runtime.address: auto``), so the cluster's Python environment must have raymerge installed.
+otherwise, this process's storage settings that are no secret (``storage_env``: endpoints,
+region, profile name), as ``raymerge run`` hands them to its workers. Keys and tokens never go:
+Ray records a job's runtime_env in its logs, so the job uses the cluster's own credential chain
+(instance roles, IRSA, mounted files). The entry point is ``raymerge run job.yaml`` against
+the cluster (``runtime.address: auto``), so the cluster's Python environment must have
+raymerge installed.
 Local paths in the config are made absolute: they must exist on the cluster's nodes as well.
 
 Token auth (Ray's ``RAY_AUTH_MODE=token``) is handled by Ray's client: set ``RAY_AUTH_MODE=token``

@@ -87,14 +87,14 @@ def export_task(output: str, task: str, dest: str, base: str | None = None) -> s
     output's config and tokenizer files."""
     from safetensors.torch import save_file
 
-    from orchestrator.commit import _COPIED, _NOT_COPIED
+    from orchestrator.commit import is_metadata
     from orchestrator.storage import open_store
 
     state = task_state(output, task, base)
     os.makedirs(dest, exist_ok=True)
     out = open_store(output)
     for name in out.list_files():
-        if "/" not in name and _COPIED.search(name) and name not in _NOT_COPIED:
+        if "/" not in name and is_metadata(name):
             with open(os.path.join(dest, name), "wb") as f:
                 f.write(out.read_bytes(name))
     save_file({k: v.contiguous() for k, v in state.items()},

@@ -190,7 +190,7 @@ def test_changed_config_needs_force_and_then_replaces(llama_family, ray_session,
     cfg, _ = write_job(tmp_path, llama_family, "task_arithmetic", out)
     assert main(["run", cfg, "--quiet"]) == 0
     assert main(["run", cfg, "merge.params.scale=0.9", "--quiet"]) == 1
-    assert "different plan" in capsys.readouterr().err
+    assert "was made by another job than this one" in capsys.readouterr().err
     assert main(["run", cfg, "merge.params.scale=0.9", "--force", "--quiet"]) == 0
     manifest = json.loads((out / "raymerge-manifest.json").read_text())
     assert manifest["config"]["merge"]["params"]["scale"] == 0.9

@@ -18,6 +18,7 @@ import yaml
 
 from orchestrator import remerge, run_job
 from orchestrator.cli import main
+from orchestrator.lock import Lock
 from orchestrator.storage import open_store
 from tests.conftest import load_state, tiny_llama, upload
 from tests.integration.test_hub import add_to_cache, sha
@@ -215,12 +216,12 @@ def test_lock_compare_and_swap_on_s3(s3):
     exactly one wins (S3 conditional writes on the moto endpoint)."""
     s3.create_bucket(Bucket="locks")
     store = open_store("s3://locks/out")
-    a, b = remerge.Lock(store, ttl=0.5), remerge.Lock(store, ttl=0.5)
+    a, b = Lock(store, ttl=0.5), remerge.Lock(store, ttl=0.5)
     assert a.acquire() is None
     assert "until" in b.acquire()
     time.sleep(0.6)  # a's lock expires without renewal
     held, token = store.read_versioned("lock")
-    c = remerge.Lock(store, ttl=30)
+    c = Lock(store, ttl=30)
     assert store.replace_if("lock", b"taken by someone else", token) is not None
     assert c.acquire() is None  # the unreadable lock counts as expired
     assert store.replace_if("lock", b"late", token) is None  # the old version is gone

@@ -38,13 +38,16 @@ def _free_port() -> int:
 def ray_head(tmp_path_factory):
     """A one-node cluster with its dashboard (Jobs API) on 127.0.0.1 and a token of its own."""
     token = secrets.token_hex(16)
-    dashboard = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    dashboard, gcs = _free_port(), _free_port()
+    # the cluster has no storage credentials of its own (as one whose workers must be given
+    # them, or use their own chain): none of this shell's AWS_* / HF_* settings
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_"))},
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     temp = tmp_path_factory.mktemp("rayhead")
     log = open(temp / "head.log", "wb")
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-         "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
          # fixed default ports would collide with the session's own local Ray
@@ -65,7 +68,7 @@ def ray_head(tmp_path_factory):
                     raise RuntimeError("ray head did not start: "
                                        + (temp / "head.log").read_text()[-2000:])
                 time.sleep(1)
-        yield address, token, str(temp)
+        yield address, token, str(temp), f"127.0.0.1:{gcs}"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -99,16 +102,17 @@ def _kill_session(temp: str) -> None:
             continue
 
 
-def cli(*args: str, token: str, cwd=None) -> subprocess.CompletedProcess:
+def cli(*args: str, token: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     """`raymerge ...` in a fresh process: Ray's client caches the first token a process reads,
-    so each call gets its own environment."""
+    so each call gets its own environment (``env``: more variables)."""
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args],
-                          env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                          env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+                               **(env or {})},
                           capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def test_submitted_job_succeeds_and_its_output_verifies(ray_head, llama_family, tmp_path):
-    address, token, temp = ray_head
+    address, token, temp, _ = ray_head
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({
         "base": {"name": "base", "uri": llama_family["base"]},
@@ -141,7 +145,7 @@ def test_submitted_job_succeeds_and_its_output_verifies(ray_head, llama_family, 
 
 def test_bad_config_never_reaches_the_cluster_and_stop_works(ray_head, llama_family,
                                                              tmp_path):
-    address, token, _ = ray_head
+    address, token, _, _ = ray_head
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({
         "sources": [{"name": "a", "uri": llama_family["ft1"]}],
@@ -175,3 +179,52 @@ def test_bad_config_never_reaches_the_cluster_and_stop_works(ray_head, llama_fam
         assert main(["verify", str(tmp_path / "stopped")]) == 0
     else:
         assert "STOPPED" in status, status
+
+
+def files_holding(folder: str, needle: str) -> list[str]:
+    """Every file below ``folder`` whose bytes contain ``needle``."""
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                with open(path, "rb") as f:
+                    if needle.encode() in f.read():
+                        found.append(path)
+            except OSError:  # a socket or a file removed meanwhile
+                continue
+    return found
+
+
+def test_no_secret_reaches_the_clusters_files(ray_head, llama_family, tmp_path, s3):
+    """Secrets never go into a runtime_env (Ray writes those to its logs): on a cluster this
+    process did not start, the workers get the non-secret settings (the S3 endpoint) and
+    use their own credentials, or, with --forward-credentials, this shell's through the
+    object store; a submitted job gets the settings only. Afterwards no file under the
+    cluster's session folder holds the secrets, while the endpoint is there (the grep sees
+    what Ray records)."""
+    address, token, temp, gcs = ray_head
+    s3.create_bucket(Bucket="no-secrets")
+    secret, hf_secret = f"SENTINEL{secrets.token_hex(8)}", f"HFSENTINEL{secrets.token_hex(8)}"
+    env = {"AWS_SECRET_ACCESS_KEY": secret, "HF_TOKEN": hf_secret}
+    job = tmp_path / "job.yaml"
+    doc = {"base": {"name": "base", "uri": llama_family["base"]},
+           "sources": [{"name": "ft1", "uri": llama_family["ft1"]},
+                       {"name": "ft2", "uri": llama_family["ft2"]}],
+           "merge": {"method": "task_arithmetic"},
+           "output": {"uri": "s3://no-secrets/merged", "shard_size": "12KB"},
+           "runtime": {"address": gcs}}
+    job.write_text(yaml.safe_dump(doc))
+    proc = cli("run", str(job), "--quiet", token=token, env=env)
+    assert proc.returncode == 1 and "Unable to locate credentials" in proc.stderr, proc.stderr
+    proc = cli("run", str(job), "--quiet", "--forward-credentials", token=token, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["verify", "s3://no-secrets/merged"]) == 0
+
+    doc.update(output={"uri": str(tmp_path / "submitted")}, runtime={})
+    job.write_text(yaml.safe_dump(doc))
+    proc = cli("submit", str(job), "--address", address, "--wait", token=token, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    assert files_holding(temp, secret) == [] and files_holding(temp, hf_secret) == []
+    assert files_holding(temp, os.environ["AWS_ENDPOINT_URL_S3"])  # recorded runtime_envs

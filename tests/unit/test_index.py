@@ -97,12 +97,13 @@ def test_index_json_must_agree_with_headers(tmp_path):
 
 
 def test_pins_cost_header_reads_unless_content_is_asked_for(tmp_path):
-    """Default pins: size, mtime and the header's sha256; pin_content adds the file's sha256."""
+    """Default pins: size, mtime, a sha256 of the first and last MiB and the header's sha256;
+    pin_content adds the file's sha256."""
     import hashlib
 
     store = checkpoint(tmp_path / "p", TENSORS)
     pin = index_checkpoint("p", store).pins["model.safetensors"]
-    assert set(pin) == {"size", "mtime_ns", "header_sha256"}
+    assert set(pin) == {"size", "mtime_ns", "sample_sha256", "header_sha256"}
     full = index_checkpoint("p", store, pin_content=True).pins["model.safetensors"]
     data = (tmp_path / "p" / "model.safetensors").read_bytes()
     assert full["sha256"] == hashlib.sha256(data).hexdigest()

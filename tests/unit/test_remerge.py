@@ -10,6 +10,7 @@ import yaml
 
 from orchestrator import cron, remerge
 from orchestrator.errors import ConfigError
+from orchestrator.lock import Lock
 from orchestrator.storage import open_store
 
 UTC = datetime.timezone.utc
@@ -134,7 +135,7 @@ def test_decide_skips_updates_continually_or_remerges():
 
 
 def _contend(root: str, ttl: float, results) -> None:
-    results.put(remerge.Lock(open_store(root), ttl).acquire() is None)
+    results.put(Lock(open_store(root), ttl).acquire() is None)
 
 
 def test_local_lock_one_winner_among_processes_and_expiry(tmp_path):
@@ -149,10 +150,10 @@ def test_local_lock_one_winner_among_processes_and_expiry(tmp_path):
         p.join(60)
     assert sorted(results.get(timeout=5) for _ in procs) == [False, False, False, True]
     store = open_store(str(tmp_path / "other"))
-    a, b = remerge.Lock(store, 0.3), remerge.Lock(store, 60)
+    a, b = Lock(store, 0.3), remerge.Lock(store, 60)
     assert a.acquire() is None and "until" in b.acquire()
     time.sleep(0.4)
     assert b.acquire() is None
     assert not a.renew() and json.loads(store.read_bytes("lock"))["owner"] == b.owner
     b.release()
-    assert remerge.Lock(store, 60).acquire() is None
+    assert Lock(store, 60).acquire() is None
