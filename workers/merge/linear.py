@@ -23,23 +23,30 @@ def linear(tensors: Sequence[torch.Tensor], p: LinearParams, *,
            dtype: torch.dtype | None = None) -> torch.Tensor:
     """Weighted average Σ w_i θ_i, divided by Σ w_i when ``normalize`` (uniform soup by default).
 
-    No base. Accumulates in the compute dtype in model order, each term as a fused
-    multiply-add, as mergekit's ``addcmul_`` does. With ``dtype`` the inputs come as stored:
-    float32 arithmetic on bfloat16 or float32 inputs is one loop (``kernels.weighted_sum``).
+    No base. Accumulates in model order, each term as a fused multiply-add, as mergekit's
+    ``addcmul_`` does, in float32 (float64 for float64): a 16-bit compute dtype rounds the
+    inputs to it, the sum once at the end (mergekit 0.1.5 under ``dtype: bfloat16``; a
+    bfloat16 running sum would round after every model). With ``dtype`` the inputs come as
+    stored: float32 arithmetic on bfloat16 or float32 inputs is one loop
+    (``kernels.weighted_sum``).
     """
     from workers.merge import kernels
 
-    weights = torch.tensor(list(p.weight), dtype=dtype or tensors[0].dtype)
+    compute = dtype or tensors[0].dtype
+    work = torch.float64 if compute == torch.float64 else torch.float32
+    if compute != work:
+        tensors, _ = cast_inputs(tensors, None, compute)
+    weights = torch.tensor(list(p.weight), dtype=work)
     divisor = weights.sum() if p.normalize else None
-    fused = kernels.fused_inputs(tensors, None, dtype or tensors[0].dtype)
+    fused = kernels.fused_inputs(tensors, None, work)
     if fused:
         return kernels.weighted_sum(fused, p.weight, has_base=False, fused_multiply=True,
                                     divisor=None if divisor is None else float(divisor)
-                                    ).reshape(tensors[0].shape)
-    tensors, _ = cast_inputs(tensors, None, dtype)
+                                    ).reshape(tensors[0].shape).to(compute)
+    tensors, _ = cast_inputs(tensors, None, work)
     out = torch.zeros_like(tensors[0])
     for t, w in zip(tensors, weights.unbind(0)):
         out.addcmul_(t, w)
     if divisor is not None:
         out.div_(divisor)
-    return out
+    return out.to(compute)
