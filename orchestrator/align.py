@@ -166,28 +166,20 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     params = dict(cfg.merge.params)
     hidden = internal_fields(method.params)
     p = method.params(**{k: v for k, v in params.items() if k not in hidden})
+    # (the params' demands on the models and inputs are checked with the config)
     zipped = name == "zipit" or (name == "mudsc" and p.variant == "zip")
-    if name == "mudsc" and zipped and len(refs) > 2:
-        raise ConfigError("sources: mudsc with variant: zip zips exactly 2 models; for more, "
-                          "use zipit (one joint zip) or variant: perm (each model aligned to "
-                          "the first)")
     joint = name == "zipit" and len(refs) > 2  # one zip over every model's units
-    if joint and p.alpha <= 0:
-        raise ConfigError(f"merge.params.alpha: a zip of {len(refs)} models needs alpha > 0 "
-                          "(a fused feature must be able to take a third model's unit)")
     stop = getattr(p, "stop", -1)
-    if stop >= 0 and not zipped:
-        raise ConfigError("merge.params.stop: partial merging is for zips (mudsc with "
-                          "variant: zip)")
     try:
         solved, kept = specs.partial(spec, stop) if stop >= 0 else (None, [])
     except specs.SpecError as e:
         raise ConfigError(f"merge.params.stop: {e}") from None
+    if cfg.align.heads:  # a pattern picking no tensor fails now, not after the solve
+        head_names(cfg, sorted(shapes[0]))
+    if cfg.data is not None:  # the inputs' file and tensor, before any statistics task
+        open_data(cfg.data)
     colored = getattr(p, "schedule", "") == "colors"  # weight matching steps on workers
     reads = method.alignment_for(params)
-    if getattr(p, "finetune_steps", 0) and cfg.data is None:
-        raise ConfigError("merge.params.finetune_steps: the fine-tune needs unlabelled inputs: "
-                          "data: {uri: inputs.safetensors, key: inputs}")
     states = ([read_state(r) for r in refs]
               if reads in ("weights", "dual") and not colored else [])
     stats = (statistics(cfg, spec, refs, quiet, joint, cache=out)

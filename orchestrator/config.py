@@ -417,6 +417,7 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
         if reads in ("activations", "dual") and not isinstance(doc.get("data"), dict):
             errors.append(f"data: method {method!r} needs unlabelled inputs: "
                           "data: {uri: inputs.safetensors, key: inputs}")
+        _check_alignment(spec, params, len(sources), isinstance(doc.get("data"), dict), errors)
     if (spec.statistics or spec.dynamic) and not isinstance(doc.get("data"), dict):
         for i, src in enumerate(sources):
             if isinstance(src, dict) and not isinstance(src.get("data"), dict):
@@ -458,6 +459,30 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
             _check_params(spec, ov["params"], f"merge.overrides[{i}].params", errors,
                           per_model_only=False)
     _check_weights_sum(spec, merge, sources, errors)
+
+
+def _check_alignment(spec: MethodSpec, params: dict, n: int, has_data: bool,
+                     errors: list[str]) -> None:
+    """What an alignment method's params ask that its models or inputs cannot give (checked
+    here so that ``plan`` refuses what ``run`` would, before any solve)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(spec.params)
+                if f.default is not dataclasses.MISSING}
+    value = {**defaults, **params}.get
+    zipped = spec.name == "zipit" or (spec.name == "mudsc" and value("variant") == "zip")
+    if spec.name == "mudsc" and zipped and n > 2:
+        errors.append("sources: mudsc with variant: zip zips exactly 2 models; for more, use "
+                      "zipit (one joint zip) or variant: perm (each model aligned to the first)")
+    alpha = value("alpha")
+    if spec.name == "zipit" and n > 2 and isinstance(alpha, (int, float)) and alpha <= 0:
+        errors.append(f"merge.params.alpha: a zip of {n} models needs alpha > 0 (a fused "
+                      "feature must be able to take a third model's unit)")
+    stop = value("stop")
+    if isinstance(stop, int) and stop >= 0 and not zipped:
+        errors.append("merge.params.stop: partial merging is for zips (zipit, or mudsc with "
+                      "variant: zip)")
+    if value("finetune_steps") and not has_data:
+        errors.append("merge.params.finetune_steps: the fine-tune needs unlabelled inputs: "
+                      "data: {uri: inputs.safetensors, key: inputs}")
 
 
 def _check_count(spec: MethodSpec, n: int, path: str, errors: list[str],

@@ -40,6 +40,7 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
     refs = tuple(open_model(s) for s in cfg.sources)
     base = open_model(cfg.base)
     heads = head_names(cfg, [n for n, _, _ in refs[0].tensors])
+    _check_head_shapes(cfg, refs, heads)
     opened = [open_data(d, f"sources[{i}].data" if cfg.sources[i].data else "data")
               for i, d in enumerate(model_data(cfg))]
     if len({o.input_name for o in opened}) > 1:
@@ -56,6 +57,21 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
         return _train(cfg, ctx, shares, p, method.name, quiet)
     except ValueError as e:  # the models do not fit the method (no MLP sites, no logits, ...)
         raise ConfigError(f"{method.name}: {e}") from None
+
+
+def _check_head_shapes(cfg: JobConfig, refs: tuple, heads: list[str]) -> None:
+    """Each task's head must have the first's shape (checked before training, which the
+    merge's own check would only follow)."""
+    first = {n: info.shape for n, _, info in refs[0].tensors}
+    errors = []
+    for src, ref in zip(cfg.sources[1:], refs[1:]):
+        shapes = {n: info.shape for n, _, info in ref.tensors}
+        for name in heads:
+            if shapes.get(name) != first[name]:
+                errors.append(f"source {src.name!r}: head tensor {name} has shape "
+                              f"{shapes.get(name)}, {cfg.sources[0].name} has {first[name]}")
+    if errors:
+        raise ConfigError(errors)
 
 
 def _train(cfg: JobConfig, ctx, shares: list, p, name: str,

@@ -78,15 +78,26 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
     return records, timings, report
 
 
+_SESSIONS: list[list] = []  # open ray_sessions, innermost last: the executor that started Ray
+
+
 @contextmanager
 def ray_session(runtime: RuntimeConfig) -> Iterator[None]:
-    """One Ray for several phases of a job (the executors inside find it running and leave it
-    up); nothing for the local executor."""
+    """One Ray for several phases of a job, started by the first phase that uses it (so the
+    driver's checks before it fail without starting Ray) and shut down when the session
+    ends; the executors inside find it running and leave it up. Nothing for the local
+    executor."""
     if runtime.executor != "ray":
         yield
         return
-    with _RayExecutor(runtime):
+    started: list = []
+    _SESSIONS.append(started)
+    try:
         yield
+    finally:
+        _SESSIONS.remove(started)
+        for executor in started:
+            executor.shut_down()
 
 
 class HeldRay:
@@ -392,12 +403,18 @@ class _RayExecutor:
         return self
 
     def __exit__(self, *exc):
-        if self.started:
-            import ray
-
-            ray.shutdown()
-            _INHERITED[0] = None
+        if self.started and _SESSIONS:  # the job's session keeps it for its next phase
+            _SESSIONS[-1].append(self)
+        elif self.started:
+            self.shut_down()
         return False
+
+    def shut_down(self) -> None:
+        import ray
+
+        self.started = False
+        ray.shutdown()
+        _INHERITED[0] = None
 
     def imap(self, fn: Callable, units: Sequence[WorkUnit], args: tuple,
              progress: _Progress) -> Iterator[tuple[WorkUnit, Any]]:

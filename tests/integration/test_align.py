@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -173,6 +175,31 @@ def test_bad_alignment_input_is_named(vits, tmp_path, capsys):
                      params={"variant": "perm", "stop": 1})
     assert main(["run", path, "--quiet"]) == 2
     assert "merge.params.stop: partial merging is for zips" in capsys.readouterr().err
+
+
+def test_plan_refuses_what_run_would_and_bad_heads_fail_before_ray_and_the_solve(
+        vits, tmp_path, capsys):
+    """`raymerge plan` refuses a partial stop for a perm variant as `run` does; heads that
+    pick no tensor and a data key the inputs lack fail on the driver before Ray starts or
+    any statistics or solve runs."""
+    path = write_job(tmp_path, vits, "mudsc", tmp_path / "bad",
+                     params={"variant": "perm", "stop": 1})
+    assert main(["plan", path]) == 2
+    assert "merge.params.stop: partial merging is for zips" in capsys.readouterr().err
+    for change, message in ((("align", {"heads": ["classifier_nope.*"]}),
+                             "align.heads: 'classifier_nope.*' matches no tensor"),
+                            (("data", {"uri": vits["data"], "key": "pixels"}),
+                             "no tensor 'pixels'")):
+        doc = yaml.safe_load(open(write_job(tmp_path, vits, "activation_matching",
+                                            tmp_path / "bad")))
+        doc[change[0]] = change[1]
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run",
+                               str(tmp_path / "job.yaml")], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Ray instance" not in proc.stderr and "statistics" not in proc.stderr
+        assert not (tmp_path / "bad").exists()
 
 
 def test_similarity_of_three_models(vits, ray_session, tmp_path):
