@@ -77,29 +77,38 @@ def finished_manifest(out: Store) -> dict:
     return manifest
 
 
-def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
-           indexes: list[CheckpointIndex], stores: list[Store], out: Store,
-           tokenizer_files: dict[str, bytes] | None = None,
-           method_state: dict | None = None, extra_files: dict[str, bytes] | None = None,
-           job: dict | None = None) -> dict:
-    """Write everything but the shards, then the manifest; return the manifest.
-    ``tokenizer_files`` (a built tokenizer) replace the reference's tokenizer files;
-    ``method_state`` (a continual method's running state) is recorded for the next step;
-    ``extra_files`` (an alignment's transforms and heads, statistics, a runtime), written by
-    the job before the merge, are listed with the others, not written again; ``job`` (the
-    job as given, see ``job.job_document``) lets a later run tell another job's output apart
-    before it does any work."""
-    files: dict[str, bytes] = {}
-    weight_map = {it.tensor_name: u.shard for u in plan.units for it in u.items}
-    files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
-                               "weight_map": weight_map})
+def output_metadata(plan: Plan, cfg: JobConfig, stores: list[Store],
+                    tokenizer_files: dict[str, bytes] | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """The config, tokenizer and other metadata files the output gets from its reference
+    model (``tokenizer_files``, a built tokenizer, replace the reference's; a file among
+    ``extra_files`` is the method's own); read before the merge, so that a source's bad
+    metadata fails the job before any tensor is merged."""
     copied = _copied_files(stores[plan.reference], cfg, plan.layer_map, plan.vocab_rows)
     copied = {n: d for n, d in copied.items() if n not in (extra_files or {})}  # e.g. the
     # config.json of a merge whose widths differ from the reference's
     if tokenizer_files:
         copied = {n: d for n, d in copied.items() if n not in TOKENIZER_FILES}
         copied.update(tokenizer_files)
-    files.update(copied)
+    return copied
+
+
+def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
+           indexes: list[CheckpointIndex], out: Store, metadata: dict[str, bytes],
+           method_state: dict | None = None, extra_files: dict[str, bytes] | None = None,
+           job: dict | None = None) -> dict:
+    """Write everything but the shards, then the manifest; return the manifest.
+    ``metadata`` (``output_metadata``) is written as it is; ``method_state`` (a continual
+    method's running state) is recorded for the next step; ``extra_files`` (an alignment's
+    transforms and heads, statistics, a runtime), written by the job before the merge, are
+    listed with the others, not written again; ``job`` (the job as given, see
+    ``job.job_document``) lets a later run tell another job's output apart before it does
+    any work."""
+    files: dict[str, bytes] = {}
+    weight_map = {it.tensor_name: u.shard for u in plan.units for it in u.items}
+    files[INDEX_FILE] = _json({"metadata": {"total_size": plan.output_bytes},
+                               "weight_map": weight_map})
+    files.update(metadata)
     files[MODEL_CARD] = model_card(plan, cfg, indexes).encode()
     for name, data in files.items():
         out.write_bytes(name, data)

@@ -73,7 +73,8 @@ def push(folder: str, repo_id: str, message: str) -> str:
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
                                  commit_message=message,
-                                 ignore_patterns=["raymerge-progress.json", "*.raymerge-partial"])
+                                 ignore_patterns=["raymerge-progress.json", "*.raymerge-partial",
+                                                  ".raymerge-lock"])
     except HfHubHTTPError as e:
         raise StorageError(f"push to hf://{repo_id} failed: {e}") from None
     return info.commit_url

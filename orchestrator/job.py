@@ -16,6 +16,7 @@ from orchestrator.commit import (
     MANIFEST,
     commit,
     damaged_files,
+    output_metadata,
     read_manifest,
     read_progress,
     write_progress,
@@ -135,13 +136,26 @@ def job_document(cfg: JobConfig) -> dict:
 def _check_same_job(out: Store, existing: dict, job: dict, repair: bool) -> None:
     """Refuse, before any solve, training or read, an output finished by a different job."""
     recorded = existing.get("job")
-    if recorded is None or recorded == job:
+    if recorded is None:
         return
-    keys = sorted(_differing(recorded, job))
+    keys = sorted(_differing(_unnamed(recorded), _unnamed(job)))
+    if not keys:
+        return
     shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
     what = "cannot be repaired by" if repair else "was made by another job than"
     raise MergeError(f"{out.uri} holds a finished merge that {what} this one (they differ in "
                      f"{shown}); choose another output, or pass --force to replace it")
+
+
+def _unnamed(job: dict) -> dict:
+    """The job without its sources' URIs: one source may be spelled several ways (a hub
+    branch or its commit; the pinned plan tells them apart later, by content)."""
+    job = copy.deepcopy(job)
+    for src in job.get("sources") or []:
+        src.pop("uri", None)
+    if isinstance(job.get("base"), dict):
+        job["base"].pop("uri", None)
+    return job
 
 
 def _differing(a: object, b: object, at: str = "") -> list[str]:
@@ -195,6 +209,7 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
     planning = time.monotonic()
     plan, indexes, stores, tokenizer_files = plan_job(cfg, masks)
     timings = {**timings, "plan": time.monotonic() - planning}
+    metadata = output_metadata(plan, cfg, stores, tokenizer_files, extra_files)
     out = open_store(cfg.output.uri)
     existing = read_manifest(out)
     if existing is not None:
@@ -249,8 +264,8 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
     committing = time.monotonic()
     order = {u.shard: u.index for u in plan.units}
     records = sorted([*kept.values(), *new], key=lambda r: order[r.shard])
-    manifest = commit(plan, cfg, records, indexes, stores, out, tokenizer_files, method_state,
-                      extra_files, job=opts.job)
+    manifest = commit(plan, cfg, records, indexes, out, metadata, method_state, extra_files,
+                      job=opts.job)
     timings["commit"] = time.monotonic() - committing
     if cfg.output.push_to_hub:
         pushing = time.monotonic()

@@ -179,6 +179,10 @@ def _flocked(out: LocalStore, wait: bool) -> Iterator[None]:
         while True:
             try:  # again after a wait: the holder may have removed the folder it made
                 os.makedirs(out.root, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"{out.root}: cannot create the output folder "
+                                   f"({e.strerror})") from None
+            try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError as e:
                 raise StorageError(f"{path}: cannot create the output lock "

@@ -73,7 +73,8 @@ def test_hub_sources_pin_their_commit_and_equal_local(llama_family, tmp_path, ra
                                  {"name": "ft2", "uri": "hf://org/ft2@v2"}]}
     assert run_job(by_sha, quiet=True).skipped  # same commits: the same merge
 
-    missing = {**doc, "sources": [{"name": "x", "uri": "hf://org/absent"}]}
+    missing = {**doc, "sources": [{"name": "x", "uri": "hf://org/absent"}],
+               "output": {"uri": str(tmp_path / "absent-out")}}
     with pytest.raises(StorageError, match="hf://org/absent: not in .* hub.offline is true"):
         run_job(missing, quiet=True)
 

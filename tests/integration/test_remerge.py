@@ -113,7 +113,8 @@ def test_s3_schedule_skips_updates_continually_and_remerges_on_change(family, s3
     s3.create_bucket(Bucket="zoo")
     s3.create_bucket(Bucket="merged")
     uris = {n: upload(s3, "zoo", family[n], n) for n in ("base", "ft1", "ft2", "ft3")}
-    doc = opcm_job(uris, ["ft1", "ft2"], "unused", num_workers=2)
+    # forwarded: the session's Ray started before the S3 credentials were set
+    doc = opcm_job(uris, ["ft1", "ft2"], "unused", num_workers=2, forward_credentials=True)
     out = "s3://merged/opcm"
     path, job = write_schedule(tmp_path, doc, out)
 
@@ -136,7 +137,7 @@ def test_s3_schedule_skips_updates_continually_and_remerges_on_change(family, s3
     assert [s["uri"] for s in step["sources"]] == [f"{out}/v1", uris["ft3"], uris["base"]]
 
     full = run_job(opcm_job(uris, ["ft1", "ft2", "ft3"], str(tmp_path / "full"),
-                            num_workers=2), quiet=True)
+                            num_workers=2, forward_credentials=True), quiet=True)
     assert {s["file"]: s["sha256"] for s in step["shards"]} == shards(full.output)
 
     upload(s3, "zoo", family["ft2b"], "ft2")  # a new revision of ft2, same key

@@ -25,7 +25,9 @@ def job(sources, base, out, **extra):
             "sources": [{"name": f"ft{i}", "uri": u} for i, u in enumerate(sources)],
             "merge": {"method": "ties", "params": {"density": 0.3}},
             "output": {"uri": out, "shard_size": "12KB"},
-            "runtime": {"num_workers": 2}, **extra}
+            # the session's Ray started before the S3 credentials were set, as a Ray the
+            # user started: its workers get them only when forwarded
+            "runtime": {"num_workers": 2, "forward_credentials": True}, **extra}
 
 
 def shard_digests(manifest):
@@ -80,7 +82,8 @@ def test_big_shards_are_streamed_in_multipart_uploads(s3, ray_session, tmp_path)
     ft = tiny_llama(str(tmp_path / "ft"), seed=1, base=base, **size)
     doc = {"base": {"name": "base", "uri": base}, "sources": [{"name": "ft", "uri": ft}],
            "merge": {"method": "task_arithmetic", "params": {"scale": 0.5}},
-           "output": {"uri": "s3://big/out", "shard_size": "40MB"}}
+           "output": {"uri": "s3://big/out", "shard_size": "40MB"},
+           "runtime": {"forward_credentials": True}}
     result = run_job(doc, quiet=True)
     (shard,) = result.manifest["shards"]
     assert shard["bytes"] > 2 * PART_SIZE
