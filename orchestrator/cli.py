@@ -43,7 +43,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     if ns.forward_credentials:
         overrides.append("runtime.forward_credentials=true")
     result = run_job(ns.config, overrides, output=output, force=ns.force, quiet=ns.quiet,
-                     wait_lock=ns.wait_lock, repair=ns.repair)
+                     wait_lock=ns.wait_lock, repair=ns.repair, strict=ns.strict)
     if result.skipped:
         print(f"{result.output} already holds this merge (plan {result.plan.digest()[:12]}); "
               "nothing to do")
@@ -280,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repair", action="store_true",
                      help="re-check every byte of a finished output of this job and redo only "
                           "its damaged or missing shards")
+    run.add_argument("--strict", action="store_true",
+                     help="fail (no manifest) when an output tensor holds NaN or Inf; by "
+                          "default they are reported with the inputs they came from and "
+                          "recorded in the manifest")
     run.add_argument("--forward-credentials", action="store_true",
                      help="on a Ray cluster this command did not start (runtime.address), hand "
                           "this shell's AWS_*/HF_* keys and tokens to the workers through Ray's "

@@ -130,7 +130,8 @@ def commit(plan: Plan, cfg: JobConfig, records: list[ShardRecord],
              "pins": idx.pins}
             for s, idx in zip(plan.sources, indexes)
         ],
-        "shards": [{"file": r.shard, "bytes": r.bytes, "sha256": r.sha256, "tensors": r.tensors}
+        "shards": [{"file": r.shard, "bytes": r.bytes, "sha256": r.sha256, "tensors": r.tensors,
+                    **({"nonfinite": r.nonfinite} if r.nonfinite else {})}
                    for r in records],
         "files": [{"file": n, "bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()}
                   for n, d in files.items()],

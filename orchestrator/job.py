@@ -90,7 +90,7 @@ def plan_job(cfg: JobConfig,
 
 def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
             output: str | None = None, force: bool = False, quiet: bool = False,
-            wait_lock: bool = False, repair: bool = False) -> JobResult:
+            wait_lock: bool = False, repair: bool = False, strict: bool = False) -> JobResult:
     """Merge as configured and commit the output; the Python twin of ``raymerge run``.
 
     Before anything is read: the output must not overlap any input, must be new, empty or a
@@ -99,7 +99,8 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
     (``skipped``) once every listed file has its recorded size; a damaged one is an error, or
     (``repair``) its damaged shards are redone. A finished output of a different plan is
     refused unless ``force``; then its manifest is removed first, so an interrupted re-run can
-    never pass for finished.
+    never pass for finished. Output tensors holding NaN or Inf are reported (with the inputs
+    they came from) and recorded in the manifest; ``strict`` fails the job instead.
     """
     start = time.monotonic()
     cfg = resolve_config(config, overrides, output)
@@ -111,7 +112,7 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
         existing = read_manifest(out)
         if existing is not None and not force:
             _check_same_job(out, existing, job, repair)
-        return _dispatch(cfg, _Options(force, quiet, repair, job), start)
+        return _dispatch(cfg, _Options(force, quiet, repair, job, strict), start)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class _Options:
     quiet: bool
     repair: bool
     job: dict  # the job as given (``job_document``), recorded in the manifest
+    strict: bool = False  # NaN/Inf in the output fails the job
 
 
 def job_document(cfg: JobConfig) -> dict:
@@ -224,7 +226,7 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
                     f"redo only the damaged shards with: raymerge verify --repair {out.uri}")
             _log(opts.quiet, f"repairing {out.uri}: {_listed(damaged)}")
             write_progress(out, plan, [ShardRecord(s["file"], s["bytes"], s["sha256"],
-                                                   s["tensors"])
+                                                   s["tensors"], s.get("nonfinite", {}))
                                        for s in existing["shards"] if s["file"] not in damaged])
         elif opts.repair:
             raise MergeError(
@@ -264,6 +266,7 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
     committing = time.monotonic()
     order = {u.shard: u.index for u in plan.units}
     records = sorted([*kept.values(), *new], key=lambda r: order[r.shard])
+    _report_nonfinite(out, records, opts)
     manifest = commit(plan, cfg, records, indexes, out, metadata, method_state, extra_files,
                       job=opts.job)
     timings["commit"] = time.monotonic() - committing
@@ -275,6 +278,24 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
         _log(opts.quiet, f"pushed to {url}")
     return JobResult(out.uri, manifest, plan, False, time.monotonic() - start, timings,
                      len(kept))
+
+
+def _report_nonfinite(out: Store, records: list[ShardRecord], opts: _Options) -> None:
+    """Say which output tensors hold NaN or Inf and which inputs they came from (the
+    manifest records them too); with ``strict``, fail instead of committing."""
+    found = {name: counts for r in records for name, counts in r.nonfinite.items()}
+    if not found:
+        return
+    lines = [f"{name}: {c['output']} in the output; "
+             + (", ".join(f"{src} {n}" for src, n in c["inputs"].items()) or "none in any input")
+             for name, c in found.items()]
+    shown = "\n  ".join(lines[:20]) + (f"\n  and {len(lines) - 20} more" if len(lines) > 20
+                                       else "")
+    if opts.strict:
+        raise MergeError(f"{len(found)} output tensors hold NaN/Inf entries (--strict):\n  "
+                         f"{shown}\nno manifest was written; fix or leave out the inputs named")
+    print(f"warning: {len(found)} tensors of {out.uri} hold NaN/Inf entries (listed in the "
+          f"manifest; --strict makes this an error):\n  {shown}", file=sys.stderr)
 
 
 def _log(quiet: bool, message: str) -> None:

@@ -19,7 +19,7 @@ import functools
 import hashlib
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -59,6 +59,9 @@ class ShardRecord:
     bytes: int
     sha256: str
     tensors: int
+    # tensor -> {"output": NaN/Inf entries written, "inputs": {source: NaN/Inf entries}}, for
+    # the tensors whose output holds any
+    nonfinite: dict = field(default_factory=dict)
 
 
 def keyed_generator(seed: int, model: str, tensor_name: str,
@@ -96,14 +99,39 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def merge_unit(unit: Any, ctx: TaskContext, stats: dict[int, Any]) -> ShardRecord:
     """Compute every tensor of ``unit`` and write them, in order, to its output shard."""
+    from workers.merge.kernels import count_nonfinite
+
     entries = [(it.tensor_name, it.out_dtype, it.shape) for it in unit.items]
+    nonfinite = {}
     with torch_threads(ctx.threads), ctx.output.open_writer(unit.shard) as sink:
         writer = ShardWriter(sink, entries, SHARD_METADATA)
         for item in unit.items:
-            _guarded(item, unit, writer.write_pieces, item.tensor_name,
-                     _merge_item(item, ctx, stats))
+            counted = [0]
+
+            def pieces(item=item, counted=counted) -> Iterator[torch.Tensor]:
+                for piece in _merge_item(item, ctx, stats):
+                    counted[0] += count_nonfinite(piece)
+                    yield piece
+
+            _guarded(item, unit, writer.write_pieces, item.tensor_name, pieces())
+            if counted[0]:  # where it came from: each input's own count (a rare second read)
+                nonfinite[item.tensor_name] = {
+                    "output": counted[0],
+                    "inputs": _guarded(item, unit, _nonfinite_inputs, item, ctx)}
         sha = writer.finish()
-    return ShardRecord(unit.shard, writer.bytes_written, sha, len(unit.items))
+    return ShardRecord(unit.shard, writer.bytes_written, sha, len(unit.items), nonfinite)
+
+
+def _nonfinite_inputs(item: Any, ctx: TaskContext) -> dict[str, int]:
+    """NaN/Inf entries of each of the item's inputs (then base), by source name."""
+    from workers.merge.kernels import count_nonfinite
+
+    refs = _refs(item)
+    counts = [0] * len(refs)
+    for _, values in _chunks(item, ctx, whole_windows=True):
+        for i, v in enumerate(values):
+            counts[i] += count_nonfinite(v)
+    return {ctx.source_names[r.source]: n for r, n in zip(refs, counts) if n}
 
 
 def collect_unit(unit: Any, ctx: TaskContext, pass_index: int,

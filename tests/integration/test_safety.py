@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from orchestrator import run_job
@@ -389,3 +390,30 @@ def test_ctrl_c_during_a_merge_exits_130_and_the_rerun_resumes(tmp_path):
     again = raymerge("run", path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert main(["verify", str(tmp_path / "out")]) == 0
+
+
+def test_nan_and_inf_in_an_input_are_reported_and_fail_with_strict(job, capsys):
+    """Item 10: NaN/Inf that reach the output are counted as the output is written, traced
+    to the input that holds them, reported, and recorded in the manifest; --strict fails the
+    job naming tensor and model, and writes no manifest."""
+    from safetensors.torch import load_file, save_file
+
+    shard = first_shard(job.family["ft2"])
+    tensors = load_file(shard)
+    name = sorted(n for n in tensors if tensors[n].dim() == 2)[0]
+    bad = tensors[name].clone()
+    bad.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    tensors[name] = bad
+    save_file(tensors, shard, metadata={"format": "pt"})
+    path = job()
+    assert main(["run", path, "--strict", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "1 output tensors hold NaN/Inf entries (--strict)" in err
+    assert f"{name}: 3 in the output; ft2 3" in err
+    assert not (job.out / "raymerge-manifest.json").exists()
+    assert main(["run", path, "--quiet"]) == 0  # resumes: the shards are kept, and counted
+    err = capsys.readouterr().err
+    assert "warning: 1 tensors of" in err and f"{name}: 3 in the output; ft2 3" in err
+    manifest = json.loads((job.out / "raymerge-manifest.json").read_text())
+    flagged = {t: c for s in manifest["shards"] for t, c in s.get("nonfinite", {}).items()}
+    assert flagged == {name: {"output": 3, "inputs": {"ft2": 3}}}
