@@ -193,8 +193,8 @@ def _json(doc: Any) -> bytes:
 def is_metadata(name: str) -> bool:
     """Whether ``name`` (relative to a model folder) is model metadata an output carries: a
     known file at the top level, or a JSON file of a sentence-transformers module folder."""
-    folder, _, file = name.rpartition("/")
-    if not folder:
+    folder, slash, file = name.rpartition("/")
+    if not slash:
         return file in METADATA_FILES or file.endswith(_METADATA_SUFFIXES)
     return "/" not in folder and bool(_MODULE_DIR.match(folder)) and file.endswith(".json")
 

@@ -79,6 +79,18 @@ def check_locations(cfg: JobConfig) -> None:
         raise ConfigError(errors)
 
 
+def check_destination(dest: str, reads: list[tuple[str, str]], key: str = "DEST") -> None:
+    """A ConfigError when the folder a command writes, ``dest``, overlaps one of ``reads``
+    ((what, uri) pairs; hub URIs are skipped)."""
+    where = location(dest)
+    errors = [f"{key}: {dest} overlaps {what} ({uri}); refusing to write where inputs are "
+              "read: choose a folder outside them"
+              for what, uri in reads if not is_hub_uri(uri)
+              and (_contains(where, location(uri)) or _contains(location(uri), where))]
+    if errors:
+        raise ConfigError(errors)
+
+
 def check_output_folder(out: Store, force: bool) -> None:
     """Refuse a folder that holds files but is not a raymerge output, unless ``force``."""
     try:

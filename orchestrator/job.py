@@ -140,7 +140,7 @@ def _check_same_job(out: Store, existing: dict, job: dict, repair: bool) -> None
     recorded = existing.get("job")
     if recorded is None:
         return
-    keys = sorted(_differing(_unnamed(recorded), _unnamed(job)))
+    keys = sorted(_differing(_comparable(recorded), _comparable(job)))
     if not keys:
         return
     shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
@@ -149,10 +149,12 @@ def _check_same_job(out: Store, existing: dict, job: dict, repair: bool) -> None
                      f"{shown}); choose another output, or pass --force to replace it")
 
 
-def _unnamed(job: dict) -> dict:
-    """The job without its sources' URIs: one source may be spelled several ways (a hub
-    branch or its commit; the pinned plan tells them apart later, by content)."""
+def _comparable(job: dict) -> dict:
+    """The job without where its sources are found (their URIs, the hub settings): one source
+    may be reached several ways (a hub branch or its commit, a cache or the hub itself); the
+    pinned plan tells them apart later, by content."""
     job = copy.deepcopy(job)
+    job.pop("hub", None)
     for src in job.get("sources") or []:
         src.pop("uri", None)
     if isinstance(job.get("base"), dict):

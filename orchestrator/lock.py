@@ -12,6 +12,7 @@ with who holds it since when, or waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -21,7 +22,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from orchestrator.errors import MergeError, StorageError
 from orchestrator.storage import LocalStore, Store
@@ -35,15 +36,15 @@ class OutputBusyError(MergeError):
     """Another run is writing into the same output."""
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _log(message: str) -> None:
-    print(f"{_now()} {message}", file=sys.stderr, flush=True)
+def log_timestamped(message: str) -> None:
+    print(f"{utc_now()} {message}", file=sys.stderr, flush=True)
 
 
-def _json(doc: dict) -> bytes:
+def json_bytes(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -59,13 +60,13 @@ class Lock:
     def __init__(self, store: Store, ttl: float, name: str = "lock"):
         self.store, self.ttl, self.name = store, ttl, name
         self.owner = f"{_owner()}:{uuid.uuid4().hex[:8]}"
-        self.since = _now()
+        self.since = utc_now()
         self.token: str | None = None
         self.lost = threading.Event()
 
     def _doc(self, expires: float) -> bytes:
-        return _json({"owner": self.owner, "expires": expires, "since": self.since,
-                      "updated": _now()})
+        return json_bytes({"owner": self.owner, "expires": expires, "since": self.since,
+                      "updated": utc_now()})
 
     def acquire(self) -> str | None:
         """None when taken; otherwise who holds it, since and until when."""
@@ -116,10 +117,11 @@ class _Renewer:
         while not self.stop.wait(self.lock.ttl / 3):
             try:
                 if not self.lock.renew():
-                    _log(f"lost the lock of {self.lock.store.uri} (it expired and was taken)")
+                    log_timestamped(f"lost the lock of {self.lock.store.uri} (it expired and "
+                                    "was taken)")
                     return
             except StorageError as e:  # keep trying until the lock expires
-                _log(f"could not renew the lock of {self.lock.store.uri}: {e}")
+                log_timestamped(f"could not renew the lock of {self.lock.store.uri}: {e}")
 
     def __enter__(self) -> Lock:
         self.thread.start()
@@ -134,6 +136,10 @@ class _Renewer:
 def _busy(uri: str, holder: str) -> OutputBusyError:
     return OutputBusyError(f"{uri} is being written by {holder}; wait for that run to end, "
                            "choose another output, or pass --wait-lock to wait for it")
+
+
+def _waiting(uri: str, holder: str) -> None:
+    log_timestamped(f"{uri} is being written by {holder}; waiting for it (--wait-lock)")
 
 
 @contextmanager
@@ -151,15 +157,16 @@ def output_lock(out: Store, *, wait: bool = False) -> Iterator[None]:
         if not wait:
             raise _busy(out.uri, holder)
         if not told:
-            _log(f"{out.uri} is being written by {holder}; waiting for it (--wait-lock)")
+            _waiting(out.uri, holder)
             told = True
         time.sleep(_WAIT_POLL)
     try:
         with lock.kept_alive():
             yield
             if lock.lost.is_set():
-                raise MergeError(f"{out.uri}: lost the output lock during the run (it expired "
-                                 "without renewal); the output is not reported finished")
+                raise MergeError(f"{out.uri}: lost the output lock during the run (renewing it "
+                                 f"failed for {OUTPUT_LOCK_TTL:.0f} s and another run took it); "
+                                 "both may have written there: check it with raymerge verify")
     finally:
         lock.release()
 
@@ -195,7 +202,7 @@ def _flocked(out: LocalStore, wait: bool) -> Iterator[None]:
                     os.close(fd)
                     raise _busy(out.uri, holder) from None
                 if not told:
-                    _log(f"{out.uri} is being written by {holder}; waiting for it (--wait-lock)")
+                    _waiting(out.uri, holder)
                     told = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -206,14 +213,13 @@ def _flocked(out: LocalStore, wait: bool) -> Iterator[None]:
             os.close(fd)  # the holder removed the file we locked: lock the current one
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{_owner()} since {_now()}\n".encode(), 0)
+            os.pwrite(fd, f"{_owner()} since {utc_now()}\n".encode(), 0)
             yield
         finally:
-            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):  # the folder went with the job
+                os.unlink(path)
             os.close(fd)
     finally:
         if made:
-            try:
-                os.rmdir(out.root)  # only if empty
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):  # only if empty
+                os.rmdir(out.root)

@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -35,6 +34,9 @@ import yaml
 from orchestrator import cron
 from orchestrator.errors import ConfigError, MergeError, StorageError
 from orchestrator.lock import Lock
+from orchestrator.lock import json_bytes as _json
+from orchestrator.lock import log_timestamped as _log
+from orchestrator.lock import utc_now as _now
 from orchestrator.schedule import HeldRay
 from orchestrator.storage import Store, open_store
 
@@ -125,18 +127,6 @@ def load_schedules(path: str) -> ScheduleFile:
     return ScheduleFile(os.path.abspath(path), tuple(schedules),
                         parse_seconds(doc.get("lock_ttl", "1h"), f"{path}: lock_ttl"),
                         parse_seconds(doc.get("poll_interval", "5m"), f"{path}: poll_interval"))
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _log(message: str) -> None:
-    print(f"{_now()} {message}", file=sys.stderr, flush=True)
-
-
-def _json(doc: Any) -> bytes:
-    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
 
 # ----------------------------------------------------------------------------- versions, runs

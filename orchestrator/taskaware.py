@@ -87,9 +87,14 @@ def export_task(output: str, task: str, dest: str, base: str | None = None) -> s
     output's config and tokenizer files."""
     from safetensors.torch import save_file
 
-    from orchestrator.commit import is_metadata
+    from orchestrator.commit import finished_manifest, is_metadata
+    from orchestrator.guard import check_destination
     from orchestrator.storage import open_store
 
+    sources = finished_manifest(open_store(output))["sources"]
+    check_destination(dest, [("the merge", output), *[(f"source {s['name']!r}", s["uri"])
+                                                      for s in sources],
+                             *([("the base", base)] if base else [])])
     state = task_state(output, task, base)
     os.makedirs(dest, exist_ok=True)
     out = open_store(output)

@@ -6,6 +6,7 @@ training on Ray equal to in-process, and ``raymerge predict``."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -157,6 +158,27 @@ def test_dynamic_merges_need_heads_and_data(family, tmp_path, capsys):
     assert main(["run", path]) == 2
     assert "sources[0].data: method 'gating' needs each model's unlabelled inputs" in \
         capsys.readouterr().err
+
+
+def test_heads_of_other_shapes_fail_before_training(family, tmp_path, capsys):
+    """A task whose head has another number of classes is named before any training step
+    (the merge's own shape check came only after training)."""
+    from safetensors.torch import load_file
+
+    odd = tmp_path / "t1-3-classes"
+    shutil.copytree(family["t1"], odd)
+    weights = load_file(str(odd / "model.safetensors"))
+    weights["classifier.weight"] = weights["classifier.weight"][:3].clone()
+    weights["classifier.bias"] = weights["classifier.bias"][:3].clone()
+    save_file(weights, str(odd / "model.safetensors"), metadata={"format": "pt"})
+    path = write_job(tmp_path, family, "gating", tmp_path / "x", executor="local")
+    doc = yaml.safe_load(open(path))
+    doc["sources"][1]["uri"] = str(odd)
+    open(path, "w").write(yaml.safe_dump(doc))
+    assert main(["run", path]) == 2
+    err = capsys.readouterr().err
+    assert "source 't1': head tensor classifier.weight has shape (3, 16), t0 has (5, 16)" in err
+    assert "step" not in err  # no training progress line
 
 
 def test_wemoe_names_a_model_without_block_mlps(tmp_path, capsys):

@@ -226,3 +226,18 @@ def test_throttling_and_dropped_connections_are_retried(s3, llama_family, tmp_pa
     local = job([llama_family["ft1"]], llama_family["base"], str(tmp_path / "local"))
     local["runtime"] = {"executor": "local"}
     assert shard_digests(result.manifest) == shard_digests(run_job(local, quiet=True).manifest)
+
+
+def test_unsafe_keys_of_the_reference_never_become_paths(s3, llama_family, tmp_path):
+    """Issue 23 item 9: objects of the reference whose keys are no safe relative name (``..``,
+    ``//``) or no model metadata are not copied; the merge does not fail after its work."""
+    s3.create_bucket(Bucket="odd")
+    base = upload(s3, "odd", llama_family["base"], "base")
+    ft = upload(s3, "odd", llama_family["ft1"], "ft1")
+    for key in ("base/x/../notes.json", "base//config.json", "base/../escape.json"):
+        s3.put_object(Bucket="odd", Key=key, Body=b'{"secret": true}')
+    result = run_job(job([ft], base, str(tmp_path / "out"), runtime={"executor": "local"}),
+                     quiet=True)
+    names = sorted(os.listdir(result.output))
+    assert "config.json" in names and not any("notes" in n or "escape" in n for n in names)
+    assert json.loads((tmp_path / "out" / "config.json").read_text()).get("secret") is None

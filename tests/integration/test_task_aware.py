@@ -5,6 +5,7 @@ a naive reference; one task comes back; a tampered mask folder is refused."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -102,6 +103,11 @@ def test_one_task_comes_back_and_cli_writes_a_loadable_model(llama_family, ray_s
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
     model = LlamaForCausalLM.from_pretrained(str(dest)).eval()
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    # the task's model is never written over a source of the merge, nor into the merge
+    for into in (llama_family["base"], out / "sub"):
+        assert main(["task-model", str(out), "ft2", str(into)]) == 2
+    assert load_state(llama_family["ft2"]).keys() == want.keys()
+    assert not os.path.exists(os.path.join(llama_family["base"], "model.safetensors"))
 
 
 def test_unknown_task_and_tampered_masks_are_refused(llama_family, ray_session, tmp_path):
