@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = job_parser("run", "run a merge job")
     run.add_argument("--force", action="store_true",
-                     help="replace an output that holds a finished merge of another plan")
+                     help="replace an output that holds a finished merge of another job, or "
+                          "write into a non-empty folder that is not a raymerge output")
     run.add_argument("--wait-lock", action="store_true",
                      help="if another run is writing into the output, wait for it to end "
                           "(default: fail at once, naming it)")
