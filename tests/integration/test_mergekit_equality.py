@@ -180,42 +180,63 @@ def test_same_yaml_same_tensors(name, mergekit_yaml, llama_family, ray_session, 
         (theirs_cfg.hidden_size, theirs_cfg.num_hidden_layers)
 
 
-@pytest.fixture(scope="module")
-def bf16_family(tmp_path_factory) -> dict[str, str]:
-    """The Llama family of conftest stored in bfloat16."""
-    from tests.conftest import tiny_llama
-
-    root = tmp_path_factory.mktemp("llama-bf16")
-    base = tiny_llama(str(root / "base"), seed=0, dtype=torch.bfloat16)
-    return {"base": base, **{f"ft{i}": tiny_llama(str(root / f"ft{i}"), seed=i, base=base,
-                                                  dtype=torch.bfloat16) for i in (1, 2, 3)}}
-
-
 # mergekit 0.1.5 writes these two as float32 under `dtype: bfloat16` (a float32 mask or
 # scale promotes its kernel's result, and nothing casts it back); raymerge writes the dtype
 # asked for, the same values rounded to it
 _BF16_PROMOTED = {"arcee_fusion", "ramplus_tl"}
+_BF16_NAMES = [n for n in configs({k: k for k in ("base", "ft1", "ft2", "ft3")})
+               if n not in _BF16_PROMOTED]
+# every bf16 config through mergekit in one process (its start-up, about 5 s, once)
+_MERGE_ALL = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+for path, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    text = open(path, encoding="utf-8").read()
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out,
+              options=MergeOptions(quiet=True), config_source=text)
+"""
 
 
-@pytest.mark.parametrize("name", [n for n in configs({k: k for k in ("base", "ft1", "ft2",
-                                                                     "ft3")})
-                                  if n not in _BF16_PROMOTED])
-def test_same_yaml_same_tensors_in_bfloat16(name, mergekit_yaml, bf16_family, tmp_path):
+@pytest.fixture(scope="module")
+def bf16_merges(mergekit_yaml, tmp_path_factory) -> tuple[dict, dict]:
+    """The Llama family of conftest stored in bfloat16, and mergekit's output of every
+    config with `dtype: bfloat16` on it: (configs by name, mergekit output folder by name)."""
+    import os
+
+    from tests.conftest import tiny_llama
+
+    root = tmp_path_factory.mktemp("llama-bf16")
+    base = tiny_llama(str(root / "base"), seed=0, dtype=torch.bfloat16)
+    family = {"base": base, **{f"ft{i}": tiny_llama(str(root / f"ft{i}"), seed=i, base=base,
+                                                    dtype=torch.bfloat16) for i in (1, 2, 3)}}
+    docs = {n: {**configs(family)[n], "dtype": "bfloat16"} for n in _BF16_NAMES}
+    args = []
+    for name, doc in docs.items():
+        (root / f"{name}.yml").write_text(yaml.safe_dump(doc))
+        args += [str(root / f"{name}.yml"), str(root / f"{name}-mk")]
+    python = os.path.join(os.path.dirname(mergekit_yaml), "python")
+    proc = subprocess.run([python, "-c", _MERGE_ALL, *args], capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return docs, {n: str(root / f"{n}-mk") for n in docs}
+
+
+@pytest.mark.parametrize("name", _BF16_NAMES)
+def test_same_yaml_same_tensors_in_bfloat16(name, bf16_merges, tmp_path):
     """With `dtype: bfloat16` (bf16 checkpoints, bf16 arithmetic where mergekit does it in
     bf16, float32 where its kernels promote, as linear's sum) every tensor is bit-identical.
     TIES-family configs ask for mergekit's tie-breaking (`trim_ties: sort`): bf16 magnitudes
     tie at the trim threshold far more often than float32 ones."""
-    config = {**configs(bf16_family)[name], "dtype": "bfloat16"}
+    docs, mergekit_out = bf16_merges
     path = tmp_path / f"{name}.yml"
-    path.write_text(yaml.safe_dump(config))
-    proc = subprocess.run([mergekit_yaml, str(path), str(tmp_path / "mk"), "--quiet"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    path.write_text(yaml.safe_dump(docs[name]))
     sort = (["merge.params.trim_ties=sort"]
-            if config["merge_method"] in ("ties", "dare_ties", "della") else [])
+            if docs[name]["merge_method"] in ("ties", "dare_ties", "della") else [])
     assert main(["run", str(path), str(tmp_path / "rm"), "runtime.executor=local", *sort,
                  "--quiet"]) == 0
-    theirs, ours = load_state(str(tmp_path / "mk")), load_state(str(tmp_path / "rm"))
+    theirs, ours = load_state(mergekit_out[name]), load_state(str(tmp_path / "rm"))
     assert set(theirs) == set(ours)
     differing = [n for n in theirs
                  if theirs[n].dtype != ours[n].dtype or not torch.equal(theirs[n], ours[n])]

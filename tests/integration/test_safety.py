@@ -73,7 +73,8 @@ def test_an_output_overlapping_a_source_is_refused_before_anything_is_read(relat
     proc = run_in(relative_job, "run", "job.yaml", output)
     assert_failed(proc, "overlaps", "refusing to write where inputs are read", code=2)
     assert tree_digest(relative_job / "ov") == before
-    assert_failed(run_in(relative_job, "plan", "job.yaml", output), "overlaps", code=2)
+    if output == "ov/ft1":  # plan refuses it too (one spelling: each call starts a process)
+        assert_failed(run_in(relative_job, "plan", "job.yaml", output), "overlaps", code=2)
 
 
 def test_overlap_covers_base_data_files_steps_and_object_storage():
