@@ -39,8 +39,10 @@ def location(uri: str) -> tuple[str, ...]:
     return ("file", *[p for p in real.split(os.sep) if p])
 
 
-def _contains(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
-    return inner[:len(outer)] == outer
+def _overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether one location is the other or lies inside it."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
 
 
 def _shown(loc: tuple[str, ...]) -> str:
@@ -69,7 +71,7 @@ def check_locations(cfg: JobConfig) -> None:
     for what, uri in _inputs(cfg):
         read = location(uri)
         for key, loc in written:
-            if _contains(loc, read) or _contains(read, loc):
+            if _overlap(loc, read):
                 errors.append(f"{key}: {cfg.output.uri} overlaps {what} ({uri}): one is the "
                               f"other or lies inside it ({_shown(loc)}, {_shown(read)}); "
                               "refusing to write where inputs are read: choose an output "
@@ -86,7 +88,7 @@ def check_destination(dest: str, reads: list[tuple[str, str]], key: str = "DEST"
     errors = [f"{key}: {dest} overlaps {what} ({uri}); refusing to write where inputs are "
               "read: choose a folder outside them"
               for what, uri in reads if not is_hub_uri(uri)
-              and (_contains(where, location(uri)) or _contains(location(uri), where))]
+              and _overlap(where, location(uri))]
     if errors:
         raise ConfigError(errors)
 
