@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from orchestrator.config import parse_bytes
+from orchestrator.config.schema import parse_bytes
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SHARD_BYTES = 400 * 2**20

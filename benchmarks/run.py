@@ -12,8 +12,9 @@ and loading them with ``safetensors.torch.load_file``.
         --workdir /tmp/raymerge-bench --size 1GB --models 8 --runs 3
 
 ``--warm`` also times the job on a Ray that is already up with warm workers, as
-``raymerge schedule`` runs every tick after its first (``orchestrator.schedule.HeldRay``): one
-process holds Ray, merges once to warm its workers, then RUNS timed merges (``warm`` runs).
+``raymerge schedule`` runs every tick after its first
+(``orchestrator.engine.executor.HeldRay``): one process holds Ray, merges once to warm its
+workers, then RUNS timed merges (``warm`` runs).
 
 ``--smoke`` runs a tiny version once and checks the outputs: linear, task_arithmetic and ties
 (with ``trim_ties=sort``, mergekit's exact tie-breaking) must equal mergekit's bit for bit
@@ -39,7 +40,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from checkpoints import make_inputs  # noqa: E402
 
-from orchestrator.config import parse_bytes  # noqa: E402
+from orchestrator.config.schema import parse_bytes  # noqa: E402
 
 METHODS = {  # mergekit parameters; weights 1 and the papers' usual densities
     "linear": {"weight": 1.0},
@@ -53,8 +54,8 @@ _TICK = os.sysconf("SC_CLK_TCK")
 WARM = """
 import json, shutil, sys, time
 from orchestrator import run_job
-from orchestrator.job import resolve_config
-from orchestrator.schedule import HeldRay
+from orchestrator.engine.job import resolve_config
+from orchestrator.engine.executor import HeldRay
 cfg, out, runs, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 walls = []
 with HeldRay() as session:

@@ -37,7 +37,7 @@ def _split_targets(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
-    from orchestrator.job import run_job
+    from orchestrator.engine.job import run_job
 
     output, overrides = _split_targets(ns.targets)
     if ns.forward_credentials:
@@ -56,10 +56,10 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 
 
 def _cmd_plan(ns: argparse.Namespace) -> int:
-    from orchestrator.config import NO_OUTPUT
-    from orchestrator.guard import check_locations
-    from orchestrator.job import plan_job, resolve_config
-    from orchestrator.plan import describe
+    from orchestrator.config.schema import NO_OUTPUT
+    from orchestrator.engine.guard import check_locations
+    from orchestrator.engine.job import plan_job, resolve_config
+    from orchestrator.planning.plan import describe
 
     output, overrides = _split_targets(ns.targets)
     cfg = resolve_config(ns.config, overrides, output, output_required=False)
@@ -71,8 +71,8 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
 
 
 def _cmd_verify(ns: argparse.Namespace) -> int:
-    from orchestrator.commit import verify_output
-    from orchestrator.storage import open_store
+    from orchestrator.engine.commit import verify_output
+    from workers.io.storage import open_store
 
     if ns.repair:
         return _repair(ns.output, ns.quiet)
@@ -89,9 +89,9 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
 
 def _repair(output: str, quiet: bool) -> int:
     """Redo the damaged shards of a finished output from the job its manifest records."""
-    from orchestrator.commit import finished_manifest
-    from orchestrator.job import run_job
-    from orchestrator.storage import open_store
+    from orchestrator.engine.commit import finished_manifest
+    from orchestrator.engine.job import run_job
+    from workers.io.storage import open_store
 
     manifest = finished_manifest(open_store(output))
     job = manifest.get("job")
@@ -111,8 +111,8 @@ def _repair(output: str, quiet: bool) -> int:
 def _cmd_import(ns: argparse.Namespace) -> int:
     import yaml
 
-    from orchestrator.config import config_from_dict
-    from orchestrator.mergekit import from_mergekit
+    from orchestrator.config.mergekit import from_mergekit
+    from orchestrator.config.schema import config_from_dict
 
     with open(ns.config, encoding="utf-8") as f:
         doc = from_mergekit(yaml.safe_load(f) or {})
@@ -138,8 +138,8 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
 
 
 def _cmd_submit(ns: argparse.Namespace) -> int:
-    from orchestrator import submit
-    from orchestrator.job import resolve_config
+    from orchestrator.engine.job import resolve_config
+    from orchestrator.ops import submit
 
     output, overrides = _split_targets(ns.targets)
     cfg = resolve_config(ns.config, overrides, output)
@@ -160,7 +160,7 @@ def _report(info: dict) -> int:
 
 
 def _cmd_status(ns: argparse.Namespace) -> int:
-    from orchestrator import submit
+    from orchestrator.ops import submit
 
     info = submit.status(ns.address, ns.job_id)
     if info.get("output"):
@@ -169,7 +169,7 @@ def _cmd_status(ns: argparse.Namespace) -> int:
 
 
 def _cmd_logs(ns: argparse.Namespace) -> int:
-    from orchestrator import submit
+    from orchestrator.ops import submit
 
     for piece in submit.logs(ns.address, ns.job_id, follow=ns.follow):
         sys.stdout.write(piece)
@@ -178,7 +178,7 @@ def _cmd_logs(ns: argparse.Namespace) -> int:
 
 
 def _cmd_stop(ns: argparse.Namespace) -> int:
-    from orchestrator import submit
+    from orchestrator.ops import submit
 
     stopped = submit.stop(ns.address, ns.job_id)
     print(f"{ns.job_id}: " + ("stop requested" if stopped else "had already ended"))
@@ -186,15 +186,15 @@ def _cmd_stop(ns: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(ns: argparse.Namespace) -> int:
-    from orchestrator import remerge
+    from orchestrator.ops import schedule
 
-    file = remerge.load_schedules(ns.schedules)
+    file = schedule.load_schedules(ns.schedules)
     if ns.render:
-        from orchestrator import k8s
+        from orchestrator.ops import k8s
 
         print(k8s.render(file, image=ns.image, namespace=ns.namespace), end="")
         return 0
-    results = remerge.run_schedules(file, once=ns.once, only=ns.only, quiet=ns.quiet)
+    results = schedule.run_schedules(file, once=ns.once, only=ns.only, quiet=ns.quiet)
     for r in results:
         print(f"{r.schedule}: {r.action}" + (f" v{r.version}" if r.version else "")
               + f" ({r.reason})")
@@ -202,16 +202,16 @@ def _cmd_schedule(ns: argparse.Namespace) -> int:
 
 
 def _cmd_history(ns: argparse.Namespace) -> int:
-    from orchestrator import remerge
+    from orchestrator.ops import schedule
 
-    for line in remerge.history(ns.output):
+    for line in schedule.history(ns.output):
         print(line)
     return 0
 
 
 def _cmd_similarity(ns: argparse.Namespace) -> int:
-    from orchestrator import similarity
-    from orchestrator.job import resolve_config
+    from orchestrator.engine.job import resolve_config
+    from orchestrator.phases import similarity
 
     cfg = resolve_config(ns.config, ns.overrides, ns.out_dir)
     files = similarity.run(cfg, ns.out_dir, quiet=ns.quiet)
@@ -220,7 +220,7 @@ def _cmd_similarity(ns: argparse.Namespace) -> int:
 
 
 def _cmd_task_model(ns: argparse.Namespace) -> int:
-    from orchestrator.taskaware import export_task
+    from orchestrator.phases.task_aware import export_task
 
     export_task(ns.output, ns.task, ns.dest, ns.base)
     return 0
@@ -229,9 +229,9 @@ def _cmd_task_model(ns: argparse.Namespace) -> int:
 def _cmd_predict(ns: argparse.Namespace) -> int:
     import json
 
-    from orchestrator.config import DataConfig
-    from orchestrator.data import open_data
-    from orchestrator.dynamic import predict
+    from orchestrator.config.schema import DataConfig
+    from orchestrator.phases.data import open_data
+    from orchestrator.phases.dynamic import predict
     from workers.models import read_batch
 
     data = open_data(DataConfig(uri=ns.inputs, key=ns.key), "inputs")

@@ -60,9 +60,9 @@ def make_finetunes(base_dir: str, out_dir: str, n: int, *, seed: int = 0,
 
 
 def run_demo(workdir: str, method: str = "ties") -> int:
-    from orchestrator.commit import verify_output
-    from orchestrator.job import run_job
-    from orchestrator.storage import open_store
+    from orchestrator.engine.commit import verify_output
+    from orchestrator.engine.job import run_job
+    from workers.io.storage import open_store
 
     inputs = os.path.join(workdir, "inputs")
     base = os.path.join(inputs, "base")

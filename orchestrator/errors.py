@@ -1,18 +1,15 @@
 """Errors raised by the driver. Each says what went wrong, where, and how to fix it.
 
-Every class pickles with its message so that Ray can carry it back from a worker.
+The base ``MergeError`` and ``StorageError`` live in ``workers.io.errors`` (workers raise
+them too) and are re-exported here. Every class pickles with its message for Ray.
 """
 
 from __future__ import annotations
 
+from workers.io.errors import MergeError, StorageError
 
-class MergeError(Exception):
-    """Base class of every error raiseable by raymerge; the CLI prints it and exits non-zero."""
-
-    exit_code = 1
-
-    def __reduce__(self):
-        return (type(self), self.args)
+__all__ = ["ClusterError", "ConfigError", "MergeError", "PlanError", "StorageError",
+           "WorkerError"]
 
 
 class ConfigError(MergeError):
@@ -32,10 +29,6 @@ class ConfigError(MergeError):
 
 class PlanError(MergeError):
     """The inputs cannot be merged as configured (missing tensors, shape mismatches, ...)."""
-
-
-class StorageError(MergeError):
-    """A source or the output could not be read or written (missing file, corrupt header, ...)."""
 
 
 class WorkerError(MergeError):

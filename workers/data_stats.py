@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.threads import torch_threads
+
 FISHER, GRAMS = "fisher", "grams"
 COUNT = "__count__"  # examples (Fisher) or input rows (Grams) behind the sums
 NORM = "__norm__"  # in the reduced file: the L2 norm of a model's whole Fisher
@@ -100,7 +102,6 @@ def label_generator(seed: int, model: str, batch: int) -> torch.Generator:
 def data_stats_task(item: tuple[int, int], ctx: DataStatsContext) -> dict[str, torch.Tensor]:
     """The sums of model ``item[0]`` over its data batch ``item[1]``."""
     from workers.models import build_models, checkpoint_names, read_batch
-    from workers.tasks import torch_threads
 
     i, batch = item
     store, file, info, samples, input_name = ctx.data[i]
@@ -132,8 +133,8 @@ def _stats_file(uri: str) -> tuple[Any, str, dict]:
     """The store, file name and header of a reduced statistics file (read once per process)."""
     import os
 
-    from orchestrator.storage import open_store
-    from workers.safetensors_io import header_length, parse_header
+    from workers.io.safetensors_io import header_length, parse_header
+    from workers.io.storage import open_store
 
     folder, name = os.path.split(uri.rstrip("/"))
     store = open_store(folder)
@@ -144,9 +145,9 @@ def _stats_file(uri: str) -> tuple[Any, str, dict]:
 
 def model_stats(uri: str, tensor_name: str, models: int) -> list[torch.Tensor] | None:
     """Each model's statistic of ``tensor_name`` from the reduced file at ``uri`` (written
-    by ``orchestrator/datastats.py``: ``{i}/<name>`` per model i), or None if some model has
+    by ``orchestrator/phases/statistics.py``: ``{i}/<name>`` per model i), or None if some model has
     none (a tensor outside every ``nn.Linear``, or one no gradient reached)."""
-    from workers.safetensors_io import read_tensor
+    from workers.io.safetensors_io import read_tensor
 
     store, name, header = _stats_file(uri)
     keys = [f"{i}/{tensor_name}" for i in range(models)]

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from workers.safetensors_io import read_elements, read_tensor, torch_dtype
+from workers.io.safetensors_io import read_elements, read_tensor, torch_dtype
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Task bodies: what one worker does with one work unit. Plain functions, no Ray import;
-``orchestrator/schedule.py`` wraps them in ``ray.remote`` (or calls them in-process).
+``orchestrator/engine/executor.py`` wraps them in ``ray.remote`` (or calls them in-process).
 
 A unit reads its own input byte ranges from the source stores, computes tensor by tensor in the
 compute dtype and streams each result into its output shard; the driver never sees tensor bytes.
@@ -13,20 +13,15 @@ in HOLD_BYTES. The others hold one tensor's inputs at a time.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from workers.merge import get_method
-from workers.safetensors_io import (
+from workers.io.safetensors_io import (
     ShardWriter,
     itemsize,
     map_elements,
@@ -34,11 +29,12 @@ from workers.safetensors_io import (
     read_tensor,
     torch_dtype,
 )
+from workers.merge import get_method
+from workers.threads import torch_threads
 
 SHARD_METADATA = {"format": "pt"}  # transformers expects it in every safetensors file
 CHUNK = 1 << 18  # elements per compute chunk; fixed, since DARE masks are keyed by chunk
 READ_WINDOW = 64 << 20  # bytes read at once per tensor, all its inputs together
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 
 
 @dataclass(frozen=True)
@@ -70,31 +66,6 @@ def keyed_generator(seed: int, model: str, tensor_name: str,
     stream: chunk ``c`` covers flat elements ``[c * CHUNK, (c + 1) * CHUNK)`` of the tensor."""
     key = f"{seed}\x00{model}\x00{tensor_name}\x00{chunk}"
     return np.random.SFC64(int.from_bytes(hashlib.sha256(key.encode()).digest(), "little"))
-
-
-@functools.cache
-def _keep_freed_memory() -> None:
-    """Ask glibc to keep freed blocks up to 256 MiB in the heap instead of returning them to the
-    kernel: every chunk allocates fresh tensors, and with the default dynamic mmap threshold
-    each of them costs page faults and zeroing, which more than doubled the merge time."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Pin torch's intra-op threads: reductions round differently with other thread counts."""
-    _keep_freed_memory()
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def merge_unit(unit: Any, ctx: TaskContext, stats: dict[int, Any]) -> ShardRecord:

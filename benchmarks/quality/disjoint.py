@@ -12,7 +12,8 @@ Methods: weight averaging (no alignment), weight matching (Git Re-Basin; sequent
 colored schedules), activation matching, OT fusion (exact EMD transport on activations or on
 weights, and Sinkhorn with its regularisation chosen on validation; for MLPs also of a model
 of task B twice as wide into A's widths; for ViTs also EMD followed by a 200-step
-distillation fine-tune from both parents), ZipIt! (alpha, beta chosen on a validation split by joint accuracy), MuDSC permute and zip
+distillation fine-tune from both parents), ZipIt! (alpha, beta chosen on a validation split by
+joint accuracy), MuDSC permute and zip
 (balance f chosen the same way), partial ZipIt! (the first layers merged, each model keeping
 its later layers: a multi-head model; a ViT's residual stream permuted, not zipped) and PLeaS
 (MLP widths n, 1.5n, 2n; for ViTs as raymerge jobs), next to the individual models and their
@@ -274,8 +275,8 @@ def _pleas_job(models: list[nn.Module], splits: dict) -> dict:
 
     from safetensors.torch import save_file
 
-    from orchestrator.align import load_multihead
-    from orchestrator.job import run_job
+    from orchestrator.engine.job import run_job
+    from orchestrator.phases.align import load_multihead
 
     rows = {}
     with tempfile.TemporaryDirectory() as root:

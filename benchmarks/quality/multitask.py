@@ -50,8 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from benchmarks.continual import DOMAINS, transform  # noqa: E402
 from orchestrator import run_job  # noqa: E402
-from orchestrator.dynamic import load as load_runtime  # noqa: E402
-from orchestrator.taskaware import task_state  # noqa: E402
+from orchestrator.phases.dynamic import load as load_runtime  # noqa: E402
+from orchestrator.phases.task_aware import task_state  # noqa: E402
 from workers.data_stats import fisher_sums, gram_sums, label_generator  # noqa: E402
 from workers.merge.fisher import fisher_average  # noqa: E402
 from workers.merge.regmean import regmean_solve  # noqa: E402

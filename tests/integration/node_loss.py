@@ -22,7 +22,7 @@ def main(job_path: str, result_path: str) -> None:
     from ray.cluster_utils import Cluster
 
     from orchestrator import run_job
-    from orchestrator.config import load_config
+    from orchestrator.config.schema import load_config
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})

@@ -260,7 +260,7 @@ def test_multihead_loader_gives_each_source_its_head(vits, tmp_path):
     output, source b's the body with b's moved head."""
     from transformers import ViTForImageClassification
 
-    from orchestrator.align import load_multihead
+    from orchestrator.phases.align import load_multihead
 
     out = tmp_path / "mh"
     assert main(["run", write_job(tmp_path, vits, "zipit", out, executor="local"),
@@ -284,9 +284,9 @@ def test_partial_zip_writes_each_sources_kept_layers(params, vits, ray_session, 
     source's later blocks, final norm and classifier under heads/ (checkpoint names); 1 and 2
     workers agree; the multi-head loader runs each source's path; with a permuted copy of
     the model every path computes the model."""
-    from orchestrator.align import load_multihead
+    from orchestrator.engine.job import run_job
     from orchestrator.errors import ConfigError
-    from orchestrator.job import run_job
+    from orchestrator.phases.align import load_multihead
 
     method = "mudsc" if "variant" in params else "zipit"
     outs = {}
@@ -382,8 +382,8 @@ def test_ot_fusion_of_a_wider_model_keeps_the_anchor_shapes(vits, ray_session, t
 
     from transformers import ViTConfig
 
+    from orchestrator.engine.job import run_job
     from orchestrator.errors import PlanError
-    from orchestrator.job import run_job
 
     path = write_job(tmp_path, vits, "activation_matching", tmp_path / "am", second="a_wide",
                      executor="local")
@@ -404,7 +404,7 @@ def _distance_to_parents(out, vits, x):
     from torch.nn import functional as F
     from transformers import ViTForImageClassification
 
-    from orchestrator.align import load_multihead
+    from orchestrator.phases.align import load_multihead
 
     with torch.no_grad():
         fused = load_multihead(str(out))(pixel_values=x)
@@ -444,8 +444,8 @@ def test_ot_fusion_distillation_fine_tune(vits, ray_session, tmp_path, capsys):
 def test_ot_fusion_from_weights_needs_no_data(vits, ray_session, tmp_path):
     """``cost: weights``: no statistics pass (no data in the job); 1 worker and in-process
     agree; a permuted copy comes back; a fine-tune without data is refused by name."""
+    from orchestrator.engine.job import run_job
     from orchestrator.errors import ConfigError
-    from orchestrator.job import run_job
 
     outs = {}
     for label, second, runtime in (("w1", "b", {"num_workers": 1}),
@@ -478,7 +478,7 @@ def test_pleas_job_writes_the_merged_width(vits, ray_session, tmp_path):
     computes the model."""
     from transformers import ViTForImageClassification
 
-    from orchestrator.align import load_multihead
+    from orchestrator.phases.align import load_multihead
 
     outs = {}
     for label, runtime in (("w1", {"num_workers": 1}), ("w2", {"num_workers": 2}),

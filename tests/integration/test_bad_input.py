@@ -119,7 +119,7 @@ def test_failing_write_on_a_ray_worker_names_unit_and_shard(job, ray_session, ca
     """A task that cannot write its shard fails the job with the unit, shard and cause named;
     nothing is committed."""
     from orchestrator.cli import main
-    from orchestrator.job import plan_job, resolve_config
+    from orchestrator.engine.job import plan_job, resolve_config
 
     path = job()
     first = plan_job(resolve_config(path))[0].units[0].shard

@@ -14,8 +14,8 @@ import yaml
 from safetensors.torch import save_file
 
 from orchestrator.cli import main
-from orchestrator.dynamic import load, predict
 from orchestrator.errors import ConfigError
+from orchestrator.phases.dynamic import load, predict
 from tests.conftest import load_state, tiny_vit_finetune
 
 pytestmark = pytest.mark.integration

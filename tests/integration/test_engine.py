@@ -12,8 +12,8 @@ import yaml
 from safetensors import safe_open
 
 from orchestrator.cli import main
-from orchestrator.layout import layer_counts, layer_of
-from orchestrator.plan import natural_key
+from orchestrator.planning.layout import layer_counts, layer_of
+from orchestrator.planning.plan import natural_key
 from tests.conftest import load_state, tiny_llama
 from tests.unit.merge.helpers import params
 from workers.merge import METHODS
@@ -259,7 +259,7 @@ def chunked_reference(doc, family, chunk):
 def test_mapped_and_read_inputs_give_the_same_bytes(case, llama_family, tmp_path, monkeypatch):
     """Local inputs are mapped (read where they lie in the page cache); read into the buffer
     instead, as object storage is, they give the same shards."""
-    from orchestrator.storage import LocalStore
+    from workers.io.storage import LocalStore
 
     digests = {}
     for how in ("mapped", "read"):
@@ -294,7 +294,7 @@ def test_chunked_tensors_equal_whole_tensor_reference(case, variant, llama_famil
     chunks of 64 elements (most tensors span many chunks and windows) the result equals the
     whole-tensor reference, and DARE's masks follow their (tensor, chunk) keys."""
     import workers.tasks
-    from orchestrator.storage import LocalStore
+    from workers.io.storage import LocalStore
 
     chunk = 48 if variant == "held-read" else 64
     monkeypatch.setattr(workers.tasks, "CHUNK", chunk)

@@ -103,7 +103,7 @@ def test_embedded_ray_listens_on_loopback_only(llama_family, tmp_path):
 def test_services_are_skipped_only_inside_the_embedded_start():
     from ray._private.node import Node
 
-    from orchestrator.schedule import _lean_head
+    from orchestrator.engine.executor import _lean_head
 
     starts = Node.start_api_server, Node.start_monitor
     with _lean_head():

@@ -16,13 +16,14 @@ import pytest
 import torch
 import yaml
 
-from orchestrator import remerge, run_job
+from orchestrator import run_job
 from orchestrator.cli import main
-from orchestrator.lock import Lock
-from orchestrator.storage import open_store
+from orchestrator.engine.lock import Lock
+from orchestrator.ops import schedule
 from tests.conftest import load_state, tiny_llama, upload
 from tests.integration.test_hub import add_to_cache, sha
 from tests.unit.merge.test_opcm import _naive
+from workers.io.storage import open_store
 
 pytestmark = pytest.mark.integration
 
@@ -101,8 +102,8 @@ def write_schedule(tmp_path, job_doc, output, name="soup", **extra):
 
 
 def tick_once(path):
-    file = remerge.load_schedules(path)
-    return remerge.tick(file.schedules[0], file.lock_ttl, quiet=True)
+    file = schedule.load_schedules(path)
+    return schedule.tick(file.schedules[0], file.lock_ttl, quiet=True)
 
 
 def test_s3_schedule_skips_updates_continually_and_remerges_on_change(family, s3, ray_session,
@@ -184,31 +185,31 @@ def test_two_schedulers_never_merge_into_one_output_at_once(family, tmp_path, mo
     after it, the second tick sees the published version and skips."""
     doc = opcm_job(family, ["ft1", "ft2"], "unused", executor="local")
     path, _ = write_schedule(tmp_path, doc, tmp_path / "out")
-    file = remerge.load_schedules(path)
+    file = schedule.load_schedules(path)
     inside, go_on = threading.Event(), threading.Event()
     results = {}
-    merge = remerge._run
+    merge = schedule._run
 
     def held_merge(*args):
         inside.set()
         go_on.wait(60)
         return merge(*args)
 
-    monkeypatch.setattr(remerge, "_run", held_merge)
+    monkeypatch.setattr(schedule, "_run", held_merge)
 
     def first():
-        results["a"] = remerge.tick(file.schedules[0], file.lock_ttl, quiet=True)
+        results["a"] = schedule.tick(file.schedules[0], file.lock_ttl, quiet=True)
 
     thread = threading.Thread(target=first)
     thread.start()
     assert inside.wait(60)
-    busy = remerge.tick(file.schedules[0], file.lock_ttl, quiet=True)
+    busy = schedule.tick(file.schedules[0], file.lock_ttl, quiet=True)
     assert busy.action == "busy" and "until" in busy.reason
     go_on.set()
-    monkeypatch.setattr(remerge, "_run", merge)
+    monkeypatch.setattr(schedule, "_run", merge)
     thread.join(120)
     assert results["a"].action == "full" and results["a"].version == 1
-    assert remerge.tick(file.schedules[0], file.lock_ttl, quiet=True).action == "skipped"
+    assert schedule.tick(file.schedules[0], file.lock_ttl, quiet=True).action == "skipped"
     assert not os.path.exists(tmp_path / "out" / "v2")
 
 
@@ -217,7 +218,7 @@ def test_lock_compare_and_swap_on_s3(s3):
     exactly one wins (S3 conditional writes on the moto endpoint)."""
     s3.create_bucket(Bucket="locks")
     store = open_store("s3://locks/out")
-    a, b = Lock(store, ttl=0.5), remerge.Lock(store, ttl=0.5)
+    a, b = Lock(store, ttl=0.5), schedule.Lock(store, ttl=0.5)
     assert a.acquire() is None
     assert "until" in b.acquire()
     time.sleep(0.6)  # a's lock expires without renewal
@@ -234,16 +235,16 @@ def test_lock_compare_and_swap_on_s3(s3):
 
 KILL_AFTER_TWO_SHARDS = """
 import os, sys
-import orchestrator.job as job
-from orchestrator import remerge
+import orchestrator.engine.job as job
+from orchestrator.ops import schedule
 write = job.write_progress
 def write_then_die(out, plan, records):
     write(out, plan, records)
     if len(records) >= 2:
         os._exit(9)  # dies mid-merge: no failed record, the lock left held
 job.write_progress = write_then_die
-file = remerge.load_schedules(sys.argv[1])
-remerge.tick(file.schedules[0], file.lock_ttl, quiet=True)
+file = schedule.load_schedules(sys.argv[1])
+schedule.tick(file.schedules[0], file.lock_ttl, quiet=True)
 """
 
 
@@ -275,18 +276,18 @@ def test_a_tick_killed_mid_merge_is_resumed_by_the_next_after_the_lock_expires(
 HOLD_RAY_LOOP = """
 import json, sys, time, types
 import ray
-from orchestrator import remerge
+from orchestrator.ops import schedule
 inits, start = [], ray.init
 def counted(*args, **kwargs):
     inits.append(kwargs.get("num_cpus"))
     return start(*args, **kwargs)
 ray.init = counted
-remerge.due = lambda *args: True
+schedule.due = lambda *args: True
 def stop(seconds):  # the loop's wait for the next minute ends the first pass
     raise KeyboardInterrupt
-remerge.time = types.SimpleNamespace(sleep=stop, time=time.time, monotonic=time.monotonic)
+schedule.time = types.SimpleNamespace(sleep=stop, time=time.time, monotonic=time.monotonic)
 try:
-    remerge.run_schedules(remerge.load_schedules(sys.argv[1]), quiet=True)
+    schedule.run_schedules(schedule.load_schedules(sys.argv[1]), quiet=True)
 except KeyboardInterrupt:
     print(json.dumps({"inits": inits, "up": ray.is_initialized()}))
 """

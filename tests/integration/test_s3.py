@@ -15,8 +15,8 @@ import yaml
 from orchestrator import run_job
 from orchestrator.cli import main
 from orchestrator.errors import StorageError
-from orchestrator.s3 import PART_SIZE, S3Store
 from tests.conftest import CREDENTIALS, tiny_llama, upload
+from workers.io.s3 import PART_SIZE, S3Store
 
 pytestmark = pytest.mark.integration
 

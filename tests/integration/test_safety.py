@@ -19,12 +19,12 @@ import yaml
 
 from orchestrator import run_job
 from orchestrator.cli import main
-from orchestrator.commit import PROGRESS, write_progress
+from orchestrator.engine.commit import PROGRESS, write_progress
+from orchestrator.engine.job import plan_job, resolve_config
+from orchestrator.engine.lock import OUTPUT_LOCK, output_lock
 from orchestrator.errors import MergeError
-from orchestrator.job import plan_job, resolve_config
-from orchestrator.lock import OUTPUT_LOCK, output_lock
-from orchestrator.storage import open_store
 from tests.integration.test_bad_input import assert_failed, first_shard, job, raymerge
+from workers.io.storage import open_store
 
 pytestmark = pytest.mark.integration
 __all__ = ["job"]  # the fixture, shared with test_bad_input
@@ -80,9 +80,9 @@ def test_an_output_overlapping_a_source_is_refused_before_anything_is_read(relat
 def test_overlap_covers_base_data_files_steps_and_object_storage():
     """Item 1: the base, data files, a continual merge's OUTPUT.steps/ folder and S3 prefixes
     (normalised, compared by whole path parts) count too."""
-    from orchestrator.config import config_from_dict
+    from orchestrator.config.schema import config_from_dict
+    from orchestrator.engine.guard import check_locations
     from orchestrator.errors import ConfigError
-    from orchestrator.guard import check_locations
 
     def cfg(out, **extra):
         return config_from_dict({"sources": [{"name": "a", "uri": "s3://b/m/a"}],
@@ -152,7 +152,7 @@ def test_a_second_run_into_a_locked_output_fails_at_once_or_waits(job):
 def test_the_output_lock_on_object_storage(s3):
     """Item 3 on S3: the lock is a conditionally written object; a second holder is refused
     with the first's HOST:PID and since when."""
-    from orchestrator.lock import OutputBusyError
+    from orchestrator.engine.lock import OutputBusyError
 
     s3.create_bucket(Bucket="locks")
     out = open_store("s3://locks/merged")
@@ -274,8 +274,8 @@ def test_a_driver_side_disk_error_is_one_line_naming_the_file(job, monkeypatch, 
     ends as one ``raymerge: error:`` line naming the file, exit 1, no traceback, no manifest."""
     import errno
 
-    from orchestrator import commit
-    from orchestrator.storage import LocalStore
+    from orchestrator.engine import commit
+    from workers.io.storage import LocalStore
 
     path = job()
     real = LocalStore.write_bytes
@@ -303,7 +303,7 @@ def test_a_finished_output_of_another_job_is_refused_before_any_work(job, monkey
     def no_work(*args, **kwargs):
         raise AssertionError("planned before refusing")
 
-    monkeypatch.setattr("orchestrator.job.plan_job", no_work)
+    monkeypatch.setattr("orchestrator.engine.job.plan_job", no_work)
     with pytest.raises(MergeError, match=r"another job than this one \(they differ in "
                                          r"merge\.params\.scale\)"):
         run_job(path, ["merge.params.scale=0.5"], quiet=True)

@@ -13,7 +13,7 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.errors import ConfigError, MergeError
-from orchestrator.taskaware import task_state
+from orchestrator.phases.task_aware import task_state
 from tests.conftest import load_state
 
 pytestmark = pytest.mark.integration

@@ -4,9 +4,9 @@ import os
 import pytest
 import yaml
 
-from orchestrator.config import apply_overrides, config_from_dict, load_config, parse_bytes
+from orchestrator.config.schema import apply_overrides, config_from_dict, load_config, parse_bytes
 from orchestrator.errors import ConfigError
-from orchestrator.remerge import load_schedules
+from orchestrator.ops.schedule import load_schedules
 from workers.merge import METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))

@@ -5,7 +5,7 @@ cosine, and training adds per-task gradients in task order (the same for any spl
 import torch
 from torch import nn
 
-from workers.dynamic import Gate, RoutedMLP, Router, fit, layer_similarity, task_gradients
+from workers.dynamic_runtime import Gate, RoutedMLP, Router, fit, layer_similarity, task_gradients
 
 
 class Mlp(nn.Module):

@@ -6,8 +6,9 @@ import torch
 from safetensors.torch import save_file
 
 from orchestrator.errors import PlanError, StorageError
-from orchestrator.index import index_checkpoint, validate_models
-from orchestrator.storage import LocalStore
+from orchestrator.planning.validate import validate_models
+from workers.io.index import index_checkpoint
+from workers.io.storage import LocalStore
 
 
 def checkpoint(folder, tensors, shards=1):

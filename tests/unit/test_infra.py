@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from orchestrator.config import config_from_dict
+from orchestrator.config.schema import config_from_dict
 
 INFRA = os.path.join(os.path.dirname(__file__), "..", "..", "infra")
 K8S = os.path.join(INFRA, "k8s")
@@ -128,7 +128,7 @@ def test_rendered_schedules_validate_and_match_the_periodic_overlay(tmp_path, ca
     (which load again from the mounted folder) and one RayCronJob per schedule that ticks it
     once, on the periodic overlay's cluster; on_change schedules tick every poll_interval."""
     from orchestrator.cli import main
-    from orchestrator.remerge import load_schedules
+    from orchestrator.ops.schedule import load_schedules
 
     path = os.path.join(INFRA, "..", "configs", "schedules", "schedules.yaml")
     assert main(["schedule", path, "--render", "k8s", "--namespace", "merges"]) == 0
@@ -158,8 +158,8 @@ def test_rendered_schedules_validate_and_match_the_periodic_overlay(tmp_path, ca
 def test_poll_intervals_render_as_cron_lines_that_fire_that_often(minutes, line):
     """A poll_interval becomes a cron line only where cron can say it: `*/120` minutes fires
     hourly (cron's minute steps restart every hour), so two hours is `0 */2 * * *`."""
-    from orchestrator.cron import parse
-    from orchestrator.k8s import poll_cron
+    from orchestrator.ops.cron import parse
+    from orchestrator.ops.k8s import poll_cron
 
     assert poll_cron(minutes * 60) == line
     parse(line)
@@ -168,7 +168,7 @@ def test_poll_intervals_render_as_cron_lines_that_fire_that_often(minutes, line)
 @pytest.mark.parametrize("minutes", [45, 90, 300, 2880])
 def test_poll_intervals_no_cron_line_says_are_refused(minutes):
     from orchestrator.errors import ConfigError
-    from orchestrator.k8s import poll_cron
+    from orchestrator.ops.k8s import poll_cron
 
     with pytest.raises(ConfigError, match=f"poll_interval: {minutes} minutes is no cron"):
         poll_cron(minutes * 60)

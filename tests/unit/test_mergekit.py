@@ -1,8 +1,8 @@
 import pytest
 
-from orchestrator.config import config_from_dict
+from orchestrator.config.mergekit import from_mergekit
+from orchestrator.config.schema import config_from_dict
 from orchestrator.errors import ConfigError
-from orchestrator.mergekit import from_mergekit
 
 
 def convert(doc):

@@ -1,10 +1,10 @@
 import pytest
 
-from orchestrator.config import config_from_dict
+from orchestrator.config.schema import config_from_dict
 from orchestrator.errors import PlanError
-from orchestrator.index import CheckpointIndex, TensorLocation
-from orchestrator.plan import describe, make_plan, natural_key
-from workers.safetensors_io import TensorInfo
+from orchestrator.planning.plan import describe, make_plan, natural_key
+from workers.io.index import CheckpointIndex, TensorLocation
+from workers.io.safetensors_io import TensorInfo
 
 LAYERS = 12
 

@@ -8,10 +8,10 @@ import time
 import pytest
 import yaml
 
-from orchestrator import cron, remerge
+from orchestrator.engine.lock import Lock
 from orchestrator.errors import ConfigError
-from orchestrator.lock import Lock
-from orchestrator.storage import open_store
+from orchestrator.ops import cron, schedule
+from workers.io.storage import open_store
 
 UTC = datetime.timezone.utc
 
@@ -56,7 +56,7 @@ def test_schedules_file_loads_with_defaults(tmp_path):
         {"name": "a", "job": "job.yaml", "output": "s3://b/a/", "cron": "0 3 * * *"},
         {"name": "b-2", "job": "job.yaml", "output": "out", "on_change": True,
          "continual": False}], "lock_ttl": "30m", "poll_interval": 90})
-    file = remerge.load_schedules(path)
+    file = schedule.load_schedules(path)
     assert file.lock_ttl == 1800 and file.poll_interval == 90
     a, b = file.schedules
     assert a.output == "s3://b/a" and a.cron.text == "0 3 * * *" and a.continual
@@ -75,37 +75,37 @@ def test_schedules_file_loads_with_defaults(tmp_path):
 ])
 def test_schedules_file_errors_name_the_key(tmp_path, entry, message):
     with pytest.raises(ConfigError, match=message):
-        remerge.load_schedules(write(tmp_path, {"schedules": [entry]}))
+        schedule.load_schedules(write(tmp_path, {"schedules": [entry]}))
 
 
 def test_schedules_file_top_level_errors(tmp_path):
     with pytest.raises(ConfigError, match="non-empty 'schedules' list"):
-        remerge.load_schedules(write(tmp_path, {"schedules": []}))
+        schedule.load_schedules(write(tmp_path, {"schedules": []}))
     entry = {"name": "a", "job": "job.yaml", "output": "o", "on_change": True}
     with pytest.raises(ConfigError, match="lock_ttl: 'soon' is not a duration"):
-        remerge.load_schedules(write(tmp_path, {"schedules": [entry], "lock_ttl": "soon"}))
+        schedule.load_schedules(write(tmp_path, {"schedules": [entry], "lock_ttl": "soon"}))
     with pytest.raises(ConfigError, match="must be unique"):
-        remerge.load_schedules(write(tmp_path, {"schedules": [entry, entry]}))
+        schedule.load_schedules(write(tmp_path, {"schedules": [entry, entry]}))
 
 
 def test_due_fires_cron_once_per_minute_and_polls_on_change(tmp_path):
     path = write(tmp_path, {"schedules": [
         {"name": "c", "job": "job.yaml", "output": "o", "cron": "0 3 * * *"},
         {"name": "p", "job": "job.yaml", "output": "o", "on_change": True}]})
-    c, p = remerge.load_schedules(path).schedules
+    c, p = schedule.load_schedules(path).schedules
     fired = {}
-    assert remerge.due(c, at("2026-11-23T03:00"), fired, 300, 0)
-    assert not remerge.due(c, at("2026-11-23T03:00"), fired, 300, 10)  # same minute
-    assert not remerge.due(c, at("2026-11-23T03:01"), fired, 300, 70)
-    assert remerge.due(p, at("2026-11-23T03:00"), fired, 300, 0)
-    assert not remerge.due(p, at("2026-11-23T03:04"), fired, 300, 299)
-    assert remerge.due(p, at("2026-11-23T03:05"), fired, 300, 300)
+    assert schedule.due(c, at("2026-11-23T03:00"), fired, 300, 0)
+    assert not schedule.due(c, at("2026-11-23T03:00"), fired, 300, 10)  # same minute
+    assert not schedule.due(c, at("2026-11-23T03:01"), fired, 300, 70)
+    assert schedule.due(p, at("2026-11-23T03:00"), fired, 300, 0)
+    assert not schedule.due(p, at("2026-11-23T03:04"), fired, 300, 299)
+    assert schedule.due(p, at("2026-11-23T03:05"), fired, 300, 300)
 
 
 def pinned(sources, method="opcm", key="k", base="b", **merge):
     doc = {"merge": {"method": method, "params": merge},
            "sources": [{"name": n, "params": {}} for n, _ in sources]}
-    return remerge._Pinned(key, base, [{"name": n, "pin": p, "params": {}} for n, p in sources],
+    return schedule._Pinned(key, base, [{"name": n, "pin": p, "params": {}} for n, p in sources],
                            doc)
 
 
@@ -113,25 +113,25 @@ def test_decide_skips_updates_continually_or_remerges():
     last = {"config_key": "k", "base": "b",
             "sources": [{"name": "a", "pin": "1", "params": {}},
                         {"name": "b", "pin": "2", "params": {}}]}
-    assert remerge.decide(pinned([("a", "1"), ("b", "2")]), None, True)[0] == "full"
-    assert remerge.decide(pinned([("a", "1"), ("b", "2")]), last, True) == (
+    assert schedule.decide(pinned([("a", "1"), ("b", "2")]), None, True)[0] == "full"
+    assert schedule.decide(pinned([("a", "1"), ("b", "2")]), last, True) == (
         "skipped", "no source changed")
-    assert remerge.decide(pinned([("a", "1"), ("b", "2"), ("c", "3")]), last, True) == (
+    assert schedule.decide(pinned([("a", "1"), ("b", "2"), ("c", "3")]), last, True) == (
         "continual", "added c")
-    action, why = remerge.decide(pinned([("a", "1"), ("b", "2"), ("c", "3")]), last, False)
+    action, why = schedule.decide(pinned([("a", "1"), ("b", "2"), ("c", "3")]), last, False)
     assert action == "full" and "continual is off" in why
-    assert remerge.decide(pinned([("a", "1"), ("b", "9")]), last, True) == ("full", "changed b")
-    assert remerge.decide(pinned([("b", "2"), ("a", "1"), ("c", "3")]), last, True)[0] == "full"
-    assert remerge.decide(pinned([("a", "1")]), last, True) == ("full", "removed b")
-    assert remerge.decide(pinned([("a", "1"), ("b", "2")], key="k2"), last, True) == (
+    assert schedule.decide(pinned([("a", "1"), ("b", "9")]), last, True) == ("full", "changed b")
+    assert schedule.decide(pinned([("b", "2"), ("a", "1"), ("c", "3")]), last, True)[0] == "full"
+    assert schedule.decide(pinned([("a", "1")]), last, True) == ("full", "removed b")
+    assert schedule.decide(pinned([("a", "1"), ("b", "2")], key="k2"), last, True) == (
         "full", "the merge settings changed")
-    assert remerge.decide(pinned([("a", "1"), ("b", "2")], base="b2"), last, True) == (
+    assert schedule.decide(pinned([("a", "1"), ("b", "2")], base="b2"), last, True) == (
         "full", "the base changed")
-    action, why = remerge.decide(pinned([("a", "1"), ("b", "2"), ("c", "3")], method="ties"),
+    action, why = schedule.decide(pinned([("a", "1"), ("b", "2"), ("c", "3")], method="ties"),
                                  last, True)
     assert action == "full" and "cannot add a model" in why
     tied = pinned([("a", "1"), ("b", "2"), ("c", "3")], method="task_arithmetic", scale=[0, 1])
-    assert "gradients" in remerge.decide(tied, last, True)[1]
+    assert "gradients" in schedule.decide(tied, last, True)[1]
 
 
 def _contend(root: str, ttl: float, results) -> None:
@@ -150,7 +150,7 @@ def test_local_lock_one_winner_among_processes_and_expiry(tmp_path):
         p.join(60)
     assert sorted(results.get(timeout=5) for _ in procs) == [False, False, False, True]
     store = open_store(str(tmp_path / "other"))
-    a, b = Lock(store, 0.3), remerge.Lock(store, 60)
+    a, b = Lock(store, 0.3), schedule.Lock(store, 60)
     assert a.acquire() is None and "until" in b.acquire()
     time.sleep(0.4)
     assert b.acquire() is None

@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load, save
 
-from orchestrator.storage import LocalStore
-from workers.safetensors_io import ShardWriter, header_length, parse_header, read_tensor
+from workers.io.safetensors_io import ShardWriter, header_length, parse_header, read_tensor
+from workers.io.storage import LocalStore
 
 TENSORS = {
     "a.weight": torch.randn(3, 5),

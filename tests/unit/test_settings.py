@@ -1,8 +1,8 @@
 import pytest
 
-from orchestrator.config import config_from_dict
+from orchestrator.config.schema import config_from_dict
+from orchestrator.config.tensor_params import evaluate
 from orchestrator.errors import ConfigError
-from orchestrator.settings import evaluate
 
 
 def test_scalars_and_gradients():

@@ -3,7 +3,7 @@ import os
 import pytest
 
 from orchestrator.errors import StorageError
-from orchestrator.storage import LocalStore, check_relpath, open_store
+from workers.io.storage import LocalStore, check_relpath, open_store
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "a\\b", "", "a//b",
@@ -34,7 +34,7 @@ def test_direct_writes_keep_every_byte(tmp_path, monkeypatch):
     import fcntl
     import random
 
-    from orchestrator import storage
+    from workers.io import storage
 
     monkeypatch.setattr(storage, "_STAGE", 3 * storage._ALIGN)  # many whole-buffer writes
     store = LocalStore(str(tmp_path))
@@ -59,7 +59,7 @@ def test_a_failed_direct_write_is_raised_and_leaves_nothing(tmp_path, monkeypatc
     write) reaches the writer, and the half-written file is removed."""
     import errno
 
-    from orchestrator import storage
+    from workers.io import storage
 
     if not hasattr(os, "O_DIRECT"):
         pytest.skip("no O_DIRECT on this system: every write is buffered")
@@ -86,7 +86,7 @@ def test_writes_fall_back_to_the_page_cache(tmp_path, monkeypatch):
     error opening the file is the caller's."""
     import errno
 
-    from orchestrator import storage
+    from workers.io import storage
 
     if not hasattr(os, "O_DIRECT"):
         pytest.skip("no O_DIRECT on this system: every write is buffered")

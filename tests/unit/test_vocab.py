@@ -1,4 +1,4 @@
-from orchestrator.vocab import RowMap, Vocabulary, row_maps
+from orchestrator.planning.vocab import RowMap, Vocabulary, row_maps
 
 
 def vocab(sources, rows=None):

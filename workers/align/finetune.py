@@ -26,6 +26,7 @@ from workers.models import (
     read_batch,
     read_state,
 )
+from workers.threads import torch_threads
 
 
 def _kl(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,6 @@ def finetune_task(_item: int, ctx: FinetuneContext) -> tuple[dict[str, torch.Ten
     """The fused model (from the models' tensors and the alignment), distilled: its float
     tensors by checkpoint name, in the first model's dtypes, and the loss of every step."""
     from workers.align.transforms import merge_with
-    from workers.tasks import torch_threads
 
     with torch_threads(ctx.threads):
         states = [read_state(r) for r in ctx.models]

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from workers.align.match import max_assignment
+from workers.threads import torch_threads
 
 
 def partial_matching(corr: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +176,6 @@ def pleas_task(batch: int, ctx: PleasContext, state: dict) -> list[torch.Tensor]
     [x 1]ᵀ[x 1] and [x 1]ᵀ y for each layer of the stage (up, gate; the head: y of each
     model), float64."""
     from workers.models import build_models, checkpoint_names, model_from_state, read_batch
-    from workers.tasks import torch_threads
 
     with torch_threads(ctx.threads):
         if _MERGED.get("key") != ctx.round_key:  # one merged model per round and process

@@ -23,6 +23,7 @@ from workers.align.ot import fuse
 from workers.align.spec import Group, Member, Spec
 from workers.align.zip import Zip, _term, merge_tensor
 from workers.models import ModelRef, build_models, read_batch, read_state
+from workers.threads import torch_threads
 
 
 def dump(spec: Spec, zips: Mapping[str, Zip], perms: list[Mapping[str, torch.Tensor]],
@@ -76,7 +77,7 @@ def _read(location: str) -> bytes:
     import hashlib
     import os
 
-    from orchestrator.storage import open_store
+    from workers.io.storage import open_store
 
     uri, _, sha = location.rpartition("#")
     folder, name = os.path.split(uri.rstrip("/"))
@@ -144,7 +145,6 @@ def stats_task(batch: int, ctx: StatsContext) -> Any:
     """Statistics of every group for samples [batch * batch_size, ...) of the data: for each
     pair (first model, model i), or (``ctx.joint``) of all models together."""
     from workers.align.features import joint_stats, pairwise_stats
-    from workers.tasks import torch_threads
 
     with torch_threads(ctx.threads):
         x = read_batch(ctx.data_store, ctx.data_file, ctx.data_info, batch, ctx.batch_size,
@@ -192,7 +192,6 @@ def solve_task(item: tuple[int, str], ctx: SolveContext) -> tuple[str, Any]:
     from workers.align.match import assign
     from workers.align.ot import activation_plan, soft_heads
     from workers.align.zip import zip_features
-    from workers.tasks import torch_threads
 
     i, name = item
     group = ctx.spec.group(name)
@@ -213,7 +212,6 @@ class MatchWorker:
 
     def __init__(self, spec: Spec, a: ModelRef, b: ModelRef, threads: int, index: int,
                  count: int):
-        from workers.tasks import torch_threads
 
         self.spec, self.threads, self.index, self.count = spec, threads, index, count
         self.touching = _members_of(spec)
@@ -221,7 +219,6 @@ class MatchWorker:
             self.a, self.b = read_state(a), read_state(b)
 
     def steps(self, names: list[str], perms: dict) -> dict:
-        from workers.tasks import torch_threads
 
         # largest first, dealt round-robin: workers get similar work (a step costs ~ size³)
         dealt = sorted(names, key=lambda n: -self.spec.group(n).size)[self.index::self.count]
@@ -230,7 +227,6 @@ class MatchWorker:
                     for n in dealt}
 
     def objective(self, perms: dict) -> float:
-        from workers.tasks import torch_threads
 
         with torch_threads(self.threads):
             return objective(self.spec, self.a, self.b, perms)

@@ -16,7 +16,7 @@ class FisherParams:
     weight: tuple[float, ...] = per_model(1.0)  # λ_i
     epsilon: float = param(1e-6, ge=0)  # added to every Fisher entry (a floor)
     normalize: bool = param(True)  # divide each model's Fisher by its norm over the model
-    statistics: str = internal("", "driver")  # the reduced Fishers (orchestrator/datastats.py)
+    statistics: str = internal("", "driver")  # the reduced Fishers (phases/statistics.py)
 
 
 def fisher_average(tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor],

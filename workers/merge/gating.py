@@ -1,5 +1,5 @@
 """Gating merge of models from different tasks or domains (our reconstruction of Ye et al.,
-2023, arXiv:2312.16240; see workers/dynamic.py)."""
+2023, arXiv:2312.16240; see workers/dynamic_runtime.py)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Models arrive one at a time and only the running merge is kept. One step merges 
 arrived model into the previous merge: inputs ``[previous merge, new model]`` and the base,
 plus the running state the previous step left in its manifest (``merged``, ``prior_scale``,
 ``norm_sum``); the first step has the first model alone (``merged: 0``). A job with K models
-and ``merged: 0`` runs as K steps (``orchestrator/job.py``); the scheduler
-(``orchestrator/remerge.py``) runs one step per arriving model. The state is model-wide.
+and ``merged: 0`` runs as K steps (``orchestrator/engine/job.py``); the scheduler
+(``orchestrator/ops/schedule.py``) runs one step per arriving model. The state is model-wide.
 """
 
 from __future__ import annotations

@@ -138,16 +138,16 @@ class MethodSpec:
     models_for: Callable[[dict], int | None] | None = None  # exact input count, given params
     alignment: str | Callable[[Any], str] | None = None  # "weights", "activations" or
     # "dual" (both), or a function of the merge params' dict giving one: solved by
-    # orchestrator/align.py before the merge
+    # orchestrator/phases/align.py before the merge
     wants_name: bool = False  # the kernel gets ``name=`` (the output tensor's name)
     statistics: str | None = None  # "fisher" or "grams": each model's statistics over its
-    # data, computed by orchestrator/datastats.py before the merge
+    # data, computed by orchestrator/phases/statistics.py before the merge
     masks: Callable[..., torch.Tensor] | None = None  # task-aware: ``masks(tensors, p, *,
     # base) -> bool [K, *shape]``, each task's mask, stored bit-packed next to the output
     any_widths: bool = False  # models after the first may differ in width (same tensors);
     # the output has the first's shapes
     dynamic: str | None = None  # "wemoe" or "gating": an input-dependent runtime, trained by
-    # orchestrator/dynamic.py before the merge (which writes its static part)
+    # orchestrator/phases/dynamic.py before the merge (which writes its static part)
     out_shapes: Callable[[Any], Mapping[str, tuple[int, ...]]] | None = None  # given the
     # resolved params: the output tensors whose shapes differ from the inputs' (the driver's
     # preparation then writes the config.json that fits them)

@@ -15,7 +15,7 @@ from workers.merge.registry import internal, merge_method, param
 class RegMeanParams:
     alpha: float = param(0.95, ge=0, le=1)  # share of each Gram's off-diagonal kept
     ridge: float = param(1e-4, ge=0)  # + ridge · mean(diag) · I: singular Grams stay solvable
-    statistics: str = internal("", "driver")  # the reduced Grams (orchestrator/datastats.py)
+    statistics: str = internal("", "driver")  # the reduced Grams (phases/statistics.py)
 
 
 def regmean_solve(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],

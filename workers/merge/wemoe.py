@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from workers.dynamic import OBJECTIVES
+from workers.dynamic_runtime import OBJECTIVES
 from workers.merge.registry import internal, merge_method, param
 from workers.merge.task_vectors import combine, task_vectors
 

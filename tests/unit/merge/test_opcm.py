@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.config import config_from_dict
+from orchestrator.config.schema import config_from_dict
 from orchestrator.errors import ConfigError
 from workers.merge.opcm import OpcmParams, Rescale, opcm, project
 

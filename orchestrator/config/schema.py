@@ -17,11 +17,11 @@ from typing import Any, Optional
 import yaml
 from omegaconf import MISSING, OmegaConf
 
-from orchestrator import settings
+from orchestrator.config import tensor_params
 from orchestrator.errors import ConfigError
+from workers.io.safetensors_io import DTYPE_NAMES
 from workers.merge import METHODS
 from workers.merge.registry import INTERNAL, PER_MODEL, MethodSpec
-from workers.safetensors_io import DTYPE_NAMES
 
 COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 EXECUTORS = ("ray", "local")
@@ -164,7 +164,7 @@ def load_config(path: str, overrides: list[str] = (), output: str | None = None,
                 output_required: bool = True) -> JobConfig:
     """Load a native or mergekit YAML job, apply an output URI and dotlist overrides, validate.
     Without ``output_required`` (a dry run) a mergekit config needs no output folder."""
-    from orchestrator.mergekit import from_mergekit, is_mergekit
+    from orchestrator.config.mergekit import from_mergekit, is_mergekit
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -363,7 +363,7 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
     if isinstance(out.get("uri"), str) and not out["uri"].strip():
         errors.append("output.uri: must not be empty")
     if isinstance(out.get("push_to_hub"), str):
-        from orchestrator.hub import check_repo_id
+        from workers.io.hub import check_repo_id
 
         if not check_repo_id(out["push_to_hub"]):
             errors.append(f"output.push_to_hub: expected a repository id like org/name, "
@@ -387,7 +387,7 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
     for i, pattern in enumerate(layout.get("first") or []):
         if isinstance(pattern, str):
             try:
-                settings.tensor_matcher(pattern)
+                tensor_params.tensor_matcher(pattern)
             except re.error as e:
                 errors.append(f"layout.first[{i}]: invalid regex ({e})")
     tok = doc.get("tokenizer") if isinstance(doc.get("tokenizer"), dict) else {}
@@ -452,7 +452,7 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
             continue
         if isinstance(ov.get("tensors"), str):
             try:
-                settings.tensor_matcher(ov["tensors"])
+                tensor_params.tensor_matcher(ov["tensors"])
             except re.error as e:
                 errors.append(f"merge.overrides[{i}].tensors: invalid regex ({e})")
         if isinstance(ov.get("params"), dict):
@@ -579,7 +579,7 @@ def _check_params(spec: MethodSpec, params: dict, path: str, errors: list[str], 
                 errors.append(f"{at}: expected <= {meta['le']}, got {v}")
             return True
 
-        settings.check(value, where, check_value, errors)
+        tensor_params.check(value, where, check_value, errors)
 
 
 def _check_weights_sum(spec: MethodSpec, merge: dict, sources: list, errors: list[str]) -> None:

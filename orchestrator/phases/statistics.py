@@ -22,14 +22,14 @@ import sys
 import torch
 from safetensors.torch import save as save_safetensors
 
-from orchestrator.config import DataConfig, JobConfig
-from orchestrator.data import open_data, open_model
+from orchestrator.config.schema import DataConfig, JobConfig
+from orchestrator.engine.executor import fold_tasks
 from orchestrator.errors import ConfigError
-from orchestrator.schedule import fold_tasks
-from orchestrator.storage import Store
+from orchestrator.phases.data import open_data, open_model
 from workers.data_stats import COUNT, FISHER, NORM, DataStatsContext, data_stats_task
+from workers.io.storage import Store
 from workers.merge import get_method
-from workers.tasks import torch_threads
+from workers.threads import torch_threads
 
 FOLDER = "raymerge-stats"
 

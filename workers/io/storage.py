@@ -4,7 +4,7 @@ A store is a small picklable object addressed by relative file names. The driver
 through it; Ray tasks receive the same object and read their own tensor byte ranges and write
 their own output shards, so tensor bytes never pass through the driver.
 
-Local folders live here; ``s3://`` stores in ``orchestrator.s3``. Unknown schemes are refused
+Local folders live here; ``s3://`` stores in ``workers.io.s3``. Unknown schemes are refused
 with a clear message instead of being mistaken for local paths.
 """
 
@@ -18,32 +18,15 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import BinaryIO, ContextManager, Iterator, Protocol
 
 import numpy as np
 
-from orchestrator.errors import StorageError
+from workers.io.errors import StorageError
+from workers.io.names import TMP_SUFFIX, check_relpath
+from workers.io.s3 import S3Store
 
 _REMOTE = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://")
-TMP_SUFFIX = ".raymerge-partial"
-
-
-def check_relpath(name: str) -> str:
-    """Validate a file or object name before it becomes a path: relative, no ``..``, no NUL."""
-    if (
-        not name
-        or "\x00" in name
-        or "\\" in name
-        or name.startswith("/")
-        or any(part in ("", ".", "..") for part in PurePosixPath(name).parts)
-        or name != str(PurePosixPath(name))
-    ):
-        raise StorageError(f"refusing unsafe file name {name!r}: names must be relative paths "
-                           "without '..', backslashes or empty parts")
-    return name
-
-
 class Store(Protocol):
     """What the driver and the tasks need of any storage (LocalStore, S3Store)."""
 
@@ -387,12 +370,10 @@ def file_sha256(store: Store, name: str, chunk: int = 16 * 2**20) -> str:
 def open_store(uri: str) -> Store:
     """The store for a URI: ``s3://bucket/prefix``, or a local folder path / ``file://`` URI.
 
-    ``hf://`` sources are resolved to a local snapshot by ``orchestrator.hub`` first.
+    ``hf://`` sources are resolved to a local snapshot by ``workers.io.hub`` first.
     """
     m = _REMOTE.match(uri)
     if m and m["scheme"] == "s3":
-        from orchestrator.s3 import S3Store
-
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         if not bucket:
             raise StorageError(f"{uri}: expected s3://bucket/prefix")

@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import posixpath
 
-from orchestrator.commit import MANIFEST, PROGRESS
-from orchestrator.config import JobConfig
+from orchestrator.config.schema import JobConfig
+from orchestrator.engine.commit import MANIFEST, PROGRESS
+from orchestrator.engine.lock import OUTPUT_LOCK
 from orchestrator.errors import ConfigError, MergeError
-from orchestrator.hub import is_hub_uri
-from orchestrator.lock import OUTPUT_LOCK
-from orchestrator.storage import Store
+from workers.io.hub import is_hub_uri
+from workers.io.storage import Store
 
 STEPS_SUFFIX = ".steps"  # a continual merge's intermediate outputs: OUTPUT.steps/step-N
 # files that mark a folder as raymerge's own (a finished, interrupted or running output)

@@ -19,15 +19,16 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from orchestrator.config import JobConfig, parse_bytes
+from orchestrator.config.schema import JobConfig, parse_bytes
+from orchestrator.config.tensor_params import evaluate, tensor_matcher
 from orchestrator.errors import PlanError
-from orchestrator.index import CheckpointIndex, validate_models
-from orchestrator.layout import Input, Placement, layer_of, sliced, whole_models
-from orchestrator.settings import evaluate, tensor_matcher
-from orchestrator.vocab import RowMap, Vocabulary, is_vocab_tensor, row_maps
+from orchestrator.planning.layout import Input, Placement, layer_of, sliced, whole_models
+from orchestrator.planning.validate import validate_models
+from orchestrator.planning.vocab import RowMap, Vocabulary, is_vocab_tensor, row_maps
+from workers.io.index import CheckpointIndex
+from workers.io.safetensors_io import DTYPE_NAMES, FLOAT_CODES, TensorInfo, itemsize
 from workers.merge import get_method
 from workers.merge.registry import MethodSpec, internal_fields, per_model_fields
-from workers.safetensors_io import DTYPE_NAMES, FLOAT_CODES, TensorInfo, itemsize
 from workers.tasks import CHUNK, HOLD_BYTES, READ_WINDOW
 
 _DIGITS = re.compile(r"(\d+)")
@@ -287,7 +288,7 @@ def reference_member(cfg: JobConfig) -> int:
 def resolve_params(spec: MethodSpec, cfg: JobConfig, place: Placement,
                    matchers: list) -> Any:
     """The method's params for one output tensor. Each value comes from the first scope that
-    sets it for this tensor (see ``orchestrator.settings`` for gradients and conditions):
+    sets it for this tensor (``orchestrator.config.tensor_params``: gradients and conditions):
     matching ``merge.overrides`` (later first) > the slice source's params > the model's own
     ``sources[i].params`` > the slice's params > ``merge.params`` > the dataclass default."""
     name, t = place.name, place.t

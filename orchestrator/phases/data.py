@@ -9,11 +9,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.config import DataConfig, JobConfig, SourceConfig
+from orchestrator.config.schema import DataConfig, JobConfig, SourceConfig
+from orchestrator.config.tensor_params import tensor_matcher
 from orchestrator.errors import ConfigError
-from orchestrator.index import CheckpointIndex, index_checkpoint, read_header
-from orchestrator.settings import tensor_matcher
-from orchestrator.storage import Store, open_store
+from workers.io.index import CheckpointIndex, index_checkpoint, read_header
+from workers.io.storage import Store, open_store
 from workers.models import ModelRef
 
 

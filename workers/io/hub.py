@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import re
 
-from orchestrator.errors import StorageError
-from orchestrator.storage import LocalStore
+from workers.io.errors import StorageError
+from workers.io.storage import LocalStore
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _URI = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")

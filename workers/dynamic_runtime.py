@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from workers.threads import torch_threads
+
 KINDS = ("wemoe", "gating")
 OBJECTIVES = ("entropy", "distill")
 
@@ -357,7 +359,6 @@ class Trainer:
 
     def __init__(self, ctx: DynamicContext, tasks: Sequence[int]):
         from workers.models import build_model, read_batch, read_state
-        from workers.tasks import torch_threads
 
         self.ctx, self.tasks, p = ctx, list(tasks), ctx.params
         with torch_threads(ctx.threads):
@@ -383,7 +384,6 @@ class Trainer:
         return [p.detach().clone() for p in self.dyn.trainable()]
 
     def gradients(self, values: Sequence[torch.Tensor], step: int) -> Gradients:
-        from workers.tasks import torch_threads
 
         p = self.ctx.params
         with torch_threads(self.ctx.threads):

@@ -16,10 +16,10 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
-from orchestrator.config import RuntimeConfig
+from orchestrator.config.schema import RuntimeConfig
 from orchestrator.errors import WorkerError
-from orchestrator.plan import Plan, WorkUnit, format_bytes
-from orchestrator.s3 import storage_env, storage_secrets
+from orchestrator.planning.plan import Plan, WorkUnit, format_bytes
+from workers.io.s3 import storage_env, storage_secrets
 from workers.merge import get_method
 from workers.tasks import ShardRecord, TaskContext, collect_unit, merge_unit
 

@@ -1,4 +1,4 @@
-"""Header-only index of safetensors checkpoints, and cross-model validation.
+"""Header-only index of safetensors checkpoints.
 
 Reading a checkpoint's index costs one small range read per file (the 8-byte length, then the
 JSON header): no tensor byte is read. The pins recorded here (size, mtime, header hash) let a
@@ -11,9 +11,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from orchestrator.errors import PlanError, StorageError
-from orchestrator.storage import Store, check_relpath, file_sha256
-from workers.safetensors_io import TensorInfo, header_length, parse_header
+from workers.io.errors import StorageError
+from workers.io.safetensors_io import TensorInfo, header_length, parse_header
+from workers.io.storage import Store, check_relpath, file_sha256
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -117,9 +117,9 @@ def _check_weight_map(name: str, store: Store, tensors: dict[str, TensorLocation
     if wrong or unlisted:
         raise StorageError(
             f"source {name!r}: {store.path(INDEX_FILE)} disagrees with the shard headers: "
-            + _listing("wrong or missing", wrong)
+            + listing("wrong or missing", wrong)
             + ("; " if wrong and unlisted else "")
-            + _listing("not in the index", unlisted)
+            + listing("not in the index", unlisted)
         )
 
 
@@ -134,44 +134,7 @@ def read_header(store: Store, file: str) -> tuple[dict[str, TensorInfo], bytes]:
     return tensors, raw
 
 
-def validate_models(indexes: list[CheckpointIndex], reference: CheckpointIndex,
-                    widths: bool = False) -> None:
-    """Check that every checkpoint has exactly the reference's tensors, shapes and dtypes
-    (with ``widths``, only the number of dimensions of each shape).
-
-    All problems of all models are collected into one PlanError, before any tensor is read.
-    """
-    problems = []
-    ref = reference.tensors
-    for idx in indexes:
-        if idx is reference:
-            continue
-        missing = sorted(set(ref) - set(idx.tensors))
-        extra = sorted(set(idx.tensors) - set(ref))
-        shapes, dtypes = [], []
-        for t in sorted(set(ref) & set(idx.tensors)):
-            a, b = ref[t].info, idx.tensors[t].info
-            if (len(a.shape) != len(b.shape)) if widths else (a.shape != b.shape):
-                shapes.append(f"{t} {list(b.shape)} vs {list(a.shape)}")
-            elif a.dtype != b.dtype:
-                dtypes.append(f"{t} {b.dtype} vs {a.dtype}")
-        parts = [
-            _listing("missing tensors", missing),
-            _listing("extra tensors", extra),
-            _listing("shape mismatches", shapes),
-            _listing("dtype mismatches", dtypes),
-        ]
-        parts = [p for p in parts if p]
-        if parts:
-            problems.append(
-                f"source {idx.name!r} ({idx.uri}) does not match {reference.name!r}: "
-                + "; ".join(parts)
-            )
-    if problems:
-        raise PlanError("checkpoints cannot be merged:\n  " + "\n  ".join(problems))
-
-
-def _listing(label: str, items: list[str]) -> str:
+def listing(label: str, items: list[str]) -> str:
     if not items:
         return ""
     shown = ", ".join(items[:_LIST_LIMIT])

@@ -31,14 +31,14 @@ from typing import Any, Iterator
 
 import yaml
 
-from orchestrator import cron
+from orchestrator.engine.executor import HeldRay
+from orchestrator.engine.lock import Lock
+from orchestrator.engine.lock import json_bytes as _json
+from orchestrator.engine.lock import log_timestamped as _log
+from orchestrator.engine.lock import utc_now as _now
 from orchestrator.errors import ConfigError, MergeError, StorageError
-from orchestrator.lock import Lock
-from orchestrator.lock import json_bytes as _json
-from orchestrator.lock import log_timestamped as _log
-from orchestrator.lock import utc_now as _now
-from orchestrator.schedule import HeldRay
-from orchestrator.storage import Store, open_store
+from orchestrator.ops import cron
+from workers.io.storage import Store, open_store
 
 LOCK, LATEST = "lock", "latest"
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")  # also a Kubernetes name part
@@ -164,7 +164,7 @@ def _pin(schedule: Schedule) -> _Pinned:
     """Load the job and pin every source now (headers only)."""
     from omegaconf import OmegaConf
 
-    from orchestrator.job import plan_job, resolve_config
+    from orchestrator.engine.job import plan_job, resolve_config
 
     cfg = resolve_config(schedule.job, output=f"{schedule.output}/v0")
     plan = plan_job(cfg)[0]
@@ -241,7 +241,7 @@ def _step_doc(doc: dict, sources: list[dict], method_params: dict, output: str) 
 
 
 def _run(doc: dict, quiet: bool, session: HeldRay | None) -> Any:
-    from orchestrator.job import resolve_config, run_job
+    from orchestrator.engine.job import resolve_config, run_job
 
     cfg = resolve_config(doc)
     if session is not None:

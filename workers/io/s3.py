@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from orchestrator.errors import StorageError
-from orchestrator.storage import check_relpath
+from workers.io.errors import StorageError
+from workers.io.names import check_relpath
 
 PART_SIZE = 8 * 2**20  # multipart part size (S3 needs >= 5 MiB for every part but the last)
 _clients: dict[tuple, Any] = {}

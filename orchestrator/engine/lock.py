@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from orchestrator.errors import MergeError, StorageError
-from orchestrator.storage import LocalStore, Store
+from workers.io.storage import LocalStore, Store
 
 OUTPUT_LOCK = ".raymerge-lock"
 OUTPUT_LOCK_TTL = 300.0  # seconds an object-storage output lock holds without renewal

@@ -27,9 +27,9 @@ from typing import Iterator
 import yaml
 from omegaconf import OmegaConf
 
-from orchestrator.config import JobConfig
+from orchestrator.config.schema import JobConfig
 from orchestrator.errors import ClusterError
-from orchestrator.s3 import storage_env
+from workers.io.s3 import storage_env
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT = 90  # seconds to wait for the job agent of a cluster that is still starting

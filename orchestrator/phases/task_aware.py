@@ -22,8 +22,8 @@ MASKS = "masks"  # the masks' folder inside a task-aware output
 
 
 def _open(uri: str, hub_settings: dict):
-    from orchestrator import hub
-    from orchestrator.storage import open_store
+    from workers.io import hub
+    from workers.io.storage import open_store
 
     if hub.is_hub_uri(uri):
         return hub.resolve(uri, hub_settings.get("cache_dir"), hub_settings.get("offline",
@@ -34,11 +34,11 @@ def _open(uri: str, hub_settings: dict):
 def task_state(output: str, task: str, base: str | None = None) -> dict[str, torch.Tensor]:
     """Task ``task``'s model (a source name of the merge) from a finished task-aware output;
     ``base`` overrides where the base is read (default: the manifest's base source)."""
-    from orchestrator.commit import MANIFEST, finished_manifest
-    from orchestrator.index import index_checkpoint
-    from orchestrator.storage import open_store
+    from orchestrator.engine.commit import MANIFEST, finished_manifest
+    from workers.io.index import index_checkpoint
+    from workers.io.safetensors_io import read_tensor
+    from workers.io.storage import open_store
     from workers.merge import get_method
-    from workers.safetensors_io import read_tensor
     from workers.tasks import unpack_masks
 
     out = open_store(output)
@@ -87,9 +87,9 @@ def export_task(output: str, task: str, dest: str, base: str | None = None) -> s
     output's config and tokenizer files."""
     from safetensors.torch import save_file
 
-    from orchestrator.commit import finished_manifest, is_metadata
-    from orchestrator.guard import check_destination
-    from orchestrator.storage import open_store
+    from orchestrator.engine.commit import finished_manifest, is_metadata
+    from orchestrator.engine.guard import check_destination
+    from workers.io.storage import open_store
 
     sources = finished_manifest(open_store(output))["sources"]
     check_destination(dest, [("the merge", output), *[(f"source {s['name']!r}", s["uri"])

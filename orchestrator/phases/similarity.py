@@ -25,13 +25,13 @@ import zlib
 
 import torch
 
-from orchestrator.config import JobConfig
+from orchestrator.config.schema import JobConfig
 from orchestrator.errors import PlanError
-from orchestrator.index import index_checkpoint
-from orchestrator.layout import layer_of
-from orchestrator.storage import open_store
-from workers.safetensors_io import read_tensor
-from workers.tasks import torch_threads
+from orchestrator.planning.layout import layer_of
+from workers.io.index import index_checkpoint
+from workers.io.safetensors_io import read_tensor
+from workers.io.storage import open_store
+from workers.threads import torch_threads
 
 FLOAT = ("F16", "BF16", "F32", "F64")
 
@@ -79,8 +79,8 @@ def compute(cfg: JobConfig, quiet: bool = False, cache=None) -> dict:
     if deltas:
         result["task_vectors_cosine"] = _cosines(deltas)
     if cfg.data is not None:
-        from orchestrator.align import statistics
-        from orchestrator.data import model_ref, read_config
+        from orchestrator.phases.align import statistics
+        from orchestrator.phases.data import model_ref, read_config
         from workers.align import spec as specs
 
         configs = [read_config(st, s.name) for s, st in zip(specs_[:k], stores)]

@@ -14,7 +14,7 @@ import math
 import yaml
 
 from orchestrator.errors import ConfigError
-from orchestrator.remerge import ScheduleFile
+from orchestrator.ops.schedule import ScheduleFile
 
 CONFIG_MAP = "raymerge-schedules"
 MOUNT = "/config"

@@ -11,8 +11,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from orchestrator import hub
-from orchestrator.commit import (
+from orchestrator.config.schema import JobConfig, apply_overrides, config_from_dict, load_config
+from orchestrator.engine.commit import (
     MANIFEST,
     commit,
     damaged_files,
@@ -21,17 +21,17 @@ from orchestrator.commit import (
     read_progress,
     write_progress,
 )
-from orchestrator.config import JobConfig, apply_overrides, config_from_dict, load_config
+from orchestrator.engine.executor import ray_session, run_plan
+from orchestrator.engine.guard import STEPS_SUFFIX, check_locations, check_output_folder
+from orchestrator.engine.lock import output_lock
 from orchestrator.errors import MergeError
-from orchestrator.guard import STEPS_SUFFIX, check_locations, check_output_folder
-from orchestrator.hub import is_hub_uri
-from orchestrator.index import CheckpointIndex, index_checkpoint
-from orchestrator.lock import output_lock
-from orchestrator.plan import Plan, make_plan, reference_member
-from orchestrator.schedule import ray_session, run_plan
-from orchestrator.storage import LocalStore, Store, open_store
-from orchestrator.taskaware import MASKS
-from orchestrator.vocab import build as build_vocabulary
+from orchestrator.phases.task_aware import MASKS
+from orchestrator.planning.plan import Plan, make_plan, reference_member
+from orchestrator.planning.vocab import build as build_vocabulary
+from workers.io import hub
+from workers.io.hub import is_hub_uri
+from workers.io.index import CheckpointIndex, index_checkpoint
+from workers.io.storage import LocalStore, Store, open_store
 from workers.merge import get_method
 from workers.tasks import ShardRecord, TaskContext
 
@@ -175,13 +175,13 @@ def _dispatch(cfg: JobConfig, opts: _Options, start: float) -> JobResult:
             and len(cfg.sources) > 1:
         return _run_sequence(cfg, opts)
     if spec.alignment:
-        from orchestrator.align import prepare
+        from orchestrator.phases.align import prepare
         phase = "align"
     elif spec.statistics:
-        from orchestrator.datastats import prepare
+        from orchestrator.phases.statistics import prepare
         phase = "data_stats"
     elif spec.dynamic:
-        from orchestrator.dynamic import prepare
+        from orchestrator.phases.dynamic import prepare
         phase = "training"
     elif spec.masks is not None:
         return _run_task_aware(cfg, opts, start)

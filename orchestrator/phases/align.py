@@ -28,12 +28,10 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from orchestrator.config import JobConfig
-from orchestrator.data import head_names, model_ref, open_data, read_config
+from orchestrator.config.schema import JobConfig
+from orchestrator.engine.executor import actor_pool, fold_tasks, pool_size, run_tasks
 from orchestrator.errors import ConfigError, PlanError
-from orchestrator.index import index_checkpoint
-from orchestrator.schedule import actor_pool, fold_tasks, pool_size, run_tasks
-from orchestrator.storage import Store, open_store
+from orchestrator.phases.data import head_names, model_ref, open_data, read_config
 from workers.align import spec as specs
 from workers.align.match import (
     ActivationStats,
@@ -57,11 +55,13 @@ from workers.align.transforms import (
 )
 from workers.align.transforms import load as load_alignment
 from workers.align.zip import head
+from workers.io.index import index_checkpoint
+from workers.io.safetensors_io import read_tensor
+from workers.io.storage import Store, open_store
 from workers.merge import get_method
 from workers.merge.registry import internal_fields
 from workers.models import ModelRef, checkpoint_names, read_state
-from workers.safetensors_io import read_tensor
-from workers.tasks import torch_threads
+from workers.threads import torch_threads
 
 TRANSFORMS = "raymerge-align/transforms.safetensors"
 

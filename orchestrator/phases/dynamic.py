@@ -1,6 +1,6 @@
 """Input-dependent merges (wemoe, gating): train the runtime, then write its static part.
 
-``prepare`` trains the runtime data-parallel: one Ray actor per worker (``workers.dynamic.
+``prepare`` trains the runtime data-parallel: one Ray actor per worker (``workers.dynamic_runtime.
 Trainer``) assembles the runtime from the models and the base (experts, heads) and computes,
 each step, the loss gradients of its share of the tasks on their unlabelled inputs
 (``sources[].data``, else ``data``); this driver adds them in task order and takes the Adam
@@ -17,13 +17,13 @@ import json
 
 import torch
 
-from orchestrator.config import JobConfig
-from orchestrator.data import head_names, open_data, open_model
-from orchestrator.datastats import model_data
+from orchestrator.config.schema import JobConfig
+from orchestrator.engine.executor import actor_pool, pool_size
 from orchestrator.errors import ConfigError, MergeError
-from orchestrator.index import index_checkpoint
-from orchestrator.schedule import actor_pool, pool_size
-from orchestrator.storage import Store, open_store
+from orchestrator.phases.data import head_names, open_data, open_model
+from orchestrator.phases.statistics import model_data
+from workers.io.index import index_checkpoint
+from workers.io.storage import Store, open_store
 from workers.merge import get_method
 from workers.merge.registry import internal_fields
 
@@ -31,7 +31,7 @@ RUNTIME = "runtime"
 
 
 def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
-    from workers.dynamic import DynamicContext
+    from workers.dynamic_runtime import DynamicContext
 
     method = get_method(cfg.merge.method)
     if not cfg.align.heads:
@@ -76,7 +76,7 @@ def _check_head_shapes(cfg: JobConfig, refs: tuple, heads: list[str]) -> None:
 
 def _train(cfg: JobConfig, ctx, shares: list, p, name: str,
            quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
-    from workers.dynamic import Trainer, fit, progress_printer
+    from workers.dynamic_runtime import Trainer, fit, progress_printer
 
     k = len(cfg.sources)
     with actor_pool(Trainer, [(ctx, share) for share in shares], cfg.runtime) as pool:
@@ -95,12 +95,13 @@ def _train(cfg: JobConfig, ctx, shares: list, p, name: str,
 
 
 def load(output: str):
-    """The runtime of a finished wemoe or gating output (``workers.dynamic.DynamicModel``)."""
+    """The runtime of a finished wemoe or gating output
+    (``workers.dynamic_runtime.DynamicModel``)."""
     from safetensors.torch import load as load_safetensors
 
-    from orchestrator.commit import finished_manifest
-    from workers.dynamic import load_runtime
-    from workers.safetensors_io import read_tensor
+    from orchestrator.engine.commit import finished_manifest
+    from workers.dynamic_runtime import load_runtime
+    from workers.io.safetensors_io import read_tensor
 
     out = open_store(output)
     manifest = finished_manifest(out)

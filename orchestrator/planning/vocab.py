@@ -19,10 +19,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from orchestrator.config import JobConfig
+from orchestrator.config.schema import JobConfig
 from orchestrator.errors import ConfigError, PlanError
-from orchestrator.index import CheckpointIndex
-from orchestrator.storage import Store
+from workers.io.index import CheckpointIndex
+from workers.io.storage import Store
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",

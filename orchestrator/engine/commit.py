@@ -18,13 +18,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from orchestrator.config import JobConfig
+from orchestrator.config.schema import JobConfig
 from orchestrator.errors import StorageError
-from orchestrator.index import INDEX_FILE, CheckpointIndex
-from orchestrator.plan import Plan
-from orchestrator.storage import TMP_SUFFIX, LocalStore, Store, file_sha256
-from orchestrator.vocab import TOKENIZER_FILES
-from workers.safetensors_io import DTYPE_NAMES
+from orchestrator.planning.plan import Plan
+from orchestrator.planning.vocab import TOKENIZER_FILES
+from workers.io.index import INDEX_FILE, CheckpointIndex
+from workers.io.safetensors_io import DTYPE_NAMES
+from workers.io.storage import TMP_SUFFIX, LocalStore, Store, file_sha256
 from workers.tasks import ShardRecord
 
 MANIFEST = "raymerge-manifest.json"

@@ -21,10 +21,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from orchestrator.config import JobConfig
+from orchestrator.config.schema import JobConfig
+from orchestrator.config.tensor_params import tensor_matcher
 from orchestrator.errors import PlanError
-from orchestrator.index import CheckpointIndex
-from orchestrator.settings import tensor_matcher
+from workers.io.index import CheckpointIndex
 
 _LAYER = re.compile(r"^(.*?\.)(\d+)\.(.*)$")
 _PRE = re.compile(r"embed|(^|\.)(wte|wpe)\.")

@@ -1,0 +1,2 @@
+"""Operating merges: periodic re-merges (``raymerge schedule``), cron, Kubernetes,
+job submission."""

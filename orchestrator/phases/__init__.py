@@ -1,0 +1,2 @@
+"""What runs before a merge (alignment, data statistics, dynamic training, similarity) or after
+it (task-aware models), each on the executor."""

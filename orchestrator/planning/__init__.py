@@ -1,0 +1,1 @@
+"""From a config and checkpoint headers to a Plan: layout, vocabularies, compatibility. Pure."""
