@@ -119,7 +119,7 @@ def merge(method: str, base: str, models: list[tuple[str, str]], out: str, **par
            "sources": [{"name": n, "uri": u} for n, u in models],
            "merge": {"method": method, "params": params},
            "output": {"uri": out}, "runtime": {"executor": "local"}}
-    return run_job(job, force=True, quiet=True).output
+    return run_job(job, force=True).output
 
 
 def running_mean(models: list[tuple[str, str]], work: str) -> str:
@@ -132,7 +132,7 @@ def running_mean(models: list[tuple[str, str]], work: str) -> str:
                            {"name": name, "uri": uri, "params": {"weight": 1.0}}],
                "merge": {"method": "linear"}, "output": {"uri": f"{work}/mean-{t}"},
                "runtime": {"executor": "local"}}
-        previous = run_job(job, force=True, quiet=True).output
+        previous = run_job(job, force=True).output
     return previous
 
 

@@ -63,7 +63,7 @@ with HeldRay() as session:
     for _ in range(runs + 1):  # the first run starts the workers
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        run_job(cfg, overrides, output=out, quiet=True)
+        run_job(cfg, overrides, output=out)
         walls.append(time.perf_counter() - start)
 print(json.dumps(walls[1:]))
 """

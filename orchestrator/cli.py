@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import logging
 import sys
 
 from orchestrator.errors import ConfigError, MergeError
@@ -42,7 +43,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     output, overrides = _split_targets(ns.targets)
     if ns.forward_credentials:
         overrides.append("runtime.forward_credentials=true")
-    result = run_job(ns.config, overrides, output=output, force=ns.force, quiet=ns.quiet,
+    result = run_job(ns.config, overrides, output=output, force=ns.force,
                      wait_lock=ns.wait_lock, repair=ns.repair, strict=ns.strict)
     if result.skipped:
         print(f"{result.output} already holds this merge (plan {result.plan.digest()[:12]}); "
@@ -75,7 +76,7 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
     from workers.io.storage import open_store
 
     if ns.repair:
-        return _repair(ns.output, ns.quiet)
+        return _repair(ns.output)
     manifest, problems = verify_output(open_store(ns.output))
     if problems:
         print(f"{ns.output}: FAILED", file=sys.stderr)
@@ -87,7 +88,7 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _repair(output: str, quiet: bool) -> int:
+def _repair(output: str) -> int:
     """Redo the damaged shards of a finished output from the job its manifest records."""
     from orchestrator.engine.commit import finished_manifest
     from orchestrator.engine.job import run_job
@@ -99,7 +100,7 @@ def _repair(output: str, quiet: bool) -> int:
         job = manifest["config"]
     else:
         job = {**job, "runtime": manifest["config"]["runtime"]}
-    result = run_job(job, output=output, repair=True, quiet=quiet)
+    result = run_job(job, output=output, repair=True)
     if result.skipped:
         print(f"{output}: OK (every file matches the manifest; nothing to repair)")
     else:
@@ -194,7 +195,7 @@ def _cmd_schedule(ns: argparse.Namespace) -> int:
 
         print(k8s.render(file, image=ns.image, namespace=ns.namespace), end="")
         return 0
-    results = schedule.run_schedules(file, once=ns.once, only=ns.only, quiet=ns.quiet)
+    results = schedule.run_schedules(file, once=ns.once, only=ns.only)
     for r in results:
         print(f"{r.schedule}: {r.action}" + (f" v{r.version}" if r.version else "")
               + f" ({r.reason})")
@@ -214,7 +215,7 @@ def _cmd_similarity(ns: argparse.Namespace) -> int:
     from orchestrator.phases import similarity
 
     cfg = resolve_config(ns.config, ns.overrides, ns.out_dir)
-    files = similarity.run(cfg, ns.out_dir, quiet=ns.quiet)
+    files = similarity.run(cfg, ns.out_dir)
     print(f"wrote {', '.join(files)} to {ns.out_dir}")
     return 0
 
@@ -253,6 +254,40 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return run_demo(ns.workdir, method=ns.method)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (a redirect, a test's
+    capture), as logging's own last-resort handler does."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+_HANDLER = _Stderr()
+_HANDLER.setFormatter(_Format("%(message)s"))
+
+
+def configure_logging(level: int) -> None:
+    """The one handler of raymerge's loggers (``orchestrator.*``, ``workers.*``): lines on
+    stderr at ``level`` and above; library code only logs."""
+    for name in ("orchestrator", "workers"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if _HANDLER not in logger.handlers:
+            logger.addHandler(_HANDLER)
+        logger.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raymerge",
@@ -262,9 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           help="warnings and errors only: no progress lines")
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="debug lines too, and Ray's own start-up lines")
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbosity], **kw)
 
     def job_parser(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = command(name, help=help_, description=help_)
         p.add_argument("config", help="job YAML: native raymerge or mergekit format")
         p.add_argument("targets", nargs="*", metavar="[OUT] [key=value ...]",
                        help="output folder (required for mergekit configs) and dotlist "
@@ -290,24 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
                           "this shell's AWS_*/HF_* keys and tokens to the workers through Ray's "
                           "object store (never a runtime_env, which Ray logs); default: the "
                           "workers use the cluster's own credentials")
-    run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.set_defaults(fn=_cmd_run)
     job_parser("plan", "print the work plan (no tensor data is read)").set_defaults(fn=_cmd_plan)
 
-    verify = sub.add_parser("verify", help="re-check an output against its manifest")
+    verify = command("verify", help="re-check an output against its manifest")
     verify.add_argument("output", help="output folder (or s3://bucket/prefix)")
     verify.add_argument("--repair", action="store_true",
                         help="redo the damaged or missing shards from the job the manifest "
                              "records (its sources must be unchanged) and rewrite the manifest")
-    verify.add_argument("--quiet", action="store_true", help="no progress lines (--repair)")
     verify.set_defaults(fn=_cmd_verify)
 
-    imp = sub.add_parser("import-mergekit", help="print the native config for a mergekit YAML")
+    imp = command("import-mergekit", help="print the native config for a mergekit YAML")
     imp.add_argument("config")
     imp.add_argument("output", nargs="?", help="output folder to put in the native config")
     imp.set_defaults(fn=_cmd_import)
 
-    sub.add_parser("methods", help="list merge methods and their parameters").set_defaults(
+    command("methods", help="list merge methods and their parameters").set_defaults(
         fn=_cmd_methods)
 
     address_help = "the cluster's Jobs API, http://HEAD:8265 (default: $RAY_ADDRESS)"
@@ -326,14 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_, fn in (("status", "show a submitted job's status", _cmd_status),
                             ("logs", "print a submitted job's log", _cmd_logs),
                             ("stop", "stop a submitted job", _cmd_stop)):
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = command(name, help=help_, description=help_)
         p.add_argument("job_id")
         p.add_argument("--address", help=address_help)
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until it ends")
         p.set_defaults(fn=fn)
 
-    schedule = sub.add_parser(
+    schedule = command(
         "schedule", help="run periodic re-merges from a schedules file",
         description="Tick every schedule of a schedules file: at its cron minutes (UTC) and/or "
                     "every poll_interval (on_change). A tick re-pins the job's sources; "
@@ -353,14 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--image", default="raymerge:0.1.0",
                           help="runtime image for --render (default: %(default)s)")
     schedule.add_argument("--namespace", help="namespace for --render")
-    schedule.add_argument("--quiet", action="store_true", help="no progress lines from merges")
     schedule.set_defaults(fn=_cmd_schedule)
 
-    hist = sub.add_parser("history", help="list the runs of a scheduled output, newest last")
+    hist = command("history", help="list the runs of a scheduled output, newest last")
     hist.add_argument("output", help="the schedule's output (folder or s3://bucket/prefix)")
     hist.set_defaults(fn=_cmd_history)
 
-    sim = sub.add_parser(
+    sim = command(
         "similarity", help="per-layer K x K similarity of a job's models (JSON, CSV, PNG)",
         description="Compare the job's models layer by layer: cosine of weights, of task "
                     "vectors (with a base) and linear CKA of activations per alignment group "
@@ -369,10 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("config", help="job YAML (its sources, base and data are used)")
     sim.add_argument("out_dir", help="folder for the results")
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides")
-    sim.add_argument("--quiet", action="store_true", help="no progress lines")
     sim.set_defaults(fn=_cmd_similarity)
 
-    task = sub.add_parser(
+    task = command(
         "task-model", help="write one task's model of a task-aware merge (tall, emr)",
         description="Rebuild one task's model from a task-aware output: base + its mask "
                     "(x its EMR rescaler) times the unified task vector. Writes "
@@ -383,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--base", help="read the base from here (default: the manifest's)")
     task.set_defaults(fn=_cmd_task_model)
 
-    pred = sub.add_parser(
+    pred = command(
         "predict", help="run an input-dependent merge (wemoe, gating) on a batch",
         description="Load the runtime of a finished wemoe or gating output and run it on the "
                     "inputs of a safetensors file: prints the predicted classes (gating: and "
@@ -397,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", help="write the JSON here instead of printing it")
     pred.set_defaults(fn=_cmd_predict)
 
-    demo = sub.add_parser("demo", help="merge the bundled all-MiniLM-L6-v2 with perturbed "
+    demo = command("demo", help="merge the bundled all-MiniLM-L6-v2 with perturbed "
                                        "copies of itself on a local Ray, then verify and load it")
     demo.add_argument("workdir", nargs="?", default="raymerge-demo",
                       help="folder for the generated inputs and the output (default: %(default)s)")
@@ -414,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         ns.targets += extra
+    configure_logging(logging.WARNING if ns.quiet else logging.DEBUG if ns.verbose
+                      else logging.INFO)
     try:
         return ns.fn(ns)
     except MergeError as e:

@@ -8,14 +8,16 @@ result with transformers to embed a sentence.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 
 import torch
 import yaml
 
 from orchestrator.errors import MergeError
+
+log = logging.getLogger(__name__)
 
 
 def minilm_dir() -> str:
@@ -66,7 +68,7 @@ def run_demo(workdir: str, method: str = "ties") -> int:
 
     inputs = os.path.join(workdir, "inputs")
     base = os.path.join(inputs, "base")
-    print(f"demo: writing all-MiniLM-L6-v2 and 3 perturbed copies of it to {inputs}", flush=True)
+    log.info(f"demo: writing all-MiniLM-L6-v2 and 3 perturbed copies of it to {inputs}")
     shutil.copytree(minilm_dir(), base, dirs_exist_ok=True)
     folders = make_finetunes(base, inputs, 3)
     job = {
@@ -79,17 +81,17 @@ def run_demo(workdir: str, method: str = "ties") -> int:
     job_path = os.path.join(workdir, "job.yaml")
     with open(job_path, "w") as f:
         yaml.safe_dump(job, f, sort_keys=False)
-    print(f"demo: running {job_path} ({method}) on a local Ray cluster", flush=True)
+    log.info(f"demo: running {job_path} ({method}) on a local Ray cluster")
     result = run_job(job_path, force=True)
     _, problems = verify_output(open_store(result.output))
     if problems:
-        print("demo: verification FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
+        log.error("demo: verification FAILED:\n  " + "\n  ".join(problems))
         return 1
-    print(f"demo: {result.output} verified ({len(result.manifest['shards'])} shards, "
-          f"{result.seconds:.1f}s)")
+    log.info(f"demo: {result.output} verified ({len(result.manifest['shards'])} shards, "
+             f"{result.seconds:.1f}s)")
     similarity = _embedding_similarity(base, result.output)
-    print(f"demo: merged model loads with transformers; cosine similarity of its sentence "
-          f"embedding to the base model's: {similarity:.4f}")
+    log.info(f"demo: merged model loads with transformers; cosine similarity of its sentence "
+             f"embedding to the base model's: {similarity:.4f}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,15 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 LLAMA = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
              tie_word_embeddings=False)
+
+
+@pytest.fixture(autouse=True)
+def _log_lines():
+    """raymerge's log lines on stderr at INFO, as the CLI sets them, for every test (a test's
+    ``main([... "--quiet"])`` changes that only until the next test)."""
+    from orchestrator.cli import configure_logging
+
+    configure_logging(logging.INFO)
 
 
 def tiny_llama(folder: str, *, seed: int = 0, base: str | None = None, scale: float = 0.05,

@@ -432,17 +432,6 @@ class Trainer:
                                                for n, v in h.items()}, metadata=meta)}
 
 
-def progress_printer(label: str):
-    """A line on stderr about every 10 % of the steps."""
-    import sys
-
-    def report(step: int, steps: int, loss: float) -> None:
-        if step == steps or step % max(1, steps // 10) == 0:
-            print(f"[{label} training] step {step}/{steps}  loss {loss:.4f}", file=sys.stderr,
-                  flush=True)
-    return report
-
-
 def load_runtime(config: dict, static: Mapping[str, torch.Tensor], description: dict,
                  router: Mapping[str, torch.Tensor], experts: Mapping[str, torch.Tensor],
                  heads: Mapping[str, torch.Tensor]) -> DynamicModel:

@@ -289,8 +289,7 @@ def _pleas_job(models: list[nn.Module], splits: dict) -> dict:
                      "merge": {"method": "pleas", "params": {"width": width}},
                      "data": {"uri": f"{root}/data.safetensors", "batch_size": 256},
                      "align": {"heads": ["classifier.*"]},
-                     "output": {"uri": f"{root}/{label}"}, "runtime": {"executor": "local"}},
-                    quiet=True)
+                     "output": {"uri": f"{root}/{label}"}, "runtime": {"executor": "local"}})
             with torch.no_grad():
                 logits = load_multihead(f"{root}/{label}")(
                     pixel_values=splits["test"]["x"].view(-1, 1, 8, 8))

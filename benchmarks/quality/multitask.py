@@ -241,7 +241,7 @@ class Setup:
                "runtime": {"executor": "local"}}
         if method not in ("fisher", "regmean", "linear"):
             job["base"] = {"name": "base", "uri": self.base}
-        return run_job(job, force=True, quiet=True).output
+        return run_job(job, force=True).output
 
     def tuned(self, label: str) -> tuple[float, dict]:
         """Test accuracy at the grid point best on validation, and that point."""
@@ -301,7 +301,7 @@ class Setup:
                "align": {"heads": ["classifier.*"]},
                "output": {"uri": f"{self.work}/{label}"}, "seed": self.seed,
                "runtime": {"executor": "local"}}
-        runtime = load_runtime(run_job(job, force=True, quiet=True).output)
+        runtime = load_runtime(run_job(job, force=True).output)
         aware, picked, routed = [], [], []
         with torch.no_grad():
             for k, (name, t) in enumerate(self.tasks.items()):

@@ -10,8 +10,8 @@ reference that Ray results are compared with.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -23,11 +23,13 @@ from workers.io.s3 import storage_env, storage_secrets
 from workers.merge import get_method
 from workers.tasks import ShardRecord, TaskContext, collect_unit, merge_unit
 
+log = logging.getLogger(__name__)
+
 
 def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
              done: frozenset[str] = frozenset(),
-             on_record: Callable[[ShardRecord], None] | None = None,
-             quiet: bool = False) -> tuple[list[ShardRecord], dict[str, float], dict | None]:
+             on_record: Callable[[ShardRecord], None] | None = None
+             ) -> tuple[list[ShardRecord], dict[str, float], dict | None]:
     """Run the statistics passes (if any), then every unit whose shard is not in ``done``.
 
     ``on_record`` sees each shard record as soon as its unit finishes (the job keeps resume
@@ -53,7 +55,7 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
                 totals: dict[int, Any] = {}
                 per_tensor: dict[int, dict[int, Any]] = {}
                 for _, part in executor.imap(collect_unit, stat_units, (ctx, p, states),
-                                             _Progress(label, stat_units, quiet)):
+                                             _Progress(label, stat_units)):
                     for (g, slot), value in part.items():  # integer counts: any order is exact
                         if slot >= 0:
                             per_tensor.setdefault(g, {})[slot] = value
@@ -68,7 +70,7 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
         start = time.monotonic()
         finished = []
         for unit, record in executor.imap(merge_unit, todo, (ctx, states),
-                                          _Progress("merge", todo, quiet)):
+                                          _Progress("merge", todo)):
             if on_record is not None:
                 on_record(record)
             finished.append((unit.index, record))
@@ -139,16 +141,15 @@ class HeldRay:
 
 
 def run_tasks(fn: Callable, items: Sequence[Any], args: tuple, runtime: RuntimeConfig, *,
-              label: str, quiet: bool = False) -> list[Any]:
+              label: str) -> list[Any]:
     """``fn(item, *args)`` for every item, as Ray tasks (or in-process with the local
     executor); results in item order. For work other than merge units (alignment statistics)."""
     return fold_tasks(fn, items, args, runtime, lambda done, _, result: done + [result], [],
-                      label=label, quiet=quiet)
+                      label=label)
 
 
 def fold_tasks(fn: Callable, items: Sequence[Any], args: tuple, runtime: RuntimeConfig,
-               fold: Callable[[Any, Any, Any], Any], state: Any, *, label: str,
-               quiet: bool = False) -> Any:
+               fold: Callable[[Any, Any, Any], Any], state: Any, *, label: str) -> Any:
     """``fn(item, *args)`` for every item, each result folded into ``state`` as
     ``state = fold(state, item, result)`` in item order (whatever order tasks finish in), as
     soon as the results before it are folded: the driver keeps only results waiting for a
@@ -158,7 +159,7 @@ def fold_tasks(fn: Callable, items: Sequence[Any], args: tuple, runtime: Runtime
     waiting: dict[int, Any] = {}
     folded = 0
     with executor:
-        for item, result in executor.imap(fn, items, args, _Progress(label, items, quiet)):
+        for item, result in executor.imap(fn, items, args, _Progress(label, items)):
             waiting[position[item]] = result
             while folded in waiting:
                 state = fold(state, items[folded], waiting.pop(folded))
@@ -235,10 +236,10 @@ def pool_size(runtime: RuntimeConfig, wanted: int) -> int:
 
 
 class _Progress:
-    """Units done, bytes read, rate and ETA on stderr, at most about once a second."""
+    """Units done, bytes read, rate and ETA, logged at most about once a second."""
 
-    def __init__(self, label: str, units: Sequence[WorkUnit], quiet: bool):
-        self.label, self.quiet = label, quiet
+    def __init__(self, label: str, units: Sequence[WorkUnit]):
+        self.label = label
         self.total_units = len(units)
         self.total_bytes = sum(getattr(u, "input_bytes", 0) for u in units)
         self.done_units = self.done_bytes = 0
@@ -248,21 +249,21 @@ class _Progress:
         self.done_units += 1
         self.done_bytes += getattr(unit, "input_bytes", 0)
         now = time.monotonic()
-        if self.quiet or (now - self.last < 1 and self.done_units < self.total_units):
+        quiet = not log.isEnabledFor(logging.INFO)
+        if quiet or (now - self.last < 1 and self.done_units < self.total_units):
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)
         if not self.total_bytes:  # tasks that read no checkpoint bytes (alignment solves)
             eta = elapsed / self.done_units * (self.total_units - self.done_units)
-            print(f"[{self.label}] {self.done_units}/{self.total_units} tasks  "
-                  f"elapsed {elapsed:.1f}s  ETA {eta:.0f}s", file=sys.stderr, flush=True)
+            log.info(f"[{self.label}] {self.done_units}/{self.total_units} tasks  "
+                     f"elapsed {elapsed:.1f}s  ETA {eta:.0f}s")
             return
         rate = self.done_bytes / elapsed
         eta = (self.total_bytes - self.done_bytes) / rate if rate > 0 else 0
-        print(f"[{self.label}] {self.done_units}/{self.total_units} units  "
-              f"{format_bytes(self.done_bytes)}/{format_bytes(self.total_bytes)}  "
-              f"{format_bytes(rate)}/s  elapsed {elapsed:.1f}s  ETA {eta:.0f}s",
-              file=sys.stderr, flush=True)
+        log.info(f"[{self.label}] {self.done_units}/{self.total_units} units  "
+                 f"{format_bytes(self.done_bytes)}/{format_bytes(self.total_bytes)}  "
+                 f"{format_bytes(rate)}/s  elapsed {elapsed:.1f}s  ETA {eta:.0f}s")
 
 
 def _unit_failed(unit: Any, cause: object) -> WorkerError:
@@ -373,6 +374,30 @@ def _with_secrets_class(cls: type) -> type:
     return WithSecrets
 
 
+def _ray_level() -> int:
+    """Ray's own driver log level: its start-up lines only with ``-v``."""
+    return logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+
+
+class _TokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+@contextmanager
+def _quiet_start() -> Iterator[None]:
+    """Drop Ray's notice that token authentication is on, when it starts the embedded cluster:
+    that cluster listens on 127.0.0.1 only, and the notice would show on every run. Token
+    authentication itself stays as Ray sets it."""
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = _TokenNotice()
+    notices.addFilter(notice)
+    try:
+        yield
+    finally:
+        notices.removeFilter(notice)
+
+
 class _RayExecutor:
     """Ray tasks with at most ``num_workers`` in flight; starts an embedded cluster if needed."""
 
@@ -392,10 +417,10 @@ class _RayExecutor:
                 ray.init(address=self.runtime.address, log_to_driver=True)
             else:
                 # embedded: this machine only, bound to loopback, no dashboard
-                with _lean_head():
+                with _lean_head(), _quiet_start():
                     ray.init(num_cpus=self.runtime.num_workers or os.cpu_count(),
                              include_dashboard=False, _node_ip_address="127.0.0.1",
-                             log_to_driver=True)
+                             log_to_driver=True, logging_level=_ray_level())
                 _INHERITED[0] = storage_env()
             self.started = True
         cpus = int(ray.cluster_resources().get("CPU", 1))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 
@@ -34,6 +34,8 @@ from workers.io.index import CheckpointIndex, index_checkpoint
 from workers.io.storage import LocalStore, Store, open_store
 from workers.merge import get_method
 from workers.tasks import ShardRecord, TaskContext
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def plan_job(cfg: JobConfig,
 
 
 def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
-            output: str | None = None, force: bool = False, quiet: bool = False,
+            output: str | None = None, force: bool = False,
             wait_lock: bool = False, repair: bool = False, strict: bool = False) -> JobResult:
     """Merge as configured and commit the output; the Python twin of ``raymerge run``.
 
@@ -112,13 +114,12 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
         existing = read_manifest(out)
         if existing is not None and not force:
             _check_same_job(out, existing, job, repair)
-        return _dispatch(cfg, _Options(force, quiet, repair, job, strict), start)
+        return _dispatch(cfg, _Options(force, repair, job, strict), start)
 
 
 @dataclass(frozen=True)
 class _Options:
     force: bool
-    quiet: bool
     repair: bool
     job: dict  # the job as given (``job_document``), recorded in the manifest
     strict: bool = False  # NaN/Inf in the output fails the job
@@ -188,7 +189,7 @@ def _dispatch(cfg: JobConfig, opts: _Options, start: float) -> JobResult:
     else:
         return _run(cfg, {}, opts, start, {})
     with ray_session(cfg.runtime):  # statistics, solves and merge share one Ray
-        cfg, extra_files = prepare(cfg, open_store(cfg.output.uri), opts.quiet)
+        cfg, extra_files = prepare(cfg, open_store(cfg.output.uri))
         return _run(cfg, extra_files, opts, start, {phase: time.monotonic() - start})
 
 
@@ -226,7 +227,7 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
                 raise MergeError(
                     f"{out.uri} holds this merge but it is damaged ({_listed(damaged)}); "
                     f"redo only the damaged shards with: raymerge verify --repair {out.uri}")
-            _log(opts.quiet, f"repairing {out.uri}: {_listed(damaged)}")
+            log.info(f"repairing {out.uri}: {_listed(damaged)}")
             write_progress(out, plan, [ShardRecord(s["file"], s["bytes"], s["sha256"],
                                                    s["tensors"], s.get("nonfinite", {}))
                                        for s in existing["shards"] if s["file"] not in damaged])
@@ -244,10 +245,10 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
         out.remove(MANIFEST)
     kept, changes = read_progress(out, plan)
     if changes:
-        _log(opts.quiet, "not resuming the interrupted run: its inputs changed since ("
+        log.info("not resuming the interrupted run: its inputs changed since ("
                          + "; ".join(changes) + "); every shard is merged again")
     if kept:
-        _log(opts.quiet, f"resuming: {len(kept)} of {len(plan.units)} shards of an "
+        log.info(f"resuming: {len(kept)} of {len(plan.units)} shards of an "
                          "interrupted run are intact and kept")
     finished = list(kept.values())
 
@@ -263,7 +264,7 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
         compute_dtype=cfg.compute_dtype, seed=cfg.seed, threads=cfg.runtime.threads_per_worker,
     )
     new, run_timings, method_state = run_plan(plan, ctx, cfg.runtime, done=frozenset(kept),
-                                              on_record=record_progress, quiet=opts.quiet)
+                                              on_record=record_progress)
     timings.update(run_timings)
     committing = time.monotonic()
     order = {u.shard: u.index for u in plan.units}
@@ -277,7 +278,7 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
         url = hub.push(out.uri, cfg.output.push_to_hub,
                        f"raymerge {plan.method} merge (plan {plan.digest()[:12]})")
         timings["push"] = time.monotonic() - pushing
-        _log(opts.quiet, f"pushed to {url}")
+        log.info(f"pushed to {url}")
     return JobResult(out.uri, manifest, plan, False, time.monotonic() - start, timings,
                      len(kept))
 
@@ -296,13 +297,8 @@ def _report_nonfinite(out: Store, records: list[ShardRecord], opts: _Options) ->
     if opts.strict:
         raise MergeError(f"{len(found)} output tensors hold NaN/Inf entries (--strict):\n  "
                          f"{shown}\nno manifest was written; fix or leave out the inputs named")
-    print(f"warning: {len(found)} tensors of {out.uri} hold NaN/Inf entries (listed in the "
-          f"manifest; --strict makes this an error):\n  {shown}", file=sys.stderr)
-
-
-def _log(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(message, file=sys.stderr)
+    log.warning(f"{len(found)} tensors of {out.uri} hold NaN/Inf entries (listed in the "
+                f"manifest; --strict makes this an error):\n  {shown}")
 
 
 def _listed(damaged: dict[str, str]) -> str:
@@ -330,7 +326,7 @@ def _run_sequence(cfg: JobConfig, opts: _Options) -> JobResult:
             {"name": f"step-{i}", "uri": previous, "params": {}}, src]
         step["merge"]["params"] = {**doc["merge"]["params"], **state}
         step["output"]["uri"] = final if last else f"{final}{STEPS_SUFFIX}/step-{i + 1}"
-        _log(opts.quiet, f"[opcm] step {i + 1}/{len(doc['sources'])}: {src['name']}")
+        log.info(f"[opcm] step {i + 1}/{len(doc['sources'])}: {src['name']}")
         # the steps are written under the final output's lock
         step_opts = dataclasses.replace(opts, force=opts.force or not last)
         result = _dispatch(resolve_config(step), step_opts, time.monotonic())

@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -26,6 +26,8 @@ from typing import Any, Iterator
 
 from orchestrator.errors import MergeError, StorageError
 from workers.io.storage import LocalStore, Store
+
+log = logging.getLogger(__name__)
 
 OUTPUT_LOCK = ".raymerge-lock"
 OUTPUT_LOCK_TTL = 300.0  # seconds an object-storage output lock holds without renewal
@@ -41,7 +43,8 @@ def utc_now() -> str:
 
 
 def log_timestamped(message: str) -> None:
-    print(f"{utc_now()} {message}", file=sys.stderr, flush=True)
+    """The scheduler's lines carry their time: a scheduler runs for days."""
+    log.info(f"{utc_now()} {message}")
 
 
 def json_bytes(doc: Any) -> bytes:

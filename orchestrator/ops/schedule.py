@@ -240,17 +240,17 @@ def _step_doc(doc: dict, sources: list[dict], method_params: dict, output: str) 
     return step
 
 
-def _run(doc: dict, quiet: bool, session: HeldRay | None) -> Any:
+def _run(doc: dict, session: HeldRay | None) -> Any:
     from orchestrator.engine.job import resolve_config, run_job
 
     cfg = resolve_config(doc)
     if session is not None:
         session.hold(cfg.runtime)
     # an unpublished version may hold a finished merge of another plan from a dead tick
-    return run_job(cfg, force=True, quiet=quiet)
+    return run_job(cfg, force=True)
 
 
-def _continual(doc: dict, out: Store, previous: dict, version: int, quiet: bool,
+def _continual(doc: dict, out: Store, previous: dict, version: int,
                session: HeldRay | None) -> Any:
     """Merge the one new model (the job's last source) into the previous version."""
     method = doc["merge"]["method"]
@@ -265,10 +265,10 @@ def _continual(doc: dict, out: Store, previous: dict, version: int, quiet: bool,
     else:  # task_arithmetic: θ_prev + λ τ_new
         prev["params"], new["params"] = {"weight": 1.0}, {"weight": params.get("scale", 1.0)}
         params["scale"] = 1.0
-    return _run(_step_doc(doc, [prev, new], params, f"{out.uri}/v{version}"), quiet, session)
+    return _run(_step_doc(doc, [prev, new], params, f"{out.uri}/v{version}"), session)
 
 
-def tick(schedule: Schedule, lock_ttl: float, *, quiet: bool = False,
+def tick(schedule: Schedule, lock_ttl: float, *,
          session: HeldRay | None = None) -> TickResult:
     """One tick of one schedule: lock, compare, merge if needed, publish, unlock. With ``session``,
     the merge runs on the Ray it holds (started for it if needed), which outlives the tick."""
@@ -281,12 +281,12 @@ def tick(schedule: Schedule, lock_ttl: float, *, quiet: bool = False,
         return TickResult(schedule.name, "busy", None, f"locked by {holder}")
     try:
         with lock.kept_alive():
-            return _locked_tick(schedule, out, lock, quiet, session)
+            return _locked_tick(schedule, out, lock, session)
     finally:
         lock.release()
 
 
-def _locked_tick(schedule: Schedule, out: Store, lock: Lock, quiet: bool,
+def _locked_tick(schedule: Schedule, out: Store, lock: Lock,
                  session: HeldRay | None) -> TickResult:
     latest = read_latest(out)
     last = json.loads(out.read_bytes(latest["run"])) if latest else None
@@ -305,10 +305,10 @@ def _locked_tick(schedule: Schedule, out: Store, lock: Lock, quiet: bool,
     start = time.monotonic()
     try:
         if action == "continual":
-            result = _continual(now.doc, out, last, version, quiet, session)
+            result = _continual(now.doc, out, last, version, session)
         else:  # an OPCM job runs as one step per model, in source order
             result = _run(_step_doc(now.doc, now.doc["sources"], now.doc["merge"].get(
-                "params", {}), f"{out.uri}/v{version}"), quiet, session)
+                "params", {}), f"{out.uri}/v{version}"), session)
         if result.kept_shards:
             _log(f"[{schedule.name}] v{version}: kept {result.kept_shards} intact shards of an "
                  "interrupted tick")
@@ -348,8 +348,8 @@ def due(schedule: Schedule, minute: datetime.datetime, last_fired: dict[str, Any
     return False
 
 
-def run_schedules(file: ScheduleFile, *, once: bool = False, only: str | None = None,
-                  quiet: bool = False) -> list[TickResult]:
+def run_schedules(file: ScheduleFile, *, once: bool = False,
+                  only: str | None = None) -> list[TickResult]:
     """``--once``: one tick of every (or the ``only``) schedule now, results returned.
     Otherwise tick forever: cron schedules at their minutes (UTC), on_change ones every
     ``poll_interval``. A failed tick is logged and the loop goes on."""
@@ -359,7 +359,7 @@ def run_schedules(file: ScheduleFile, *, once: bool = False, only: str | None = 
                           f"{', '.join(s.name for s in file.schedules)}")
     with HeldRay() as session:  # one Ray for every tick: warm workers, no start-up per merge
         if once:
-            return [tick(s, file.lock_ttl, quiet=quiet, session=session) for s in chosen]
+            return [tick(s, file.lock_ttl, session=session) for s in chosen]
         _log(f"scheduling {', '.join(s.name for s in chosen)} (Ctrl-C stops)")
         last_fired: dict[str, Any] = {}
         while True:
@@ -367,7 +367,7 @@ def run_schedules(file: ScheduleFile, *, once: bool = False, only: str | None = 
             for s in chosen:
                 if due(s, now, last_fired, file.poll_interval, time.monotonic()):
                     try:
-                        tick(s, file.lock_ttl, quiet=quiet, session=session)
+                        tick(s, file.lock_ttl, session=session)
                     except Exception as e:  # noqa: BLE001 - a failed tick must not stop the rest
                         session.release()  # the next tick starts a fresh Ray, in case it was Ray's
                         _log(f"[{s.name}] tick failed: {type(e).__name__}: {e}")

@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
-import sys
 import uuid
 
 import torch
@@ -63,6 +63,8 @@ from workers.merge.registry import internal_fields
 from workers.models import ModelRef, checkpoint_names, read_state
 from workers.threads import torch_threads
 
+log = logging.getLogger(__name__)
+
 TRANSFORMS = "raymerge-align/transforms.safetensors"
 
 
@@ -95,7 +97,7 @@ def _load_stats(data: bytes, joint: bool) -> list[dict[str, ActivationStats]]:
     return [sets[i] for i in sorted(sets)]
 
 
-def statistics(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], quiet: bool,
+def statistics(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...],
                joint: bool = False, cache: Store | None = None):
     """Per model after the first: the statistics of every group, paired with the first; or
     (``joint``) one set of all models' statistics per group. With ``cache`` (the output
@@ -111,8 +113,7 @@ def statistics(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], qui
         sort_keys=True, default=str).encode())
     cached = f"raymerge-align/stats-{key.hexdigest()[:24]}.safetensors"
     if cache is not None and cache.exists(cached):
-        if not quiet:
-            print(f"activation statistics: reusing {cache.path(cached)}", file=sys.stderr)
+        log.info(f"activation statistics: reusing {cache.path(cached)}")
         sets = _load_stats(cache.read_bytes(cached), joint)
         return sets[0] if joint else sets
     batches = list(range(math.ceil(data.samples / cfg.data.batch_size)))
@@ -127,23 +128,23 @@ def statistics(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], qui
         return total
 
     total = fold_tasks(stats_task, batches, (ctx,), cfg.runtime, add, None,
-                       label="activation statistics", quiet=quiet)
+                       label="activation statistics")
     if cache is not None:
         cache.check_writable()
         cache.write_bytes(cached, _save_stats(total))
     return total[0] if joint else total
 
 
-def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+def prepare(cfg: JobConfig, out: Store) -> tuple[JobConfig, dict[str, bytes]]:
     """Solve the alignment; return the config whose params point at the transforms file (to
     be written to ``out`` before the merge) and the output files it adds (the transforms and
     each source's heads). Torch's thread count is pinned as in the tasks, so the bits do not
     depend on the machine the driver runs on."""
     with torch_threads(cfg.runtime.threads_per_worker):
-        return _prepare(cfg, out, quiet)
+        return _prepare(cfg, out)
 
 
-def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+def _prepare(cfg: JobConfig, out: Store) -> tuple[JobConfig, dict[str, bytes]]:
     method = get_method(cfg.merge.method)
     stores = [open_store(s.uri) for s in cfg.sources]
     indexes = [index_checkpoint(s.name, st) for s, st in zip(cfg.sources, stores)]
@@ -182,7 +183,7 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
     reads = method.alignment_for(params)
     states = ([read_state(r) for r in refs]
               if reads in ("weights", "dual") and not colored else [])
-    stats = (statistics(cfg, spec, refs, quiet, joint, cache=out)
+    stats = (statistics(cfg, spec, refs, joint, cache=out)
              if reads in ("activations", "dual") else [])
     stats = [stats] if joint else stats
     if name == "ot_fusion" and reads == "weights":  # a chain over the groups, on the driver
@@ -191,19 +192,19 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
                  for state, other, config in zip(states[1:], shapes[1:], configs[1:])]
         done = _solved(cfg, spec, refs, shapes[0], out, {}, [q for _, q in plans],
                        [t for t, _ in plans])
-        return _finetuned(cfg, refs, out, *done, p, quiet) if p.finetune_steps else done
+        return _finetuned(cfg, refs, out, *done, p) if p.finetune_steps else done
     zips: dict = {}
     perms = []  # per model after the first: aligned to the first
     if name == "pleas":
-        return _pleas(cfg, spec, refs, shapes[0], configs[0], stats[0], p, out, quiet)
+        return _pleas(cfg, spec, refs, shapes[0], configs[0], stats[0], p, out)
     if name in ("activation_matching", "zipit", "ot_fusion"):  # independent solves: one Ray
         # task each
         free = {"zipit": "zip", "ot_fusion": "plan"}.get(name, "perm")
         done = _solved(cfg, spec, refs, shapes[0], out,
-                       *_groups_on_ray(cfg, spec, stats, p, free, quiet, solved,
+                       *_groups_on_ray(cfg, spec, stats, p, free, solved,
                                        len(refs) if joint else 0), kept=kept)
         if getattr(p, "finetune_steps", 0):
-            return _finetuned(cfg, refs, out, *done, p, quiet)
+            return _finetuned(cfg, refs, out, *done, p)
         return done
     for i in range(1, len(refs)):
         a, b = (states[0], states[i]) if states else (None, None)
@@ -212,9 +213,8 @@ def _prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[s
             found, history = (
                 _colored_on_ray(cfg, spec, refs[0], refs[i], p.max_sweeps) if colored
                 else weight_matching(spec, a, b, max_sweeps=p.max_sweeps, seed=cfg.seed))
-            if not quiet:
-                print(f"weight matching {cfg.sources[i].name}: {len(history)} sweeps, "
-                      f"objective {history[-1]:.6g}", file=sys.stderr)
+            log.info(f"weight matching {cfg.sources[i].name}: {len(history)} sweeps, "
+                     f"objective {history[-1]:.6g}")
         elif zipped:
             zips, found = mudsc_zip(spec, a, b, pair, f=p.f, alpha=p.alpha, beta=p.beta,
                                     max_sweeps=p.max_sweeps, seed=cfg.seed, solved=solved)
@@ -230,7 +230,7 @@ FITTED = "raymerge-align/pleas.safetensors"
 
 
 def _pleas(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes: dict,
-           config: dict, stats: dict, p, out: Store, quiet: bool
+           config: dict, stats: dict, p, out: Store
            ) -> tuple[JobConfig, dict[str, bytes]]:
     """PLeaS for transformers: residual stream and heads matched by activations and averaged,
     each block's MLP partially matched to ``p.width`` x n units and refitted by least squares
@@ -277,7 +277,7 @@ def _pleas(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes:
                                stage, a_to, b_to, perms["residual"], width,
                                cfg.runtime.threads_per_worker, f"{run}-{block}-{stage}")
             sums = fold_tasks(pleas_task, batches, (ctx, state), cfg.runtime, add, None,
-                              label=f"pleas block {block} {stage}", quiet=quiet)
+                              label=f"pleas block {block} {stage}")
             for weight, cross in zip(fitted, sums[1:]):
                 bias = weight[:-len("weight")] + "bias"
                 w, b = solve_gram(sums[0], cross, p.ridge, bias=bias in state)
@@ -292,7 +292,7 @@ def _pleas(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes:
                            a_to, b_to, perms["residual"], width,
                            cfg.runtime.threads_per_worker, f"{run}-head", heads[0])
         sums = fold_tasks(pleas_task, batches, (ctx, state), cfg.runtime, add, None,
-                          label="pleas heads", quiet=quiet)
+                          label="pleas heads")
         weight, bias = f"{heads[0]}.weight", f"{heads[0]}.bias"
         for i, (src, cross) in enumerate(zip(cfg.sources, sums[1:])):
             w, b = solve_gram(sums[0], cross, p.ridge, bias=bias in state)
@@ -315,7 +315,7 @@ def _pleas(cfg: JobConfig, spec: specs.Spec, refs: tuple[ModelRef, ...], shapes:
 
 
 def _finetuned(cfg: JobConfig, refs: tuple[ModelRef, ...], out: Store, solved: JobConfig,
-               files: dict[str, bytes], p, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+               files: dict[str, bytes], p) -> tuple[JobConfig, dict[str, bytes]]:
     """OT fusion's distillation fine-tune: one Ray task builds the fused model from the
     models and the solved transforms, trains it on ``data`` against the parents' logits and
     returns its tensors, written to ``FINETUNED``; the merge then takes every float tensor
@@ -329,7 +329,7 @@ def _finetuned(cfg: JobConfig, refs: tuple[ModelRef, ...], out: Store, solved: J
                           cfg.data.batch_size, cfg.seed, cfg.runtime.threads_per_worker)
     try:
         tensors, losses = run_tasks(finetune_task, [0], (ctx,), cfg.runtime,
-                                    label="distillation fine-tune", quiet=quiet)[0]
+                                    label="distillation fine-tune")[0]
     except ValueError as e:  # a model without logits, or no transformers architecture
         raise ConfigError(f"merge.params.finetune_steps: {e}") from None
     floats = {n for n, _, info in refs[0].tensors if info.dtype in ("F16", "BF16", "F32", "F64")}
@@ -337,9 +337,8 @@ def _finetuned(cfg: JobConfig, refs: tuple[ModelRef, ...], out: Store, solved: J
     if missing:
         raise PlanError(f"fine-tune: the trained model has no tensor {missing[0]!r} (renamed "
                         f"by transformers in a way raymerge cannot map back)")
-    if not quiet:
-        print(f"distillation fine-tune: {len(losses)} steps, loss {losses[0]:.4g} -> "
-              f"{losses[-1]:.4g}", file=sys.stderr)
+    log.info(f"distillation fine-tune: {len(losses)} steps, loss {losses[0]:.4g} -> "
+             f"{losses[-1]:.4g}")
     data = save_safetensors({k: v.contiguous() for k, v in sorted(tensors.items())},
                             metadata={"format": "pt"})
     location = f"{out.uri}/{FINETUNED}#{hashlib.sha256(data).hexdigest()}"
@@ -378,8 +377,7 @@ def _colored_on_ray(cfg: JobConfig, spec: specs.Spec, a: ModelRef, b: ModelRef,
 
 
 def _groups_on_ray(cfg: JobConfig, spec: specs.Spec, stats: list, p, free: str,
-                   quiet: bool, solved: dict[str, str] | None,
-                   joint: int = 0) -> tuple[dict, list, list]:
+                   solved: dict[str, str] | None, joint: int = 0) -> tuple[dict, list, list]:
     """Activation matching / ZipIt! / OT fusion: every (model, group) solve is independent of
     the others (statistics come from the original models), so each is a Ray task. With
     ``solved`` (partial zipping), only those groups. ``joint``: K models' joint statistics
@@ -394,8 +392,7 @@ def _groups_on_ray(cfg: JobConfig, spec: specs.Spec, stats: list, p, free: str,
                        getattr(p, "beta", 0.0), cfg.runtime.threads_per_worker,
                        getattr(p, "solver", "emd"), getattr(p, "reg", 0.05), permuted,
                        bool(joint))
-    results = run_tasks(solve_task, items, (ctx,), cfg.runtime, label="alignment solve",
-                        quiet=quiet)
+    results = run_tasks(solve_task, items, (ctx,), cfg.runtime, label="alignment solve")
     zips: dict = {}
     perms: list[dict] = [{} for _ in range(others)]
     plans: list[dict] = [{} for _ in stats] if free == "plan" else []

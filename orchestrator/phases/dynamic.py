@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 
 import torch
 
@@ -27,10 +28,12 @@ from workers.io.storage import Store, open_store
 from workers.merge import get_method
 from workers.merge.registry import internal_fields
 
+log = logging.getLogger(__name__)
+
 RUNTIME = "runtime"
 
 
-def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+def prepare(cfg: JobConfig, out: Store) -> tuple[JobConfig, dict[str, bytes]]:
     from workers.dynamic_runtime import DynamicContext
 
     method = get_method(cfg.merge.method)
@@ -54,7 +57,7 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
     workers = pool_size(cfg.runtime, k)
     shares = [list(range(i, k, workers)) for i in range(workers)]  # tasks per worker
     try:
-        return _train(cfg, ctx, shares, p, method.name, quiet)
+        return _train(cfg, ctx, shares, p, method.name)
     except ValueError as e:  # the models do not fit the method (no MLP sites, no logits, ...)
         raise ConfigError(f"{method.name}: {e}") from None
 
@@ -74,9 +77,8 @@ def _check_head_shapes(cfg: JobConfig, refs: tuple, heads: list[str]) -> None:
         raise ConfigError(errors)
 
 
-def _train(cfg: JobConfig, ctx, shares: list, p, name: str,
-           quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
-    from workers.dynamic_runtime import Trainer, fit, progress_printer
+def _train(cfg: JobConfig, ctx, shares: list, p, name: str) -> tuple[JobConfig, dict[str, bytes]]:
+    from workers.dynamic_runtime import Trainer, fit
 
     k = len(cfg.sources)
     with actor_pool(Trainer, [(ctx, share) for share in shares], cfg.runtime) as pool:
@@ -87,7 +89,7 @@ def _train(cfg: JobConfig, ctx, shares: list, p, name: str,
             return parts
 
         values, losses = fit(pool.call(0, "initial"), gradients, tasks=k, steps=p.steps,
-                             lr=p.lr, progress=None if quiet else progress_printer(name))
+                             lr=p.lr, progress=_progress(name))
         files = pool.call(0, "files", values, losses)
     trained = hashlib.sha256(files[f"{RUNTIME}/router.safetensors"]).hexdigest()
     merge = dataclasses.replace(cfg.merge, params={**cfg.merge.params, "runtime": trained})
@@ -147,3 +149,12 @@ def predict(output: str, inputs: torch.Tensor, task: str | None = None) -> dict:
     result["logits"] = logits.tolist()
     result["predictions"] = logits.argmax(-1).tolist()
     return result
+
+
+def _progress(label: str):
+    """A log line about every 10 % of the training steps."""
+
+    def report(step: int, steps: int, loss: float) -> None:
+        if step == steps or step % max(1, steps // 10) == 0:
+            log.info(f"[{label} training] step {step}/{steps}  loss {loss:.4f}")
+    return report

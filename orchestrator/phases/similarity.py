@@ -18,9 +18,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import struct
-import sys
 import zlib
 
 import torch
@@ -32,6 +32,8 @@ from workers.io.index import index_checkpoint
 from workers.io.safetensors_io import read_tensor
 from workers.io.storage import open_store
 from workers.threads import torch_threads
+
+log = logging.getLogger(__name__)
 
 FLOAT = ("F16", "BF16", "F32", "F64")
 
@@ -49,7 +51,7 @@ def _cosines(grams: dict[str, torch.Tensor]) -> dict[str, list[list[float]]]:
     return out
 
 
-def compute(cfg: JobConfig, quiet: bool = False, cache=None) -> dict:
+def compute(cfg: JobConfig, cache=None) -> dict:
     """Every metric the job's inputs allow, as {"models": names, metric: {layer: K x K}}.
     ``cache``: a store where activation statistics are kept between runs."""
     specs_ = list(cfg.sources) + ([cfg.base] if cfg.base is not None else [])
@@ -86,7 +88,7 @@ def compute(cfg: JobConfig, quiet: bool = False, cache=None) -> dict:
         configs = [read_config(st, s.name) for s, st in zip(specs_[:k], stores)]
         spec = specs.build({n: indexes[0].tensors[n].info.shape for n in names}, configs[0])
         refs = tuple(model_ref(i, st, c) for i, st, c in zip(indexes, stores, configs))
-        stats = statistics(cfg, spec, refs, quiet, joint=True, cache=cache)
+        stats = statistics(cfg, spec, refs, joint=True, cache=cache)
         result["cka"] = {g: s.cka().tolist() for g, s in stats.items()}
     return result
 
@@ -137,10 +139,9 @@ def write(result: dict, folder: str) -> list[str]:
     return written
 
 
-def run(cfg: JobConfig, folder: str, quiet: bool = False) -> list[str]:
-    result = compute(cfg, quiet, cache=open_store(folder))
+def run(cfg: JobConfig, folder: str) -> list[str]:
+    result = compute(cfg, cache=open_store(folder))
     files = write(result, folder)
-    if not quiet:
-        print(f"similarity of {len(result['models'])} models: "
-              f"{', '.join(m for m in result if m != 'models')} -> {folder}", file=sys.stderr)
+    log.info(f"similarity of {len(result['models'])} models: "
+             f"{', '.join(m for m in result if m != 'models')} -> {folder}")
     return files

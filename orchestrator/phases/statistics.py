@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
-import sys
 
 import torch
 from safetensors.torch import save as save_safetensors
@@ -30,6 +30,8 @@ from workers.data_stats import COUNT, FISHER, NORM, DataStatsContext, data_stats
 from workers.io.storage import Store
 from workers.merge import get_method
 from workers.threads import torch_threads
+
+log = logging.getLogger(__name__)
 
 FOLDER = "raymerge-stats"
 
@@ -45,7 +47,7 @@ def model_data(cfg: JobConfig) -> list[DataConfig]:
     return out
 
 
-def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[str, bytes]]:
+def prepare(cfg: JobConfig, out: Store) -> tuple[JobConfig, dict[str, bytes]]:
     """Compute (or read back) the statistics; return the config whose ``statistics`` param
     names the file, and the file (to be listed in the manifest)."""
     kind = get_method(cfg.merge.method).statistics
@@ -59,8 +61,7 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
          cfg.runtime.threads_per_worker], sort_keys=True, default=str).encode()).hexdigest()
     name = f"{FOLDER}/{kind}-{key[:24]}.safetensors"
     if out.exists(name):
-        if not quiet:
-            print(f"{kind}: reusing {out.path(name)}", file=sys.stderr)
+        log.info(f"{kind}: reusing {out.path(name)}")
         data = out.read_bytes(name)
     else:
         ctx = DataStatsContext(kind, refs, tuple(s.name for s in cfg.sources),
@@ -69,7 +70,7 @@ def prepare(cfg: JobConfig, out: Store, quiet: bool) -> tuple[JobConfig, dict[st
         items = [(i, b) for i, o in enumerate(opened)
                  for b in range(math.ceil(o.samples / batch_size))]
         totals = fold_tasks(data_stats_task, items, (ctx,), cfg.runtime, _add,
-                            [{} for _ in refs], label=f"{kind} statistics", quiet=quiet)
+                            [{} for _ in refs], label=f"{kind} statistics")
         with torch_threads(cfg.runtime.threads_per_worker):
             data = _reduced(kind, totals)  # written by the job, before the merge tasks
     params = {**cfg.merge.params, "statistics": f"{out.uri}/{name}"}

@@ -11,12 +11,14 @@ t's model is θ0 + s_t · m_t ⊙ (θ_out − θ0), computed in float32 and stor
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import sys
 
 import torch
 
 from orchestrator.errors import ConfigError, MergeError
+
+log = logging.getLogger(__name__)
 
 MASKS = "masks"  # the masks' folder inside a task-aware output
 
@@ -104,5 +106,5 @@ def export_task(output: str, task: str, dest: str, base: str | None = None) -> s
                 f.write(out.read_bytes(name))
     save_file({k: v.contiguous() for k, v in state.items()},
               os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
-    print(f"wrote {task}'s model ({len(state)} tensors) to {dest}", file=sys.stderr)
+    log.info(f"wrote {task}'s model ({len(state)} tensors) to {dest}")
     return dest

@@ -34,7 +34,7 @@ def main(job_path: str, result_path: str) -> None:
     cfg = load_config(job_path)
     progress = os.path.join(cfg.output.uri, "raymerge-progress.json")
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(r=run_job(cfg, quiet=True)))
+    job = threading.Thread(target=lambda: result.update(r=run_job(cfg)))
     job.start()
     while job.is_alive():
         if os.path.exists(progress) and json.load(open(progress))["shards"]:

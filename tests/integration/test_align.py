@@ -323,7 +323,7 @@ def test_partial_zip_writes_each_sources_kept_layers(params, vits, ray_session, 
     path = write_job(tmp_path, vits, method, tmp_path / "far", params={**params, "stop": 3},
                      executor="local")
     with pytest.raises(ConfigError, match=r"merge.params.stop: stop 3 outside \[0, 2\]"):
-        run_job(path, quiet=True)
+        run_job(path)
 
 
 def widened_vit(folder, source):
@@ -388,7 +388,7 @@ def test_ot_fusion_of_a_wider_model_keeps_the_anchor_shapes(vits, ray_session, t
     path = write_job(tmp_path, vits, "activation_matching", tmp_path / "am", second="a_wide",
                      executor="local")
     with pytest.raises(PlanError, match="other widths: ot_fusion only"):
-        run_job(path, quiet=True)
+        run_job(path)
     config = ViTConfig.from_pretrained(vits["a"])
     config.hidden_size = 24  # head dims 6, not 4
     ViTForImageClassification(config).save_pretrained(tmp_path / "broad")
@@ -396,7 +396,7 @@ def test_ot_fusion_of_a_wider_model_keeps_the_anchor_shapes(vits, ray_session, t
     path = write_job(tmp_path, vits, "ot_fusion", tmp_path / "broad-out", second="broad",
                      executor="local")
     with pytest.raises(PlanError, match="attention group .* has 24 dims, a 16"):
-        run_job(path, quiet=True)
+        run_job(path)
 
 
 def _distance_to_parents(out, vits, x):
@@ -467,7 +467,7 @@ def test_ot_fusion_from_weights_needs_no_data(vits, ray_session, tmp_path):
     doc["output"]["uri"] = str(tmp_path / "ft")
     open(path, "w").write(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="finetune_steps: the fine-tune needs unlabelled"):
-        run_job(path, quiet=True)
+        run_job(path)
 
 
 def test_pleas_job_writes_the_merged_width(vits, ray_session, tmp_path):

@@ -63,8 +63,7 @@ def test_family_merges_and_stacks_without_declarations(family, tmp_path):
     sources = [{"name": "a", "uri": str(tmp_path / "a")}, {"name": "b", "uri": str(tmp_path / "b")}]
     # a gradient over the layers: weight of b goes 0 -> 1 from the first layer to the last
     run_job({"sources": sources, "merge": {"method": "slerp", "params": {"t": [0.0, 1.0]}},
-             "output": {"uri": str(tmp_path / "grad")}, "runtime": {"executor": "local"}},
-            quiet=True)
+             "output": {"uri": str(tmp_path / "grad")}, "runtime": {"executor": "local"}})
     forward(model_cls, str(tmp_path / "grad"))
     a, b, grad = (load_state(str(tmp_path / n)) for n in ("a", "b", "grad"))
     first = [n for n in a if ".0." in n and a[n].dim() == 2][0]
@@ -75,7 +74,7 @@ def test_family_merges_and_stacks_without_declarations(family, tmp_path):
              "slices": [{"sources": [{"source": "a", "layers": [0, 2]}]},
                         {"sources": [{"source": "b", "layers": [1, 3]}]}],
              "merge": {"method": "passthrough"}, "output": {"uri": str(tmp_path / "stack")},
-             "runtime": {"executor": "local"}}, quiet=True)
+             "runtime": {"executor": "local"}})
     model = forward(model_cls, str(tmp_path / "stack"))
     config = json.loads((tmp_path / "stack" / "config.json").read_text())
     assert config.get("num_hidden_layers", config.get("n_layer")) == 4
@@ -100,13 +99,12 @@ def test_clip_has_two_stacks_and_says_so(tmp_path):
         transformers.CLIPModel(cfg).save_pretrained(str(tmp_path / name))
     sources = [{"name": "a", "uri": str(tmp_path / "a")}, {"name": "b", "uri": str(tmp_path / "b")}]
     run_job({"sources": sources, "merge": {"method": "linear"},
-             "output": {"uri": str(tmp_path / "out")}, "runtime": {"executor": "local"}},
-            quiet=True)
+             "output": {"uri": str(tmp_path / "out")}, "runtime": {"executor": "local"}})
     transformers.CLIPModel.from_pretrained(str(tmp_path / "out"))
     doc = {"sources": sources, "slices": [{"sources": [{"source": "a", "layers": [0, 2]}]}],
            "merge": {"method": "passthrough"}, "output": {"uri": str(tmp_path / "s")},
            "runtime": {"executor": "local"}}
     with pytest.raises(PlanError, match="cannot tell which stack.*text_model.encoder.layers."):
-        run_job(doc, quiet=True)
+        run_job(doc)
     with pytest.raises(PlanError, match="layout.layers: 'encoder.layers.' is not a stack"):
-        run_job({**doc, "layout": {"layers": "encoder.layers."}}, quiet=True)
+        run_job({**doc, "layout": {"layers": "encoder.layers."}})

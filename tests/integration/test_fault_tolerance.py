@@ -36,5 +36,5 @@ def test_killed_worker_node_still_gives_identical_output(tmp_path):
 
     reference = run_job({**doc, "output": {"uri": str(tmp_path / "ref"),
                                            "shard_size": "100KB"},
-                         "runtime": {"executor": "local"}}, quiet=True)
+                         "runtime": {"executor": "local"}})
     assert disturbed["shards"] == {s["file"]: s["sha256"] for s in reference.manifest["shards"]}

@@ -56,7 +56,7 @@ def test_hub_sources_pin_their_commit_and_equal_local(llama_family, tmp_path, ra
            "merge": {"method": "ties", "params": {"density": 0.5}},
            "output": {"uri": str(tmp_path / "hub-out"), "shard_size": "12KB"},
            "hub": {"cache_dir": cache, "offline": True}}
-    hub = run_job(doc, quiet=True)
+    hub = run_job(doc)
     revisions = {s["name"]: s["revision"] for s in hub.manifest["sources"]}
     assert revisions == {"ft1": sha(1), "ft2": sha(9), "base": sha(0)}
     assert "hf://org/ft2@v2" in (tmp_path / "hub-out" / "README.md").read_text()
@@ -65,18 +65,18 @@ def test_hub_sources_pin_their_commit_and_equal_local(llama_family, tmp_path, ra
              "sources": [{"name": "ft1", "uri": llama_family["ft1"]},
                          {"name": "ft2", "uri": llama_family["ft3"]}],
              "output": {"uri": str(tmp_path / "local-out"), "shard_size": "12KB"}}
-    run_job(local, quiet=True)
+    run_job(local)
     want, got = load_state(str(tmp_path / "local-out")), load_state(str(tmp_path / "hub-out"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
     by_sha = {**doc, "sources": [{"name": "ft1", "uri": f"hf://org/ft1@{sha(1)}"},
                                  {"name": "ft2", "uri": "hf://org/ft2@v2"}]}
-    assert run_job(by_sha, quiet=True).skipped  # same commits: the same merge
+    assert run_job(by_sha).skipped  # same commits: the same merge
 
     missing = {**doc, "sources": [{"name": "x", "uri": "hf://org/absent"}],
                "output": {"uri": str(tmp_path / "absent-out")}}
     with pytest.raises(StorageError, match="hf://org/absent: not in .* hub.offline is true"):
-        run_job(missing, quiet=True)
+        run_job(missing)
 
 
 def many_models(root, k):
@@ -103,7 +103,7 @@ def test_32_hub_models_in_one_job_with_flat_driver_memory(tmp_path, ray_session)
                "output": {"uri": str(tmp_path / f"out{k}"), "shard_size": "200KB"},
                "hub": {"cache_dir": cache, "offline": True}, "runtime": {"num_workers": 2}}
         tracemalloc.start()
-        result = run_job(doc, quiet=True)
+        result = run_job(doc)
         peaks[k] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert result.plan.input_bytes > 32 * 1_000_000

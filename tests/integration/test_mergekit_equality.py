@@ -195,7 +195,7 @@ from mergekit.options import MergeOptions
 for path, out in zip(sys.argv[1::2], sys.argv[2::2]):
     text = open(path, encoding="utf-8").read()
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out,
-              options=MergeOptions(quiet=True), config_source=text)
+              options=MergeOptions(), config_source=text)
 """
 
 

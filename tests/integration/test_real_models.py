@@ -33,7 +33,7 @@ def test_minilm_merge_loads_with_transformers_and_sentence_transformers(ray_sess
         "merge": {"method": "ties", "params": {"density": 0.5}},
         "output": {"uri": str(tmp_path / "merged"), "shard_size": "25MB"},
         "runtime": {"num_workers": 2},
-    }, quiet=True)
+    })
     assert len(result.manifest["shards"]) >= 3
     out = result.output
     for name in ("config.json", "tokenizer.json", "vocab.txt", "modules.json",
@@ -82,7 +82,7 @@ def test_minilm_frankenmerge_and_layer_gradient_examples(ray_session, tmp_path, 
     examples = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "examples")
     with open(os.path.join(examples, "frankenmerge.yaml")) as f:
         doc = yaml.safe_load(f)
-    out = run_job(doc, ["runtime.num_workers=2"], quiet=True).output
+    out = run_job(doc, ["runtime.num_workers=2"]).output
     model = AutoModel.from_pretrained(out).eval()
     assert model.config.num_hidden_layers == 8 and len(model.encoder.layer) == 8
     tokens = AutoTokenizer.from_pretrained(out)(SENTENCES, return_tensors="pt", padding=True)
@@ -98,7 +98,7 @@ def test_minilm_frankenmerge_and_layer_gradient_examples(ray_session, tmp_path, 
     assert torch.equal(merged["pooler.dense.weight"], b["pooler.dense.weight"])
 
     result = run_job(os.path.join(examples, "mergekit-slerp-gradient.yml"),
-                     ["runtime.num_workers=2"], output=str(tmp_path / "slerp"), quiet=True)
+                     ["runtime.num_workers=2"], output=str(tmp_path / "slerp"))
     merged = load_state(result.output)
     assert torch.equal(merged[key.format(0)], a[key.format(0)])
     assert torch.equal(merged[key.format(5)], b[key.format(5)])

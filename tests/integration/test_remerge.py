@@ -103,7 +103,7 @@ def write_schedule(tmp_path, job_doc, output, name="soup", **extra):
 
 def tick_once(path):
     file = schedule.load_schedules(path)
-    return schedule.tick(file.schedules[0], file.lock_ttl, quiet=True)
+    return schedule.tick(file.schedules[0], file.lock_ttl)
 
 
 def test_s3_schedule_skips_updates_continually_and_remerges_on_change(family, s3, ray_session,
@@ -138,7 +138,7 @@ def test_s3_schedule_skips_updates_continually_and_remerges_on_change(family, s3
     assert [s["uri"] for s in step["sources"]] == [f"{out}/v1", uris["ft3"], uris["base"]]
 
     full = run_job(opcm_job(uris, ["ft1", "ft2", "ft3"], str(tmp_path / "full"),
-                            num_workers=2, forward_credentials=True), quiet=True)
+                            num_workers=2, forward_credentials=True))
     assert {s["file"]: s["sha256"] for s in step["shards"]} == shards(full.output)
 
     upload(s3, "zoo", family["ft2b"], "ft2")  # a new revision of ft2, same key
@@ -169,7 +169,7 @@ def test_methods_without_continual_update_remerge_and_linear_keeps_a_running_mea
         job.write_text(yaml.safe_dump(doc))
         result = tick_once(path)
         fresh = run_job({**doc, "output": {"uri": str(tmp_path / f"{method}-fresh"),
-                                           "shard_size": "12KB"}}, quiet=True)
+                                           "shard_size": "12KB"}})
         if method == "ties":
             assert result.action == "full" and "cannot add a model" in result.reason
             assert shards(out / "v2") == shards(fresh.output)
@@ -198,18 +198,18 @@ def test_two_schedulers_never_merge_into_one_output_at_once(family, tmp_path, mo
     monkeypatch.setattr(schedule, "_run", held_merge)
 
     def first():
-        results["a"] = schedule.tick(file.schedules[0], file.lock_ttl, quiet=True)
+        results["a"] = schedule.tick(file.schedules[0], file.lock_ttl)
 
     thread = threading.Thread(target=first)
     thread.start()
     assert inside.wait(60)
-    busy = schedule.tick(file.schedules[0], file.lock_ttl, quiet=True)
+    busy = schedule.tick(file.schedules[0], file.lock_ttl)
     assert busy.action == "busy" and "until" in busy.reason
     go_on.set()
     monkeypatch.setattr(schedule, "_run", merge)
     thread.join(120)
     assert results["a"].action == "full" and results["a"].version == 1
-    assert schedule.tick(file.schedules[0], file.lock_ttl, quiet=True).action == "skipped"
+    assert schedule.tick(file.schedules[0], file.lock_ttl).action == "skipped"
     assert not os.path.exists(tmp_path / "out" / "v2")
 
 
@@ -244,7 +244,7 @@ def write_then_die(out, plan, records):
         os._exit(9)  # dies mid-merge: no failed record, the lock left held
 job.write_progress = write_then_die
 file = schedule.load_schedules(sys.argv[1])
-schedule.tick(file.schedules[0], file.lock_ttl, quiet=True)
+schedule.tick(file.schedules[0], file.lock_ttl)
 """
 
 
@@ -267,8 +267,7 @@ def test_a_tick_killed_mid_merge_is_resumed_by_the_next_after_the_lock_expires(
     result = tick_once(path)
     assert (result.action, result.version) == ("full", 1)
     assert "kept 2 intact shards of an interrupted tick" in capsys.readouterr().err
-    fresh = run_job({**doc, "output": {"uri": str(tmp_path / "fresh"), "shard_size": "12KB"}},
-                    quiet=True)
+    fresh = run_job({**doc, "output": {"uri": str(tmp_path / "fresh"), "shard_size": "12KB"}})
     assert shards(out / "v1") == shards(fresh.output)
     assert json.loads((out / "latest").read_text())["version"] == 1
 
@@ -287,7 +286,7 @@ def stop(seconds):  # the loop's wait for the next minute ends the first pass
     raise KeyboardInterrupt
 schedule.time = types.SimpleNamespace(sleep=stop, time=time.time, monotonic=time.monotonic)
 try:
-    schedule.run_schedules(schedule.load_schedules(sys.argv[1]), quiet=True)
+    schedule.run_schedules(schedule.load_schedules(sys.argv[1]))
 except KeyboardInterrupt:
     print(json.dumps({"inits": inits, "up": ray.is_initialized()}))
 """
@@ -319,7 +318,7 @@ def test_the_scheduler_keeps_one_ray_across_ticks_and_a_new_one_after_a_failure(
     assert seen == {"inits": [1, 1, 2], "up": False}, proc.stderr[-3000:]
     assert "[bad] tick failed" in proc.stderr
     fresh = run_job({**jobs["a"], "output": {"uri": str(tmp_path / "fresh"), "shard_size": "12KB"},
-                     "runtime": {"executor": "local"}}, quiet=True)
+                     "runtime": {"executor": "local"}})
     for name in ("a", "b", "c", "d"):
         out = tmp_path / "out" / name
         assert json.loads((out / "latest").read_text())["version"] == 1

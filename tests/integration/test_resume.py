@@ -34,14 +34,14 @@ def digests(out):
 
 
 def test_interrupted_job_redoes_only_missing_and_corrupt_shards(llama_family, tmp_path):
-    reference = run_job(job_doc(llama_family, tmp_path / "ref"), quiet=True)
+    reference = run_job(job_doc(llama_family, tmp_path / "ref"))
     shards = [s["file"] for s in reference.manifest["shards"]]
     assert len(shards) >= 4
 
     out = tmp_path / "out"
     (out / shards[2]).mkdir(parents=True)  # unit 2 cannot write: the run stops there
     with pytest.raises(WorkerError, match=shards[2]):
-        run_job(job_doc(llama_family, out), quiet=True)
+        run_job(job_doc(llama_family, out))
     assert not (out / "raymerge-manifest.json").exists()
     progress = json.loads((out / "raymerge-progress.json").read_text())
     assert [s["shard"] for s in progress["shards"]] == shards[:2]
@@ -50,12 +50,12 @@ def test_interrupted_job_redoes_only_missing_and_corrupt_shards(llama_family, tm
     corrupt = bytearray((out / shards[1]).read_bytes())
     corrupt[-1] ^= 1
     (out / shards[1]).write_bytes(bytes(corrupt))
-    result = run_job(job_doc(llama_family, out), quiet=True)
+    result = run_job(job_doc(llama_family, out))
     assert result.kept_shards == 1  # shard 0 kept; the corrupt shard 1 was redone
     assert digests(out) == digests(tmp_path / "ref")
     assert not (out / "raymerge-progress.json").exists()
 
-    again = run_job(job_doc(llama_family, out), quiet=True)
+    again = run_job(job_doc(llama_family, out))
     assert again.skipped
 
 
@@ -96,5 +96,5 @@ def test_killed_driver_is_resumed_with_identical_bytes(tmp_path):
 
     doc["output"]["uri"] = str(tmp_path / "ref")
     doc["runtime"] = {"executor": "local"}
-    run_job(doc, quiet=True)
+    run_job(doc)
     assert digests(tmp_path / "out") == digests(tmp_path / "ref")

@@ -41,9 +41,9 @@ def test_s3_source_and_sink_equal_local_run(s3, llama_family, ray_session, tmp_p
     s3.create_bucket(Bucket="merged")
     uris = {k: upload(s3, "models", v, f"llama/{k}") for k, v in llama_family.items()}
     local = run_job(job([llama_family[k] for k in ("ft1", "ft2", "ft3")],
-                        llama_family["base"], str(tmp_path / "local")), quiet=True)
+                        llama_family["base"], str(tmp_path / "local")))
     remote = run_job(job([uris[k] for k in ("ft1", "ft2", "ft3")], uris["base"],
-                         "s3://merged/ties/v1"), quiet=True)
+                         "s3://merged/ties/v1"))
     assert shard_digests(remote.manifest) == shard_digests(local.manifest)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="merged")["Contents"]}
     assert "ties/v1/raymerge-manifest.json" in keys and "ties/v1/config.json" in keys
@@ -53,7 +53,7 @@ def test_s3_source_and_sink_equal_local_run(s3, llama_family, ray_session, tmp_p
     assert "testing" not in json.dumps(remote.manifest)  # no credential in the manifest
     assert main(["verify", "s3://merged/ties/v1"]) == 0
     assert run_job(job([uris[k] for k in ("ft1", "ft2", "ft3")], uris["base"],
-                       "s3://merged/ties/v1"), quiet=True).skipped
+                       "s3://merged/ties/v1")).skipped
 
 
 def test_cli_on_its_own_embedded_ray_reads_and_writes_s3(s3, llama_family, tmp_path):
@@ -67,7 +67,7 @@ def test_cli_on_its_own_embedded_ray_reads_and_writes_s3(s3, llama_family, tmp_p
                            "--quiet"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     local = run_job(job([uris["ft1"], uris["ft2"]], uris["base"], str(tmp_path / "local"),
-                        runtime={"executor": "local"}), quiet=True)
+                        runtime={"executor": "local"}))
     manifest = json.loads(s3.get_object(Bucket="cli", Key="out/raymerge-manifest.json")["Body"]
                           .read())
     assert shard_digests(manifest) == shard_digests(local.manifest)
@@ -84,13 +84,12 @@ def test_big_shards_are_streamed_in_multipart_uploads(s3, ray_session, tmp_path)
            "merge": {"method": "task_arithmetic", "params": {"scale": 0.5}},
            "output": {"uri": "s3://big/out", "shard_size": "40MB"},
            "runtime": {"forward_credentials": True}}
-    result = run_job(doc, quiet=True)
+    result = run_job(doc)
     (shard,) = result.manifest["shards"]
     assert shard["bytes"] > 2 * PART_SIZE
     etag = s3.head_object(Bucket="big", Key=f"out/{shard['file']}")["ETag"].strip('"')
     assert etag.endswith(f"-{-(-shard['bytes'] // PART_SIZE)}"), etag
-    local = run_job({**doc, "output": {"uri": str(tmp_path / "local"), "shard_size": "40MB"}},
-                    quiet=True)
+    local = run_job({**doc, "output": {"uri": str(tmp_path / "local"), "shard_size": "40MB"}})
     assert shard_digests(local.manifest) == shard_digests(result.manifest)
 
 
@@ -98,11 +97,11 @@ def test_missing_bucket_key_and_changed_object(s3, llama_family, tmp_path):
     s3.create_bucket(Bucket="src")
     base = upload(s3, "src", llama_family["base"], "base")
     with pytest.raises(StorageError, match="bucket 'nope' does not exist"):
-        run_job(job([base], "s3://nope/base", str(tmp_path / "o")), quiet=True)
+        run_job(job([base], "s3://nope/base", str(tmp_path / "o")))
     with pytest.raises(StorageError, match="s3://src/missing.*has no .safetensors files"):
-        run_job(job(["s3://src/missing"], base, str(tmp_path / "o")), quiet=True)
+        run_job(job(["s3://src/missing"], base, str(tmp_path / "o")))
     with pytest.raises(StorageError, match="s3://absent-bucket/x: bucket 'absent-bucket' does"):
-        run_job(job([base], base, "s3://absent-bucket/x"), quiet=True)
+        run_job(job([base], base, "s3://absent-bucket/x"))
 
     store = S3Store("src", "base")
     name = "config.json"
@@ -219,13 +218,13 @@ def test_throttling_and_dropped_connections_are_retried(s3, llama_family, tmp_pa
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
         doc = job([uris["ft1"]], uris["base"], str(tmp_path / "flaky"))
         doc["runtime"] = {"executor": "local"}
-        result = run_job(doc, quiet=True)
+        result = run_job(doc)
     finally:
         proxy.close()
     assert proxy.injected == 4
     local = job([llama_family["ft1"]], llama_family["base"], str(tmp_path / "local"))
     local["runtime"] = {"executor": "local"}
-    assert shard_digests(result.manifest) == shard_digests(run_job(local, quiet=True).manifest)
+    assert shard_digests(result.manifest) == shard_digests(run_job(local).manifest)
 
 
 def test_unsafe_keys_of_the_reference_never_become_paths(s3, llama_family, tmp_path):
@@ -236,8 +235,7 @@ def test_unsafe_keys_of_the_reference_never_become_paths(s3, llama_family, tmp_p
     ft = upload(s3, "odd", llama_family["ft1"], "ft1")
     for key in ("base/x/../notes.json", "base//config.json", "base/../escape.json"):
         s3.put_object(Bucket="odd", Key=key, Body=b'{"secret": true}')
-    result = run_job(job([ft], base, str(tmp_path / "out"), runtime={"executor": "local"}),
-                     quiet=True)
+    result = run_job(job([ft], base, str(tmp_path / "out"), runtime={"executor": "local"}))
     names = sorted(os.listdir(result.output))
     assert "config.json" in names and not any("notes" in n or "escape" in n for n in names)
     assert json.loads((tmp_path / "out" / "config.json").read_text()).get("secret") is None

@@ -205,7 +205,7 @@ def test_resume_after_an_input_was_rewritten_in_place_merges_everything_again(ll
            "merge": {"method": "task_arithmetic"},
            "output": {"uri": str(tmp_path / "out"), "shard_size": "12KB"},
            "runtime": {"executor": "local"}}
-    first = run_job(doc, quiet=True)
+    first = run_job(doc)
     # as if the driver had died right after the last shard: a progress record, no manifest
     cfg = resolve_config(doc)
     out = open_store(cfg.output.uri)
@@ -230,8 +230,7 @@ def test_resume_after_an_input_was_rewritten_in_place_merges_everything_again(ll
     assert proc.returncode == 0, proc.stderr
     assert "not resuming the interrupted run: its inputs changed" in proc.stderr
     assert f"ft2/{os.path.basename(shard)}: sample_sha256 changed" in proc.stderr
-    fresh = run_job({**doc, "output": {**doc["output"], "uri": str(tmp_path / "fresh")}},
-                    quiet=True)
+    fresh = run_job({**doc, "output": {**doc["output"], "uri": str(tmp_path / "fresh")}})
     got = json.loads((tmp_path / "out" / "raymerge-manifest.json").read_text())
     assert [s["sha256"] for s in got["shards"]] == [s["sha256"] for s in fresh.manifest["shards"]]
     assert got["shards"] != first.manifest["shards"]
@@ -306,9 +305,9 @@ def test_a_finished_output_of_another_job_is_refused_before_any_work(job, monkey
     monkeypatch.setattr("orchestrator.engine.job.plan_job", no_work)
     with pytest.raises(MergeError, match=r"another job than this one \(they differ in "
                                          r"merge\.params\.scale\)"):
-        run_job(path, ["merge.params.scale=0.5"], quiet=True)
+        run_job(path, ["merge.params.scale=0.5"])
     with pytest.raises(MergeError, match="differ in seed"):
-        run_job(path, ["seed=3"], wait_lock=True, quiet=True)
+        run_job(path, ["seed=3"], wait_lock=True)
 
 
 def test_plan_takes_a_mergekit_config_without_an_output(mergekit_config):

@@ -29,9 +29,8 @@ def test_chat_template_by_name_and_auto(vocab_family, tmp_path):
 
     from tests.conftest import load_state
 
-    out = run_job(job(vocab_family, tmp_path / "chat", chat_template="chatml"),
-                  quiet=True).output
-    plain = run_job(job(vocab_family, tmp_path / "plain"), quiet=True).output
+    out = run_job(job(vocab_family, tmp_path / "chat", chat_template="chatml")).output
+    plain = run_job(job(vocab_family, tmp_path / "plain")).output
     merged, unchanged = load_state(out), load_state(plain)  # no row moved: c keeps its order
     assert merged.keys() == unchanged.keys()
     assert all(torch.equal(merged[n], unchanged[n]) for n in merged)
@@ -41,9 +40,9 @@ def test_chat_template_by_name_and_auto(vocab_family, tmp_path):
     assert text == "<|im_start|>user\nw1 w2<|im_end|>\n<|im_start|>assistant\n"
     assert tok.get_vocab() == AutoTokenizer.from_pretrained(vocab_family["a"]).get_vocab()
     with pytest.raises(ConfigError, match="chat_template: auto, but no input"):
-        run_job(job(vocab_family, tmp_path / "auto", chat_template="auto"), quiet=True)
+        run_job(job(vocab_family, tmp_path / "auto", chat_template="auto"))
     with pytest.raises(ConfigError, match="neither a known template"):
-        run_job(job(vocab_family, tmp_path / "bad", chat_template="chatlm"), quiet=True)
+        run_job(job(vocab_family, tmp_path / "bad", chat_template="chatlm"))
 
 
 def test_union_records_vocab_size_and_permutes_rows_in_process(vocab_family, tmp_path):
@@ -57,7 +56,7 @@ def test_union_records_vocab_size_and_permutes_rows_in_process(vocab_family, tmp
     doc = job(vocab_family, tmp_path / "u", tokenizer={"source": "union"})
     doc["sources"] = [{"name": "b", "uri": vocab_family["b"]}]
     doc["merge"] = {"method": "task_arithmetic", "params": {"scale": 1.0}}
-    out = run_job(doc, quiet=True).output
+    out = run_job(doc).output
     tok = AutoTokenizer.from_pretrained(out)
     config = json.loads((tmp_path / "u" / "config.json").read_text())
     assert config["vocab_size"] == len(tok.get_vocab()) == 72
@@ -74,5 +73,5 @@ def test_missing_tokenizer_is_a_clear_error(vocab_family, tmp_path):
     doc = job(vocab_family, tmp_path / "out", tokenizer={"source": "union"})
     doc["sources"] = [{"name": "bare", "uri": bare}]
     with pytest.raises(PlanError, match="source 'bare' .* has no tokenizer files"):
-        run_job(doc, quiet=True)
+        run_job(doc)
     assert not (tmp_path / "out" / "raymerge-manifest.json").exists()
