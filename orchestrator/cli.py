@@ -251,7 +251,9 @@ def _cmd_predict(ns: argparse.Namespace) -> int:
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
-    return run_demo(ns.workdir, method=ns.method)
+    for line in run_demo(ns.workdir, method=ns.method):
+        print(line)
+    return 0
 
 
 class _Stderr(logging.StreamHandler):

@@ -61,7 +61,9 @@ def make_finetunes(base_dir: str, out_dir: str, n: int, *, seed: int = 0,
     return folders
 
 
-def run_demo(workdir: str, method: str = "ties") -> int:
+def run_demo(workdir: str, method: str = "ties") -> list[str]:
+    """Merge MiniLM with 3 perturbed copies on an embedded Ray, verify the output and load it
+    with transformers; returns the lines that say what came out."""
     from orchestrator.engine.commit import verify_output
     from orchestrator.engine.job import run_job
     from workers.io.storage import open_store
@@ -85,14 +87,12 @@ def run_demo(workdir: str, method: str = "ties") -> int:
     result = run_job(job_path, force=True)
     _, problems = verify_output(open_store(result.output))
     if problems:
-        log.error("demo: verification FAILED:\n  " + "\n  ".join(problems))
-        return 1
-    log.info(f"demo: {result.output} verified ({len(result.manifest['shards'])} shards, "
-             f"{result.seconds:.1f}s)")
+        raise MergeError("demo: verification FAILED:\n  " + "\n  ".join(problems))
     similarity = _embedding_similarity(base, result.output)
-    log.info(f"demo: merged model loads with transformers; cosine similarity of its sentence "
-             f"embedding to the base model's: {similarity:.4f}")
-    return 0
+    return [f"demo: {result.output} verified ({len(result.manifest['shards'])} shards, "
+            f"{result.seconds:.1f}s)",
+            f"demo: merged model loads with transformers; cosine similarity of its sentence "
+            f"embedding to the base model's: {similarity:.4f}"]
 
 
 def _embedding_similarity(base_dir: str, merged_dir: str) -> float:

@@ -114,6 +114,12 @@ class DynamicModel(nn.Module):
             self._setup(kind, model, tasks, experts, heads, input_name, init_lambda,
                         input_features)
 
+    @property
+    def needs_task(self) -> bool:
+        """Whether a forward pass must be told the task whose head to use (WEMoE routes
+        weights, not heads; gating picks the head itself)."""
+        return self.kind == "wemoe"
+
     def _setup(self, kind, model, tasks, experts, heads, input_name, init_lambda,
                input_features) -> None:
         if kind not in KINDS:

@@ -408,12 +408,18 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
                       f"{', '.join(sorted(METHODS))}")
         return
     spec = METHODS[method]
+    params = merge.get("params") if isinstance(merge.get("params"), dict) else {}
+    if spec.check is not None:  # the method's own demands on its params and models
+        errors.extend(spec.check(_with_defaults(spec, params), len(sources)))
+    align = doc.get("align") if isinstance(doc.get("align"), dict) else {}
+    if spec.heads == "required" and not align.get("heads"):
+        errors.append(f"align.heads: {method} needs the classifier tensors each task keeps, "
+                      "e.g. [\"classifier.*\"]")
     if spec.alignment:
         if doc.get("slices") or doc.get("tokenizer"):
             errors.append(f"merge.method: {method!r} aligns whole models: no slices or "
                           "tokenizer settings")
-        params = merge.get("params") if isinstance(merge.get("params"), dict) else {}
-        reads = spec.alignment_for(params)
+        reads = spec.alignment.reads_for(params)
         if reads in ("activations", "dual") and not isinstance(doc.get("data"), dict):
             errors.append(f"data: method {method!r} needs unlabelled inputs: "
                           "data: {uri: inputs.safetensors, key: inputs}")
@@ -461,21 +467,18 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
     _check_weights_sum(spec, merge, sources, errors)
 
 
+def _with_defaults(spec: MethodSpec, params: dict) -> dict:
+    defaults = {f.name: f.default for f in dataclasses.fields(spec.params)
+                if f.default is not dataclasses.MISSING}
+    return {**defaults, **params}
+
+
 def _check_alignment(spec: MethodSpec, params: dict, n: int, has_data: bool,
                      errors: list[str]) -> None:
     """What an alignment method's params ask that its models or inputs cannot give (checked
     here so that ``plan`` refuses what ``run`` would, before any solve)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(spec.params)
-                if f.default is not dataclasses.MISSING}
-    value = {**defaults, **params}.get
-    zipped = spec.name == "zipit" or (spec.name == "mudsc" and value("variant") == "zip")
-    if spec.name == "mudsc" and zipped and n > 2:
-        errors.append("sources: mudsc with variant: zip zips exactly 2 models; for more, use "
-                      "zipit (one joint zip) or variant: perm (each model aligned to the first)")
-    alpha = value("alpha")
-    if spec.name == "zipit" and n > 2 and isinstance(alpha, (int, float)) and alpha <= 0:
-        errors.append(f"merge.params.alpha: a zip of {n} models needs alpha > 0 (a fused "
-                      "feature must be able to take a third model's unit)")
+    value = _with_defaults(spec, params).get
+    zipped = spec.alignment.zips(_with_defaults(spec, params))
     stop = value("stop")
     if isinstance(stop, int) and stop >= 0 and not zipped:
         errors.append("merge.params.stop: partial merging is for zips (zipit, or mudsc with "

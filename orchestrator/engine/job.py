@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import logging
 import os
 import shutil
@@ -172,25 +173,27 @@ def _differing(a: object, b: object, at: str = "") -> list[str]:
 
 def _dispatch(cfg: JobConfig, opts: _Options, start: float) -> JobResult:
     spec = get_method(cfg.merge.method)
-    if spec.models_for is not None and spec.models_for(dict(cfg.merge.params)) is None \
-            and len(cfg.sources) > 1:
+    if spec.sequential(dict(cfg.merge.params), len(cfg.sources)):
         return _run_sequence(cfg, opts)
-    if spec.alignment:
-        from orchestrator.phases.align import prepare
-        phase = "align"
-    elif spec.statistics:
-        from orchestrator.phases.statistics import prepare
-        phase = "data_stats"
-    elif spec.dynamic:
-        from orchestrator.phases.dynamic import prepare
-        phase = "training"
-    elif spec.masks is not None:
+    if spec.phase == "task_masks":
         return _run_task_aware(cfg, opts, start)
-    else:
+    if spec.phase is None:
         return _run(cfg, {}, opts, start, {})
+    module, timing = _PHASES[spec.phase]
+    prepare = importlib.import_module(module).prepare
     with ray_session(cfg.runtime):  # statistics, solves and merge share one Ray
         cfg, extra_files = prepare(cfg, open_store(cfg.output.uri))
-        return _run(cfg, extra_files, opts, start, {phase: time.monotonic() - start})
+        return _run(cfg, extra_files, opts, start, {timing: time.monotonic() - start})
+
+
+# a method's preparation phase (MethodSpec.phase): the module whose ``prepare(cfg, out)``
+# returns the config the merge runs with and the files it writes (imported on use: alignment
+# pulls in scipy and POT), and the name of its timing
+_PHASES = {
+    "align": ("orchestrator.phases.align", "align"),
+    "statistics": ("orchestrator.phases.statistics", "data_stats"),
+    "training": ("orchestrator.phases.dynamic", "training"),
+}
 
 
 def _run_task_aware(cfg: JobConfig, opts: _Options, start: float) -> JobResult:

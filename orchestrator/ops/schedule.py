@@ -39,6 +39,8 @@ from orchestrator.engine.lock import utc_now as _now
 from orchestrator.errors import ConfigError, MergeError, StorageError
 from orchestrator.ops import cron
 from workers.io.storage import Store, open_store
+from workers.merge import METHODS, get_method
+from workers.merge.registry import ContinualStep
 
 LOCK, LATEST = "lock", "latest"
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")  # also a Kubernetes name part
@@ -188,18 +190,21 @@ def continual_method(doc: dict) -> str | None:
     params = merge.get("params", {})
     if any(isinstance(v, (list, dict)) for v in params.values()):
         return "gradients and per-tensor conditions need a full re-merge"
+    if _continual_step(doc, held=1, state={}) is not None:
+        return None
+    able = ", ".join(sorted(n for n, s in METHODS.items() if s.continual is not None))
+    return (f"{merge['method']} with these params cannot add a model to its previous result; "
+            f"continual updates exist for {able} (linear: uniform; task_arithmetic: not "
+            "normalized; no per-model weights)")
+
+
+def _continual_step(doc: dict, held: int, state: dict) -> ContinualStep | None:
+    """The method's own update by the job's last source, or None where it has none."""
+    spec = get_method(doc["merge"]["method"])
+    if spec.continual is None:
+        return None
     per_model = any(s.get("params") for s in doc["sources"])
-    method = merge["method"]
-    if method == "opcm":
-        return None
-    if method == "linear" and not per_model and params.get("normalize", True) \
-            and "weight" not in params:
-        return None
-    if method == "task_arithmetic" and not per_model and not params.get("normalize", False) \
-            and "weight" not in params:
-        return None
-    return (f"{method} with these params cannot add a model to its previous result; "
-            "continual updates exist for opcm, uniform linear and task_arithmetic")
+    return spec.continual(dict(doc["merge"].get("params", {})), per_model, held, state)
 
 
 def decide(now: _Pinned, last: dict | None, allow_continual: bool) -> tuple[str, str]:
@@ -253,19 +258,14 @@ def _run(doc: dict, session: HeldRay | None) -> Any:
 def _continual(doc: dict, out: Store, previous: dict, version: int,
                session: HeldRay | None) -> Any:
     """Merge the one new model (the job's last source) into the previous version."""
-    method = doc["merge"]["method"]
-    params = dict(doc["merge"].get("params", {}))
+    step = _continual_step(doc, len(previous["sources"]), previous.get("method_state") or {})
     prev = {"name": f"merged-v{previous['version']}", "uri": f"{out.uri}/v{previous['version']}"}
     new = dict(doc["sources"][-1])
-    held = len(previous["sources"])
-    if method == "opcm":
-        params.update(previous["method_state"])
-    elif method == "linear":  # running mean: (t − 1) parts of the old soup, one of the new model
-        prev["params"], new["params"] = {"weight": float(held)}, {"weight": 1.0}
-    else:  # task_arithmetic: θ_prev + λ τ_new
-        prev["params"], new["params"] = {"weight": 1.0}, {"weight": params.get("scale", 1.0)}
-        params["scale"] = 1.0
-    return _run(_step_doc(doc, [prev, new], params, f"{out.uri}/v{version}"), session)
+    if step.previous is not None:
+        prev["params"] = step.previous
+    if step.new is not None:
+        new["params"] = step.new
+    return _run(_step_doc(doc, [prev, new], step.params, f"{out.uri}/v{version}"), session)
 
 
 def tick(schedule: Schedule, lock_ttl: float, *,

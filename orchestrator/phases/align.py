@@ -168,8 +168,10 @@ def _prepare(cfg: JobConfig, out: Store) -> tuple[JobConfig, dict[str, bytes]]:
     hidden = internal_fields(method.params)
     p = method.params(**{k: v for k, v in params.items() if k not in hidden})
     # (the params' demands on the models and inputs are checked with the config)
-    zipped = name == "zipit" or (name == "mudsc" and p.variant == "zip")
-    joint = name == "zipit" and len(refs) > 2  # one zip over every model's units
+    how = method.alignment
+    solver = how.solver_for(params)
+    zipped = how.zips(dataclasses.asdict(p))
+    joint = how.joint and len(refs) > 2  # one zip over every model's units
     stop = getattr(p, "stop", -1)
     try:
         solved, kept = specs.partial(spec, stop) if stop >= 0 else (None, [])
@@ -180,13 +182,13 @@ def _prepare(cfg: JobConfig, out: Store) -> tuple[JobConfig, dict[str, bytes]]:
     if cfg.data is not None:  # the inputs' file and tensor, before any statistics task
         open_data(cfg.data)
     colored = getattr(p, "schedule", "") == "colors"  # weight matching steps on workers
-    reads = method.alignment_for(params)
+    reads = how.reads_for(params)
     states = ([read_state(r) for r in refs]
               if reads in ("weights", "dual") and not colored else [])
     stats = (statistics(cfg, spec, refs, joint, cache=out)
              if reads in ("activations", "dual") else [])
     stats = [stats] if joint else stats
-    if name == "ot_fusion" and reads == "weights":  # a chain over the groups, on the driver
+    if solver == "transport_chain":  # one group after the other, on the driver
         plans = [weight_plans(spec, states[0], state, solver=p.solver, reg=p.reg,
                               spec_b=specs.build(other, config))
                  for state, other, config in zip(states[1:], shapes[1:], configs[1:])]
@@ -195,13 +197,11 @@ def _prepare(cfg: JobConfig, out: Store) -> tuple[JobConfig, dict[str, bytes]]:
         return _finetuned(cfg, refs, out, *done, p) if p.finetune_steps else done
     zips: dict = {}
     perms = []  # per model after the first: aligned to the first
-    if name == "pleas":
+    if solver == "refit":
         return _pleas(cfg, spec, refs, shapes[0], configs[0], stats[0], p, out)
-    if name in ("activation_matching", "zipit", "ot_fusion"):  # independent solves: one Ray
-        # task each
-        free = {"zipit": "zip", "ot_fusion": "plan"}.get(name, "perm")
+    if solver == "groups":  # independent solves: one Ray task each
         done = _solved(cfg, spec, refs, shapes[0], out,
-                       *_groups_on_ray(cfg, spec, stats, p, free, solved,
+                       *_groups_on_ray(cfg, spec, stats, p, how.unit, solved,
                                        len(refs) if joint else 0), kept=kept)
         if getattr(p, "finetune_steps", 0):
             return _finetuned(cfg, refs, out, *done, p)
@@ -209,13 +209,13 @@ def _prepare(cfg: JobConfig, out: Store) -> tuple[JobConfig, dict[str, bytes]]:
     for i in range(1, len(refs)):
         a, b = (states[0], states[i]) if states else (None, None)
         pair = stats[i - 1] if stats else None
-        if name == "weight_matching":
+        if solver == "coordinate_descent":
             found, history = (
                 _colored_on_ray(cfg, spec, refs[0], refs[i], p.max_sweeps) if colored
                 else weight_matching(spec, a, b, max_sweeps=p.max_sweeps, seed=cfg.seed))
             log.info(f"weight matching {cfg.sources[i].name}: {len(history)} sweeps, "
                      f"objective {history[-1]:.6g}")
-        elif zipped:
+        elif zipped:  # pairwise (MuDSC): a zip, or a permutation
             zips, found = mudsc_zip(spec, a, b, pair, f=p.f, alpha=p.alpha, beta=p.beta,
                                     max_sweeps=p.max_sweeps, seed=cfg.seed, solved=solved)
         else:

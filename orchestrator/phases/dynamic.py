@@ -37,9 +37,6 @@ def prepare(cfg: JobConfig, out: Store) -> tuple[JobConfig, dict[str, bytes]]:
     from workers.dynamic_runtime import DynamicContext
 
     method = get_method(cfg.merge.method)
-    if not cfg.align.heads:
-        raise ConfigError(f"align.heads: {method.name} needs the classifier tensors each task "
-                          "keeps, e.g. [\"classifier.*\"]")
     refs = tuple(open_model(s) for s in cfg.sources)
     base = open_model(cfg.base)
     heads = head_names(cfg, [n for n, _, _ in refs[0].tensors])
@@ -133,13 +130,13 @@ def predict(output: str, inputs: torch.Tensor, task: str | None = None) -> dict:
     model = load(output)
     if task is not None and task not in model.tasks:
         raise ConfigError(f"{output}: no task {task!r}; tasks: {', '.join(model.tasks)}")
-    if model.kind == "wemoe" and task is None:
+    if model.needs_task and task is None:
         raise ConfigError(f"{output}: WEMoE runs one task's head: pass a task "
                           f"({', '.join(model.tasks)})")
     x = inputs.float() if inputs.is_floating_point() else inputs
     with torch.no_grad():
         result: dict = {}
-        if model.kind == "gating":
+        if not model.needs_task:  # the gate's task probabilities pick the head
             p = model.probabilities(x)
             result["task_probabilities"] = p.tolist()
             result["tasks"] = [task or model.tasks[int(i)] for i in p.argmax(1)]

@@ -9,8 +9,11 @@ For K models, K x K matrices per layer (tensors grouped by their layer number; t
   (residual stream, each block's MLP hidden units and attention), from one statistics pass on
   Ray over all models together.
 
-Written to OUT_DIR as ``similarity.json``, one CSV per metric (layer, model, model, value) and
-one PNG heatmap per metric (a K x K block per layer, top to bottom; 0 dark, 1 bright).
+The weight metrics run as one Ray task per layer (``workers/similarity.py``), each reading its
+layer's tensors itself; the driver only assembles the matrices and draws them. Written to
+OUT_DIR as ``similarity.json``, one CSV per metric (layer, model, model, value) and, with
+matplotlib installed (``pip install 'raymerge[plot]'``), one PNG per metric: a labelled K x K
+heatmap per layer.
 """
 
 from __future__ import annotations
@@ -19,19 +22,16 @@ import csv
 import io
 import json
 import logging
+import math
 import os
-import struct
-import zlib
-
-import torch
 
 from orchestrator.config.schema import JobConfig
+from orchestrator.engine.executor import ray_session, run_tasks
 from orchestrator.errors import PlanError
 from orchestrator.planning.layout import layer_of
 from workers.io.index import index_checkpoint
-from workers.io.safetensors_io import read_tensor
 from workers.io.storage import open_store
-from workers.threads import torch_threads
+from workers.similarity import LayerGroup, SimilarityContext, layer_cosines
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,6 @@ FLOAT = ("F16", "BF16", "F32", "F64")
 def _layer(name: str) -> str:
     found = layer_of(name)
     return "other" if found is None else f"{found[0]}{found[1]}"
-
-
-def _cosines(grams: dict[str, torch.Tensor]) -> dict[str, list[list[float]]]:
-    out = {}
-    for layer, g in grams.items():
-        norms = g.diagonal().clamp(min=0).sqrt()
-        out[layer] = (g / torch.outer(norms, norms).clamp(min=1e-300)).tolist()
-    return out
 
 
 def compute(cfg: JobConfig, cache=None) -> dict:
@@ -65,62 +57,83 @@ def compute(cfg: JobConfig, cache=None) -> dict:
         if missing:
             raise PlanError(f"{s.name}: tensors missing or of another shape than in "
                             f"{specs_[0].name}: {missing[:5]}")
-    weights: dict[str, torch.Tensor] = {}
-    deltas: dict[str, torch.Tensor] = {}
-    with torch_threads(cfg.runtime.threads_per_worker):
-        for n in names:  # one tensor of every model at a time
-            values = [read_tensor(st, idx.tensors[n].file, idx.tensors[n].info).double()
-                      .reshape(-1) for st, idx in zip(stores, indexes)]
-            x = torch.stack(values[:k])
-            layer = _layer(n)
-            weights[layer] = weights.get(layer, 0) + x @ x.T
-            if cfg.base is not None:
-                d = x - values[k]
-                deltas[layer] = deltas.get(layer, 0) + d @ d.T
-    result = {"models": [s.name for s in cfg.sources], "weights_cosine": _cosines(weights)}
-    if deltas:
-        result["task_vectors_cosine"] = _cosines(deltas)
-    if cfg.data is not None:
-        from orchestrator.phases.align import statistics
-        from orchestrator.phases.data import model_ref, read_config
-        from workers.align import spec as specs
-
-        configs = [read_config(st, s.name) for s, st in zip(specs_[:k], stores)]
-        spec = specs.build({n: indexes[0].tensors[n].info.shape for n in names}, configs[0])
-        refs = tuple(model_ref(i, st, c) for i, st, c in zip(indexes, stores, configs))
-        stats = statistics(cfg, spec, refs, joint=True, cache=cache)
-        result["cka"] = {g: s.cka().tolist() for g, s in stats.items()}
+    layers: dict[str, list] = {}  # in the order the sorted names first reach each layer
+    for n in names:
+        layers.setdefault(_layer(n), []).append(
+            (n, tuple(idx.tensors[n] for idx in indexes)))
+    groups = [LayerGroup(layer, tuple(tensors),
+                         sum(loc.info.end - loc.info.start for _, locs in tensors for loc in locs))
+              for layer, tensors in layers.items()]
+    ctx = SimilarityContext(tuple(stores), k, cfg.runtime.threads_per_worker)
+    result: dict = {"models": [s.name for s in cfg.sources]}
+    with ray_session(cfg.runtime):  # the weight tasks and the activation statistics
+        for group, found in zip(groups, run_tasks(layer_cosines, groups, (ctx,), cfg.runtime,
+                                                  label="similarity")):
+            for metric, matrix in found.items():
+                result.setdefault(metric, {})[group.layer] = matrix
+        if cfg.data is not None:
+            result["cka"] = _cka(cfg, specs_[:k], stores, indexes, names, cache)
     return result
 
 
-def _png(blocks: list[list[list[float]]], cell: int = 12, gap: int = 4) -> bytes:
-    """A grayscale PNG: the K x K blocks stacked vertically, values clamped to [0, 1]."""
-    k = len(blocks[0])
-    width = k * cell
-    rows = []
-    for block in blocks:
-        for r in range(k):
-            line = bytes(int(255 * min(1.0, max(0.0, v))) for v in block[r] for _ in range(cell))
-            rows += [line] * cell
-        rows += [bytes(width)] * gap
-    raw = b"".join(b"\x00" + line for line in rows)
+def _cka(cfg: JobConfig, sources: list, stores: list, indexes: list, names: list[str],
+         cache) -> dict:
+    """Linear CKA per alignment group, from one statistics pass over all models together."""
+    from orchestrator.phases.align import statistics
+    from orchestrator.phases.data import model_ref, read_config
+    from workers.align import spec as specs
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    configs = [read_config(st, s.name) for s, st in zip(sources, stores)]
+    spec = specs.build({n: indexes[0].tensors[n].info.shape for n in names}, configs[0])
+    refs = tuple(model_ref(i, st, c) for i, st, c in zip(indexes, stores, configs))
+    stats = statistics(cfg, spec, refs, joint=True, cache=cache)
+    return {g: s.cka().tolist() for g, s in stats.items()}
 
-    header = struct.pack(">IIBBBBB", width, len(rows), 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
+
+def _heatmaps(metric: str, layers: dict, models: list[str], path: str) -> None:
+    """One labelled K x K heatmap per layer (models on both axes, values in the cells when
+    they fit), on one shared colour scale."""
+    from matplotlib.figure import Figure
+
+    k, cols = len(models), min(4, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    size = 1.2 + 0.45 * k
+    fig = Figure(figsize=(cols * size + 1, rows * size + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    low = min(0.0, min(v for m in layers.values() for row in m for v in row))
+    image = None
+    for ax, (layer, matrix) in zip(axes.flat, layers.items()):
+        image = ax.imshow(matrix, vmin=low, vmax=1.0, cmap="viridis")
+        ax.set_title(layer, fontsize=8)
+        ax.set_xticks(range(k), models, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), models, fontsize=7)
+        if k <= 6:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center",
+                            fontsize=6, color="white" if matrix[i][j] < 0.6 else "black")
+    for ax in list(axes.flat)[len(layers):]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=axes, shrink=0.8, label=metric)
+    fig.suptitle(metric)
+    fig.savefig(path, dpi=110)
 
 
 def write(result: dict, folder: str) -> list[str]:
-    """similarity.json, a CSV and a PNG per metric; returns the file names."""
+    """similarity.json, a CSV per metric and (with matplotlib) a PNG per metric; returns the
+    file names."""
     os.makedirs(folder, exist_ok=True)
     written = ["similarity.json"]
     with open(os.path.join(folder, "similarity.json"), "w") as f:
         json.dump(result, f, indent=1)
     models = result["models"]
+    try:
+        import matplotlib  # noqa: F401
+        plots = True
+    except ImportError:
+        plots = False
+        log.warning("no heatmaps: they need matplotlib (pip install 'raymerge[plot]'); the "
+                    "JSON and CSV files hold every value")
     for metric, layers in result.items():
         if metric == "models":
             continue
@@ -133,9 +146,10 @@ def write(result: dict, folder: str) -> list[str]:
                     table.writerow([layer, models[i], models[j], f"{value:.6g}"])
         with open(os.path.join(folder, f"{metric}.csv"), "w") as f:
             f.write(text.getvalue())
-        with open(os.path.join(folder, f"{metric}.png"), "wb") as f:
-            f.write(_png(list(layers.values())))
-        written += [f"{metric}.csv", f"{metric}.png"]
+        written.append(f"{metric}.csv")
+        if plots:
+            _heatmaps(metric, layers, models, os.path.join(folder, f"{metric}.png"))
+            written.append(f"{metric}.png")
     return written
 
 

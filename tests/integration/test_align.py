@@ -207,7 +207,6 @@ def test_similarity_of_three_models(vits, ray_session, tmp_path):
     activations, which is blind to unit order: a model and its permuted copy have CKA 1 in
     every group while their weights' cosine is below 1. CSV and PNG files per metric."""
     import csv
-    import struct
 
     path = write_job(tmp_path, vits, "activation_matching", tmp_path / "unused",
                      second="a_perm", num_workers=2)
@@ -231,10 +230,13 @@ def test_similarity_of_three_models(vits, ray_session, tmp_path):
         assert m[0, 2] < 0.999, group  # another init
     rows = list(csv.reader(open(out / "cka.csv")))
     assert rows[0] == ["layer", "model", "other", "cka"] and len(rows) == 1 + 5 * 9
+    from matplotlib.image import imread
+
     png = (out / "weights_cosine.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", png[16:24])
-    assert width == 3 * 12 and height == len(result["weights_cosine"]) * (3 * 12 + 4)
+    image = imread(out / "weights_cosine.png")  # labelled panels: one per layer, 4 per row
+    rows = -(-len(result["weights_cosine"]) // 4)
+    assert image.shape[0] > 100 * rows and image.shape[1] > 300 and image.std() > 0
 
 
 def test_statistics_are_reused_from_the_output(vits, tmp_path, capsys):

@@ -86,3 +86,24 @@ def test_task_bodies_load_no_driver_module():
     loaded = _loaded_after("import workers.tasks, workers.data_stats, workers.align.transforms, "
                            "workers.dynamic_runtime, workers.io.storage, workers.io.hub")
     assert not {m for m in loaded if m.split(".")[0] in ("orchestrator", "ray")}
+
+
+def test_methods_are_not_named_outside_their_files():
+    """The driver never compares with a method's name: what a method needs (its preparation
+    phase, solver, continual update, heads, checks) is a field of its spec (the workers' own
+    dynamic runtime names its two kinds)."""
+    from workers.merge import METHODS
+
+    found = []
+    for name, path in _modules().items():
+        if name.startswith("workers"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                for side in [node.left, *node.comparators]:
+                    values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) \
+                        else [side]
+                    found += [f"{path.relative_to(ROOT)}:{node.lineno} {v.value!r}"
+                              for v in values
+                              if isinstance(v, ast.Constant) and v.value in METHODS]
+    assert not found

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from workers.align.transforms import merged
-from workers.merge.registry import internal, merge_method
+from workers.merge.registry import Alignment, internal, merge_method
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,8 @@ class ActivationMatchingParams:
 
 
 @merge_method("activation_matching", params=ActivationMatchingParams, needs_base=False,
-              min_models=2, alignment="activations", wants_name=True)
+              min_models=2, alignment=Alignment(reads="activations", solver="groups"),
+              wants_name=True)
 def activation_matching(tensors: Sequence[torch.Tensor], p: ActivationMatchingParams, *,
                         name: str) -> torch.Tensor:
     """Permute the other models' units to the first's by activation correlation, average.

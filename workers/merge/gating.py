@@ -23,7 +23,7 @@ class GatingParams:
 
 
 @merge_method("gating", params=GatingParams, needs_base=True, min_models=1, elementwise=True,
-              dynamic="gating")
+              dynamic="gating", heads="required")
 def gating(tensors: Sequence[torch.Tensor], p: GatingParams, *,
            base: torch.Tensor) -> torch.Tensor:
     """Input-dependent: a gate picks task probabilities p(x); gated layers are θ0 + Σ p_k τ_k.

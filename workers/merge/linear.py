@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from workers.merge.registry import merge_method, param, per_model
+from workers.merge.registry import ContinualStep, merge_method, param, per_model
 from workers.merge.task_vectors import cast_inputs
 
 
@@ -17,7 +17,16 @@ class LinearParams:
     normalize: bool = param(True)
 
 
+def _continual(params: dict, per_model: bool, held: int, state: dict) -> ContinualStep | None:
+    """A uniform soup of t models is (t − 1) parts of the previous soup and one of the new
+    model: a running mean."""
+    if per_model or not params.get("normalize", True) or "weight" in params:
+        return None
+    return ContinualStep(params, previous={"weight": float(held)}, new={"weight": 1.0})
+
+
 @merge_method("linear", params=LinearParams, needs_base=False, elementwise=True,
+              continual=_continual,
               stored_inputs=True)
 def linear(tensors: Sequence[torch.Tensor], p: LinearParams, *,
            dtype: torch.dtype | None = None) -> torch.Tensor:

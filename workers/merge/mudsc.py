@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from workers.align.transforms import merged
-from workers.merge.registry import internal, merge_method, param
+from workers.merge.registry import Alignment, internal, merge_method, param
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,20 @@ class MudscParams:
     transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
 
 
-@merge_method("mudsc", params=MudscParams, needs_base=False, min_models=2,
-              alignment="dual", wants_name=True)
+def _zips(params: dict) -> bool:
+    return params["variant"] == "zip"
+
+
+def _check(params: dict, n: int) -> list[str]:
+    if _zips(params) and n > 2:
+        return ["sources: mudsc with variant: zip zips exactly 2 models; for more, use zipit "
+                "(one joint zip) or variant: perm (each model aligned to the first)"]
+    return []
+
+
+@merge_method("mudsc", params=MudscParams, needs_base=False, min_models=2, check=_check,
+              alignment=Alignment(reads="dual", solver="pairwise", zips=_zips),
+              wants_name=True)
 def mudsc(tensors: Sequence[torch.Tensor], p: MudscParams, *, name: str) -> torch.Tensor:
     """Align models on weight- and activation-space similarity together, then merge.
 

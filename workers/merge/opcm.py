@@ -16,7 +16,7 @@ from typing import Any, Hashable, Sequence
 
 import torch
 
-from workers.merge.registry import merge_method, param
+from workers.merge.registry import ContinualStep, merge_method, param
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,13 @@ class Rescale:
         return {k: state[k] for k in ("merged", "prior_scale", "norm_sum")}
 
 
+def _continual(params: dict, per_model: bool, held: int, state: dict) -> ContinualStep:
+    """The next step of the sequence, from the state the previous version recorded."""
+    return ContinualStep({**params, **state})
+
+
 @merge_method("opcm", params=OpcmParams, needs_base=True,
-              stats=Rescale(), models_for=models_for)
+              stats=Rescale(), models_for=models_for, continual=_continual)
 def opcm(tensors: Sequence[torch.Tensor], p: OpcmParams, *, base: torch.Tensor,
          stats: float | None) -> torch.Tensor:
     """Continual merging: add one new model to the previous merge, orthogonally to it.

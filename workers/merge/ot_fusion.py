@@ -10,7 +10,7 @@ import torch
 
 from workers.align.ot import SOLVERS
 from workers.align.transforms import merged, stored
-from workers.merge.registry import internal, merge_method, param
+from workers.merge.registry import Alignment, internal, merge_method, param
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,13 @@ def _reads(params: dict) -> str:
     return "weights" if params.get("cost") == "weights" else "activations"
 
 
+def _solver(params: dict) -> str:  # on weights: a chain over the groups, on the driver
+    return "transport_chain" if _reads(params) == "weights" else "groups"
+
+
 @merge_method("ot_fusion", params=OtFusionParams, needs_base=False, min_models=2,
-              alignment=_reads, wants_name=True, any_widths=True)
+              alignment=Alignment(reads=_reads, solver=_solver, unit="plan"),
+              wants_name=True, any_widths=True)
 def ot_fusion(tensors: Sequence[torch.Tensor], p: OtFusionParams, *,
               name: str) -> torch.Tensor:
     """Soft-align the other models' units to the first's by optimal transport, then average.

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from workers.align.transforms import stored
-from workers.merge.registry import internal, merge_method, param
+from workers.merge.registry import Alignment, internal, merge_method, param
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ def _shapes(p: PleasParams) -> dict[str, tuple[int, ...]]:
 
 
 @merge_method("pleas", params=PleasParams, needs_base=False, min_models=2, max_models=2,
-              alignment="activations", wants_name=True, out_shapes=_shapes)
+              alignment=Alignment(reads="activations", solver="refit"), wants_name=True,
+              out_shapes=_shapes)
 def pleas(tensors: Sequence[torch.Tensor], p: PleasParams, *, name: str) -> torch.Tensor:
     """Partially match two models' MLP units to a width between n and 2n, then fit each MLP
     layer by least squares on the merged prefix's activations.

@@ -122,49 +122,117 @@ def single_pass_stats(stats: TensorStats, tensors: Sequence[torch.Tensor], p: An
     return state
 
 
+@dataclass(frozen=True, kw_only=True)
+class Alignment:
+    """What a method's alignment phase solves before the merge (``orchestrator/phases/align.py``).
+
+    ``reads``: "weights", "activations" or "dual" (both), or a function of the merge params'
+    dict giving one. ``solver``, likewise fixed or a function of the params:
+    "coordinate_descent" (weight matching over every group at once), "groups" (one independent
+    solve per model and free group, each a Ray task, finding a ``unit``: "perm", "zip" or a
+    transport "plan"), "transport_chain" (optimal transport group after group, on weights),
+    "pairwise" (MuDSC's joint weight and activation solve, model by model) or "refit" (matched
+    partially, then each layer refitted by least squares, as PLeaS does). ``zips(params)``:
+    whether these params zip (merge/unmerge features) rather than permute; ``joint``: more
+    than two models zip together in one solve.
+    """
+
+    reads: str | Callable[[dict], str]
+    solver: str | Callable[[dict], str]
+    unit: str = "perm"
+    zips: Callable[[dict], bool] = lambda params: False
+    joint: bool = False
+
+    def reads_for(self, params: dict) -> str:
+        return self.reads(params) if callable(self.reads) else self.reads
+
+    def solver_for(self, params: dict) -> str:
+        return self.solver(params) if callable(self.solver) else self.solver
+
+
 @dataclass(frozen=True)
+class ContinualStep:
+    """How one new model joins the previous merge in a periodic re-merge: the merge params,
+    and the params of the previous version's and the new model's source entries (None:
+    leave that entry as it is)."""
+
+    params: dict
+    previous: dict | None = None
+    new: dict | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class MethodSpec:
+    """Everything raymerge knows of a method; built by ``merge_method``, by keyword."""
+
     name: str
     fn: Callable[..., torch.Tensor]
     params: type
+
+    # -- inputs: the models a merge takes
     needs_base: bool
+    takes_base: bool = False  # uses the base when one is given (``base`` is None otherwise)
     min_models: int = 1
     max_models: int | None = None
-    uses_rng: bool = False
-    stats: GlobalStats | None = None
-    elementwise: bool | Callable[[Any], bool] = False
-    tensor_stats: TensorStats | None = None
-    takes_base: bool = False  # uses the base when one is given (``base`` is None otherwise)
     models_for: Callable[[dict], int | None] | None = None  # exact input count, given params
-    alignment: str | Callable[[Any], str] | None = None  # "weights", "activations" or
-    # "dual" (both), or a function of the merge params' dict giving one: solved by
-    # orchestrator/phases/align.py before the merge
-    wants_name: bool = False  # the kernel gets ``name=`` (the output tensor's name)
-    statistics: str | None = None  # "fisher" or "grams": each model's statistics over its
-    # data, computed by orchestrator/phases/statistics.py before the merge
-    masks: Callable[..., torch.Tensor] | None = None  # task-aware: ``masks(tensors, p, *,
-    # base) -> bool [K, *shape]``, each task's mask, stored bit-packed next to the output
+    # (None: any count, merged one model at a time by a sequence of steps)
     any_widths: bool = False  # models after the first may differ in width (same tensors);
     # the output has the first's shapes
-    dynamic: str | None = None  # "wemoe" or "gating": an input-dependent runtime, trained by
-    # orchestrator/phases/dynamic.py before the merge (which writes its static part)
-    out_shapes: Callable[[Any], Mapping[str, tuple[int, ...]]] | None = None  # given the
-    # resolved params: the output tensors whose shapes differ from the inputs' (the driver's
-    # preparation then writes the config.json that fits them)
+    check: Callable[[dict, int], list[str]] | None = None  # given the params (defaults filled
+    # in) and the number of models: what they ask that the models cannot give, as
+    # ``key: message`` lines, checked with the config
+
+    # -- the kernel: how workers call ``fn``
+    elementwise: bool | Callable[[Any], bool] = False
+    uses_rng: bool = False
+    wants_name: bool = False  # the kernel gets ``name=`` (the output tensor's name)
     stored_inputs: bool = False  # elementwise kernels and statistics get the inputs as
     # stored (one ``[n, elements]`` tensor when they share a dtype) and ``dtype=`` the compute
     # dtype, and cast what they do not convert in a fused loop themselves
+    stats: GlobalStats | None = None
+    tensor_stats: TensorStats | None = None
+    out_shapes: Callable[[Any], Mapping[str, tuple[int, ...]]] | None = None  # given the
+    # resolved params: the output tensors whose shapes differ from the inputs' (the driver's
+    # preparation then writes the config.json that fits them)
+
+    # -- phases around the merge, each run by the driver on the executor
+    alignment: Alignment | None = None
+    statistics: str | None = None  # "fisher" or "grams": each model's statistics over its
+    # data, computed by orchestrator/phases/statistics.py before the merge
+    dynamic: str | None = None  # "wemoe" or "gating": an input-dependent runtime, trained by
+    # orchestrator/phases/dynamic.py before the merge (which writes its static part)
+    heads: str | None = None  # "required": the job must name the tensors each model keeps
+    # (align.heads: its classifier), which the method's runtime routes between
+    masks: Callable[..., torch.Tensor] | None = None  # task-aware: ``masks(tensors, p, *,
+    # base) -> bool [K, *shape]``, each task's mask, stored bit-packed next to the output
+    continual: Callable[[dict, bool, int, dict], ContinualStep | None] | None = None  # a
+    # periodic re-merge's update by one model: given the merge params, whether sources set
+    # their own params, how many models the previous version holds and its method_state, the
+    # step, or None when these params cannot add a model to their previous result
 
     @property
     def uses_base(self) -> bool:
         return self.needs_base or self.takes_base
 
+    @property
+    def phase(self) -> str | None:
+        """The driver phase that prepares the merge: "align", "statistics", "training", or
+        "task_masks" (a task-aware method's masks, committed before the merged model)."""
+        if self.alignment is not None:
+            return "align"
+        if self.statistics:
+            return "statistics"
+        if self.dynamic:
+            return "training"
+        return "task_masks" if self.masks is not None else None
+
+    def sequential(self, params: dict, n_models: int) -> bool:
+        """Whether the merge runs as a sequence of steps, one model at a time (OPCM)."""
+        return (self.models_for is not None and self.models_for(params) is None
+                and n_models > 1)
+
     def is_elementwise(self, p: Any) -> bool:
         return self.elementwise(p) if callable(self.elementwise) else self.elementwise
-
-    def alignment_for(self, params: Any) -> str | None:
-        """What the alignment reads, given the config's merge params (a dict)."""
-        return self.alignment(params) if callable(self.alignment) else self.alignment
 
     @property
     def reads_windows(self) -> bool:
@@ -186,28 +254,14 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def merge_method(name: str, *, params: type, needs_base: bool, min_models: int = 1,
-                 max_models: int | None = None, uses_rng: bool = False,
-                 stats: GlobalStats | None = None,
-                 elementwise: bool | Callable[[Any], bool] = False,
-                 tensor_stats: TensorStats | None = None, takes_base: bool = False,
-                 models_for: Callable[[dict], int | None] | None = None,
-                 alignment: str | Callable[[Any], str] | None = None,
-                 wants_name: bool = False,
-                 statistics: str | None = None,
-                 masks: Callable[..., torch.Tensor] | None = None, any_widths: bool = False,
-                 dynamic: str | None = None,
-                 out_shapes: Callable[[Any], Mapping[str, tuple[int, ...]]] | None = None,
-                 stored_inputs: bool = False):
-    """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``)."""
+def merge_method(name: str, **spec: Any):
+    """Register ``fn`` under ``name`` (also its file, test file and YAML ``merge.method``);
+    ``spec`` holds the ``MethodSpec`` fields by keyword."""
 
     def register(fn):
         if name in METHODS:
             raise RuntimeError(f"merge method {name!r} registered twice")
-        METHODS[name] = MethodSpec(name, fn, params, needs_base, min_models, max_models,
-                                   uses_rng, stats, elementwise, tensor_stats, takes_base,
-                                   models_for, alignment, wants_name, statistics, masks,
-                                   any_widths, dynamic, out_shapes, stored_inputs)
+        METHODS[name] = MethodSpec(name=name, fn=fn, **spec)
         return fn
 
     return register

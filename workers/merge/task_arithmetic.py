@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from workers.merge.registry import merge_method, param, per_model
+from workers.merge.registry import ContinualStep, merge_method, param, per_model
 from workers.merge.task_vectors import cast_inputs, combine, task_vectors, weight_sum
 
 
@@ -18,7 +18,16 @@ class TaskArithmeticParams:
     normalize: bool = param(False)
 
 
+def _continual(params: dict, per_model: bool, held: int, state: dict) -> ContinualStep | None:
+    """θ0 + λ Σ τ_i with one more model is the previous result plus λ τ_new."""
+    if per_model or params.get("normalize", False) or "weight" in params:
+        return None
+    return ContinualStep({**params, "scale": 1.0}, previous={"weight": 1.0},
+                         new={"weight": params.get("scale", 1.0)})
+
+
 @merge_method("task_arithmetic", params=TaskArithmeticParams, needs_base=True,
+              continual=_continual,
               elementwise=True, stored_inputs=True)
 def task_arithmetic(tensors: Sequence[torch.Tensor], p: TaskArithmeticParams, *,
                     base: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

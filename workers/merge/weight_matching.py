@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from workers.align.transforms import merged
-from workers.merge.registry import internal, merge_method, param
+from workers.merge.registry import Alignment, internal, merge_method, param
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,8 @@ class WeightMatchingParams:
 
 
 @merge_method("weight_matching", params=WeightMatchingParams, needs_base=False, min_models=2,
-              alignment="weights", wants_name=True)
+              alignment=Alignment(reads="weights", solver="coordinate_descent"),
+              wants_name=True)
 def weight_matching(tensors: Sequence[torch.Tensor], p: WeightMatchingParams, *,
                     name: str) -> torch.Tensor:
     """Permute the other models' units to best match the first's weights, then average.

@@ -23,7 +23,7 @@ class WemoeParams:
 
 
 @merge_method("wemoe", params=WemoeParams, needs_base=True, min_models=1, elementwise=True,
-              dynamic="wemoe")
+              dynamic="wemoe", heads="required")
 def wemoe(tensors: Sequence[torch.Tensor], p: WemoeParams, *,
           base: torch.Tensor) -> torch.Tensor:
     """Input-dependent: each transformer MLP's weights are θ0 + Σ_k λ_k(x) τ_k per input.

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from workers.align.transforms import merged
-from workers.merge.registry import internal, merge_method, param
+from workers.merge.registry import Alignment, internal, merge_method, param
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,18 @@ class ZipItParams:
     transforms: str = internal("", "driver")  # the solved alignment (URI#sha256)
 
 
-@merge_method("zipit", params=ZipItParams, needs_base=False, min_models=2,
-              alignment="activations", wants_name=True)
+def _check(params: dict, n: int) -> list[str]:
+    alpha = params["alpha"]
+    if n > 2 and isinstance(alpha, (int, float)) and alpha <= 0:
+        return [f"merge.params.alpha: a zip of {n} models needs alpha > 0 (a fused feature "
+                "must be able to take a third model's unit)"]
+    return []
+
+
+@merge_method("zipit", params=ZipItParams, needs_base=False, min_models=2, check=_check,
+              alignment=Alignment(reads="activations", solver="groups", unit="zip",
+                                  zips=lambda params: True, joint=True),
+              wants_name=True)
 def zipit(tensors: Sequence[torch.Tensor], p: ZipItParams, *, name: str) -> torch.Tensor:
     """Zip the models' features by activation correlation, within and across models.
 
