@@ -365,7 +365,7 @@ def _check_semantics(doc: dict, errors: list[str]) -> None:
     if isinstance(out.get("push_to_hub"), str):
         from workers.io.hub import check_repo_id
 
-        if not check_repo_id(out["push_to_hub"]):
+        if not check_repo_id(out["push_to_hub"], namespaced=True):
             errors.append(f"output.push_to_hub: expected a repository id like org/name, "
                           f"got {out['push_to_hub']!r}")
         elif isinstance(out.get("uri"), str) and out["uri"].startswith("s3://"):

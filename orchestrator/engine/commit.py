@@ -22,6 +22,7 @@ from orchestrator.config.schema import JobConfig
 from orchestrator.errors import StorageError
 from orchestrator.planning.plan import Plan
 from orchestrator.planning.vocab import TOKENIZER_FILES
+from workers.io.hub import is_hub_uri, parse_uri
 from workers.io.index import INDEX_FILE, CheckpointIndex
 from workers.io.safetensors_io import DTYPE_NAMES
 from workers.io.storage import TMP_SUFFIX, LocalStore, Store, file_sha256
@@ -256,11 +257,15 @@ def _output_config(config_json: bytes, dtype: str | None, layer_map: tuple[int, 
 
 
 def model_card(plan: Plan, cfg: JobConfig, indexes: list[CheckpointIndex]) -> str:
-    base = [s.uri for s in plan.sources if s.role == "base"]
-    lines = ["---", "tags:", "- merge", "- raymerge"]
-    if base:
-        lines += ["base_model:", f"- {base[0]}"]
-    lines += ["---", "", f"# Merged model ({plan.method})", "",
+    """The hub model card: metadata by huggingface_hub's ``ModelCardData`` (``base_model``:
+    the hub repositories merged, the base first, from which the hub builds its model tree; a
+    local path is no repository id), then the sources with their pins and the config."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    order = sorted(plan.sources, key=lambda s: s.role != "base")
+    repos = list(dict.fromkeys(parse_uri(s.uri)[0] for s in order if is_hub_uri(s.uri)))
+    data = ModelCardData(base_model=repos or None, tags=["merge", "raymerge"])
+    lines = [f"# Merged model ({plan.method})", "",
               f"Produced by raymerge {raymerge_version()} with the `{plan.method}` method.", "",
               "| source | role | files (header sha256) |", "| --- | --- | --- |"]
     for s, idx in zip(plan.sources, indexes):
@@ -272,7 +277,7 @@ def model_card(plan: Plan, cfg: JobConfig, indexes: list[CheckpointIndex]) -> st
               f"Seed {plan.seed}, compute dtype {plan.compute_dtype}, "
               f"{plan.n_tensors} tensors in {len(plan.units)} shards, plan digest "
               f"`{plan.digest()}`.", ""]
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def verify_output(out: Store) -> tuple[dict | None, list[str]]:

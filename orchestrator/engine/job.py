@@ -115,7 +115,8 @@ def run_job(config: JobConfig | dict | str, overrides: list[str] = (), *,
         existing = read_manifest(out)
         if existing is not None and not force:
             _check_same_job(out, existing, job, repair)
-        return _dispatch(cfg, _Options(force, repair, job, strict), start)
+        return _dispatch(cfg, _Options(force, repair, job, strict, _mergekit_file(config)),
+                         start)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,29 @@ class _Options:
     repair: bool
     job: dict  # the job as given (``job_document``), recorded in the manifest
     strict: bool = False  # NaN/Inf in the output fails the job
+    files: dict = dataclasses.field(default_factory=dict)  # written next to the output, e.g.
+    # the mergekit_config.yml an imported mergekit job keeps (the hub's convention)
+
+
+MERGEKIT_CONFIG = "mergekit_config.yml"
+
+
+def _mergekit_file(config: JobConfig | dict | str) -> dict[str, bytes]:
+    """An imported mergekit config, as given, for ``mergekit_config.yml`` in the output."""
+    import yaml
+
+    from orchestrator.config.mergekit import is_mergekit
+
+    if isinstance(config, str):
+        with open(config, "rb") as f:
+            text = f.read()
+        doc = yaml.safe_load(text)
+    elif isinstance(config, dict):
+        doc = config
+        text = yaml.safe_dump(config, sort_keys=False).encode()
+    else:
+        return {}
+    return {MERGEKIT_CONFIG: text} if isinstance(doc, dict) and is_mergekit(doc) else {}
 
 
 def job_document(cfg: JobConfig) -> dict:
@@ -215,6 +239,7 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
     """Plan, merge and commit (``timings``: what ran before, e.g. the alignment solve);
     with ``masks``, a task-aware method's masks instead of the merge."""
     planning = time.monotonic()
+    extra_files = {**opts.files, **extra_files}
     plan, indexes, stores, tokenizer_files = plan_job(cfg, masks)
     timings = {**timings, "plan": time.monotonic() - planning}
     metadata = output_metadata(plan, cfg, stores, tokenizer_files, extra_files)

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from orchestrator.errors import MergeError, StorageError
 from workers.io.storage import LocalStore, Store
@@ -42,9 +42,9 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def log_timestamped(message: str) -> None:
+def log_timestamped(message: str, level: int = logging.INFO) -> None:
     """The scheduler's lines carry their time: a scheduler runs for days."""
-    log.info(f"{utc_now()} {message}")
+    log.log(level, f"{utc_now()} {message}")
 
 
 def json_bytes(doc: Any) -> bytes:
@@ -58,10 +58,12 @@ def _owner() -> str:
 class Lock:
     """Exclusive right to merge into one output, held until ``expires`` and renewed by a
     background thread every third of the TTL. Taken by exclusive create, or by a conditional
-    replace of an expired or released lock, so two holders never both have it."""
+    replace of an expired or released lock, so two holders never both have it. ``clock``
+    gives the time expiry is judged by (seconds since the epoch; tests pass their own)."""
 
-    def __init__(self, store: Store, ttl: float, name: str = "lock"):
-        self.store, self.ttl, self.name = store, ttl, name
+    def __init__(self, store: Store, ttl: float, name: str = "lock", *,
+                 clock: Callable[[], float] = time.time):
+        self.store, self.ttl, self.name, self.clock = store, ttl, name, clock
         self.owner = f"{_owner()}:{uuid.uuid4().hex[:8]}"
         self.since = utc_now()
         self.token: str | None = None
@@ -73,7 +75,7 @@ class Lock:
 
     def acquire(self) -> str | None:
         """None when taken; otherwise who holds it, since and until when."""
-        data = self._doc(time.time() + self.ttl)
+        data = self._doc(self.clock() + self.ttl)
         self.token = self.store.create_exclusive(self.name, data)
         if self.token is not None:
             return None
@@ -87,7 +89,7 @@ class Lock:
             expires, owner = float(doc["expires"]), doc.get("owner", "?")
         except (ValueError, KeyError, TypeError):
             expires, owner, doc = 0.0, "an unreadable lock", {}  # corrupt: treat as expired
-        if expires > time.time():
+        if expires > self.clock():
             until = datetime.datetime.fromtimestamp(expires, datetime.timezone.utc)
             since = f" since {doc['since']}" if doc.get("since") else ""
             return f"{owner}{since} (lock held until {until.isoformat(timespec='seconds')})"
@@ -95,7 +97,7 @@ class Lock:
         return None if self.token else "another run (it took the expired lock first)"
 
     def renew(self) -> bool:
-        token = self.store.replace_if(self.name, self._doc(time.time() + self.ttl), self.token)
+        token = self.store.replace_if(self.name, self._doc(self.clock() + self.ttl), self.token)
         if token is None:
             self.lost.set()
             return False
@@ -121,10 +123,11 @@ class _Renewer:
             try:
                 if not self.lock.renew():
                     log_timestamped(f"lost the lock of {self.lock.store.uri} (it expired and "
-                                    "was taken)")
+                                    "was taken)", logging.WARNING)
                     return
             except StorageError as e:  # keep trying until the lock expires
-                log_timestamped(f"could not renew the lock of {self.lock.store.uri}: {e}")
+                log_timestamped(f"could not renew the lock of {self.lock.store.uri}: {e}",
+                                logging.WARNING)
 
     def __enter__(self) -> Lock:
         self.thread.start()

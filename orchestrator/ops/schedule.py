@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -268,13 +269,14 @@ def _continual(doc: dict, out: Store, previous: dict, version: int,
     return _run(_step_doc(doc, [prev, new], step.params, f"{out.uri}/v{version}"), session)
 
 
-def tick(schedule: Schedule, lock_ttl: float, *,
-         session: HeldRay | None = None) -> TickResult:
+def tick(schedule: Schedule, lock_ttl: float, *, session: HeldRay | None = None,
+         clock: Callable[[], float] = time.time) -> TickResult:
     """One tick of one schedule: lock, compare, merge if needed, publish, unlock. With ``session``,
-    the merge runs on the Ray it holds (started for it if needed), which outlives the tick."""
+    the merge runs on the Ray it holds (started for it if needed), which outlives the tick.
+    ``clock``: the time the lock's expiry is judged by."""
     out = open_store(schedule.output)
     out.check_writable()
-    lock = Lock(out, lock_ttl)
+    lock = Lock(out, lock_ttl, clock=clock)
     holder = lock.acquire()
     if holder is not None:
         _log(f"[{schedule.name}] busy: {out.uri} is locked by {holder}; skipping this tick")
@@ -370,12 +372,28 @@ def run_schedules(file: ScheduleFile, *, once: bool = False,
                         tick(s, file.lock_ttl, session=session)
                     except Exception as e:  # noqa: BLE001 - a failed tick must not stop the rest
                         session.release()  # the next tick starts a fresh Ray, in case it was Ray's
-                        _log(f"[{s.name}] tick failed: {type(e).__name__}: {e}")
-            time.sleep(max(1.0, 60 - time.time() % 60))
+                        _log(f"[{s.name}] tick failed: {type(e).__name__}: {e}",
+                             logging.WARNING)
+            time.sleep(until_due(chosen, datetime.datetime.now(datetime.timezone.utc),
+                                 last_fired, file.poll_interval, time.monotonic()))
 
 
-def history(output: str) -> Iterator[str]:
-    """Lines describing every run below ``output``, oldest first; the published one marked."""
+def until_due(schedules: list[Schedule], now: datetime.datetime, last_fired: dict[str, Any],
+              poll_interval: float, clock: float) -> float:
+    """Seconds until the next schedule is due: its next cron time, or its next poll (at least
+    one second, so that a tick that ran into its own minute does not spin)."""
+    waits = []
+    for s in schedules:
+        if s.cron is not None:
+            waits.append((s.cron.next_after(now) - now).total_seconds())
+        if s.on_change:
+            waits.append(last_fired.get(("poll", s.name), clock) + poll_interval - clock)
+    return max(1.0, min(waits))
+
+
+def history(output: str, clock: Callable[[], float] = time.time) -> Iterator[str]:
+    """Lines describing every run below ``output``, oldest first; the published one marked
+    (a run whose lock expired by ``clock`` without finishing is "interrupted")."""
     out = open_store(output)
     latest = read_latest(out)
     runs = read_runs(out)
@@ -387,7 +405,7 @@ def history(output: str) -> Iterator[str]:
     for r in runs:
         status = r["status"]
         if status == "running" and not (lock.get("owner") == r.get("owner")
-                                        and float(lock.get("expires", 0)) > time.time()):
+                                        and float(lock.get("expires", 0)) > clock()):
             status = "interrupted"
         mark = "*" if latest and latest["version"] == r["version"] else " "
         took = f"{r['seconds']:.1f}s" if "seconds" in r else "-"

@@ -101,9 +101,9 @@ def write_schedule(tmp_path, job_doc, output, name="soup", **extra):
     return str(path), job
 
 
-def tick_once(path):
+def tick_once(path, clock=time.time):
     file = schedule.load_schedules(path)
-    return schedule.tick(file.schedules[0], file.lock_ttl)
+    return schedule.tick(file.schedules[0], file.lock_ttl, clock=clock)
 
 
 def test_s3_schedule_skips_updates_continually_and_remerges_on_change(family, s3, ray_session,
@@ -218,10 +218,11 @@ def test_lock_compare_and_swap_on_s3(s3):
     exactly one wins (S3 conditional writes on the moto endpoint)."""
     s3.create_bucket(Bucket="locks")
     store = open_store("s3://locks/out")
-    a, b = Lock(store, ttl=0.5), schedule.Lock(store, ttl=0.5)
+    now = [time.time()]
+    a, b = Lock(store, ttl=0.5, clock=lambda: now[0]), schedule.Lock(store, ttl=0.5)
     assert a.acquire() is None
     assert "until" in b.acquire()
-    time.sleep(0.6)  # a's lock expires without renewal
+    now[0] += 0.6  # a's lock expires without renewal
     held, token = store.read_versioned("lock")
     c = Lock(store, ttl=30)
     assert store.replace_if("lock", b"taken by someone else", token) is not None
@@ -261,10 +262,9 @@ def test_a_tick_killed_mid_merge_is_resumed_by_the_next_after_the_lock_expires(
     assert proc.returncode == 9, proc.stderr[-2000:]
     assert not (out / "latest").exists() and not (out / "v1" / "raymerge-manifest.json").exists()
     assert tick_once(path).action == "busy"  # its lock still holds
-    time.sleep(3.5)
-    assert main(["history", str(out)]) == 0
-    assert "interrupted" in capsys.readouterr().out
-    result = tick_once(path)
+    later = lambda: time.time() + 3.5  # noqa: E731  (past the dead tick's 3 s lock)
+    assert "interrupted" in "\n".join(schedule.history(str(out), clock=later))
+    result = tick_once(path, clock=later)
     assert (result.action, result.version) == ("full", 1)
     assert "kept 2 intact shards of an interrupted tick" in capsys.readouterr().err
     fresh = run_job({**doc, "output": {"uri": str(tmp_path / "fresh"), "shard_size": "12KB"}})

@@ -35,9 +35,22 @@ def test_cron_fields_steps_ranges_and_day_rules():
     assert cron.parse("5,10 * * * *").minutes == {5, 10}
 
 
+def test_cron_names_macros_and_next_fire_time():
+    """Names and macros as Kubernetes CronJobs take them; the loop sleeps until the next fire
+    time instead of waking every minute."""
+    weekdays = cron.parse("30 6 * * MON-FRI")
+    assert weekdays.matches(at("2026-11-23T06:30")) and not weekdays.matches(at("2026-11-22T06:30"))
+    assert cron.parse("0 0 1 JAN *").matches(at("2027-01-01T00:00"))
+    daily = cron.parse("@daily")
+    assert daily.matches(at("2026-11-23T00:00")) and not daily.matches(at("2026-11-23T03:00"))
+    assert daily.next_after(at("2026-11-23T03:10")) == at("2026-11-24T00:00")
+    assert cron.parse("*/15 * * * *").next_after(at("2026-11-23T08:46")) == at("2026-11-23T09:00")
+
+
 @pytest.mark.parametrize("text, message", [
     ("0 3 * *", "expected 5 fields"), ("61 * * * *", "values must lie in 0-59"),
-    ("0 3 * * MON", "no names"), ("*/0 * * * *", "steps >= 1"), ("@daily", "5 fields")])
+    ("0 3 * * FOO", "not a cron expression"), ("*/0 * * * *", "steps >= 1"),
+    ("0 0 3 * * *", "5 fields"), ("@sometimes", "not a cron expression")])
 def test_cron_errors_name_the_field(text, message):
     with pytest.raises(ConfigError, match=message):
         cron.parse(text, "schedules[0].cron")
@@ -102,6 +115,17 @@ def test_due_fires_cron_once_per_minute_and_polls_on_change(tmp_path):
     assert schedule.due(p, at("2026-11-23T03:05"), fired, 300, 300)
 
 
+def test_the_loop_sleeps_until_the_next_due_schedule(tmp_path):
+    path = write(tmp_path, {"poll_interval": "10m", "schedules": [
+        {"name": "c", "job": "job.yaml", "output": "o", "cron": "0 3 * * *"},
+        {"name": "p", "job": "job.yaml", "output": "o", "on_change": True}]})
+    c, p = schedule.load_schedules(path).schedules
+    now = at("2026-11-23T02:58")
+    assert schedule.until_due([c], now, {}, 600, 0) == 120
+    assert schedule.until_due([c, p], now, {("poll", "p"): 0}, 600, 590) == 10
+    assert schedule.until_due([c], at("2026-11-23T03:00"), {}, 600, 0) == 24 * 3600
+
+
 def pinned(sources, method="opcm", key="k", base="b", **merge):
     doc = {"merge": {"method": method, "params": merge},
            "sources": [{"name": n, "params": {}} for n, _ in sources]}
@@ -150,9 +174,10 @@ def test_local_lock_one_winner_among_processes_and_expiry(tmp_path):
         p.join(60)
     assert sorted(results.get(timeout=5) for _ in procs) == [False, False, False, True]
     store = open_store(str(tmp_path / "other"))
-    a, b = Lock(store, 0.3), schedule.Lock(store, 60)
+    now = [time.time()]
+    a, b = Lock(store, 0.3, clock=lambda: now[0]), schedule.Lock(store, 60, clock=lambda: now[0])
     assert a.acquire() is None and "until" in b.acquire()
-    time.sleep(0.4)
+    now[0] += 0.4
     assert b.acquire() is None
     assert not a.renew() and json.loads(store.read_bytes("lock"))["owner"] == b.owner
     b.release()

@@ -15,18 +15,26 @@ from workers.io.errors import StorageError
 from workers.io.storage import LocalStore
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-_URI = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+_REVISION = re.compile(r"^[\w./-]+$")
 
 
 def is_hub_uri(uri: str) -> bool:
     return uri.startswith("hf://")
 
 
+def parse_uri(uri: str) -> tuple[str, str | None]:
+    """``hf://org/name[@revision]`` as (repo id, revision or None), the repo id checked by
+    huggingface_hub's own validator."""
+    repo, at, revision = uri[len("hf://"):].partition("@")
+    if not is_hub_uri(uri) or not check_repo_id(repo) or (
+            at and (not _REVISION.match(revision) or ".." in revision)):
+        raise StorageError(f"{uri}: expected hf://org/name or hf://org/name@revision")
+    return repo, revision or None
+
+
 def resolve(uri: str, cache_dir: str | None, offline: bool) -> tuple[LocalStore, str]:
     """The local snapshot of a hub source and the commit sha it is pinned to."""
-    m = _URI.match(uri)
-    if not m or ".." in m["repo"]:
-        raise StorageError(f"{uri}: expected hf://org/name or hf://org/name@revision")
+    repo, revision = parse_uri(uri)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -36,7 +44,7 @@ def resolve(uri: str, cache_dir: str | None, offline: bool) -> tuple[LocalStore,
     )
 
     try:
-        path = snapshot_download(m["repo"], revision=m["revision"] or "main",
+        path = snapshot_download(repo, revision=revision or "main",
                                  cache_dir=cache_dir, local_files_only=offline,
                                  allow_patterns=ALLOW_PATTERNS)
     except LocalEntryNotFoundError:
@@ -45,7 +53,7 @@ def resolve(uri: str, cache_dir: str | None, offline: bool) -> tuple[LocalStore,
             " and hub.offline is true" if offline else " and the hub cannot be reached")
         ) from None
     except RevisionNotFoundError:
-        raise StorageError(f"{uri}: revision {m['revision']!r} does not exist") from None
+        raise StorageError(f"{uri}: revision {revision!r} does not exist") from None
     except RepositoryNotFoundError:
         raise StorageError(f"{uri}: repository not found, or private without a token "
                            "(set HF_TOKEN)") from None
@@ -54,11 +62,17 @@ def resolve(uri: str, cache_dir: str | None, offline: bool) -> tuple[LocalStore,
     return LocalStore(str(path)), os.path.basename(os.path.normpath(path))
 
 
-_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+def check_repo_id(repo_id: str, *, namespaced: bool = False) -> bool:
+    """Whether ``repo_id`` is a valid hub repository id (``name`` or ``org/name``; with
+    ``namespaced``, ``org/name`` only), by huggingface_hub's own validator."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
-
-def check_repo_id(repo_id: str) -> bool:
-    return bool(_REPO.match(repo_id)) and ".." not in repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return "/" in repo_id or not namespaced
 
 
 def push(folder: str, repo_id: str, message: str) -> str:
