@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import gc
 import logging
+import os
 import sys
 
 from orchestrator.errors import ConfigError, MergeError
@@ -462,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     except MergeError as e:
         print(f"raymerge: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `raymerge methods | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:  # the driver's own files: disk full, a file removed underneath
         where = f"{e.filename}: " if e.filename else ""
         print(f"raymerge: error: {where}{e.strerror or e}; no manifest was written for "
