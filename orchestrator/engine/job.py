@@ -256,6 +256,9 @@ def _run(cfg: JobConfig, extra_files: dict[str, bytes], opts: _Options,
                     f"{out.uri} holds this merge but it is damaged ({_listed(damaged)}); "
                     f"redo only the damaged shards with: raymerge verify --repair {out.uri}")
             log.info(f"repairing {out.uri}: {_listed(damaged)}")
+            listed = {f["file"] for f in existing["files"]} - set(damaged)
+            if MERGEKIT_CONFIG in listed - set(extra_files):  # the job as first given
+                extra_files[MERGEKIT_CONFIG] = out.read_bytes(MERGEKIT_CONFIG)
             write_progress(out, plan, [ShardRecord(s["file"], s["bytes"], s["sha256"],
                                                    s["tensors"], s.get("nonfinite", {}))
                                        for s in existing["shards"] if s["file"] not in damaged])

@@ -9,6 +9,7 @@ import tracemalloc
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
 from orchestrator import run_job
@@ -60,6 +61,9 @@ def test_hub_sources_pin_their_commit_and_equal_local(llama_family, tmp_path, ra
     revisions = {s["name"]: s["revision"] for s in hub.manifest["sources"]}
     assert revisions == {"ft1": sha(1), "ft2": sha(9), "base": sha(0)}
     assert "hf://org/ft2@v2" in (tmp_path / "hub-out" / "README.md").read_text()
+    card = ModelCard.load(tmp_path / "hub-out" / "README.md")  # the hub's model tree reads it
+    assert card.data.base_model == ["org/base", "org/ft1", "org/ft2"]
+    assert card.data.tags == ["merge", "raymerge"]
 
     local = {**doc, "base": {"name": "base", "uri": llama_family["base"]},
              "sources": [{"name": "ft1", "uri": llama_family["ft1"]},

@@ -163,6 +163,10 @@ def test_same_yaml_same_tensors(name, mergekit_yaml, llama_family, ray_session, 
     assert main(["run", str(tmp_path / "native.yaml"), "runtime.executor=local", "--quiet"]) == 0
     native = load_state(str(tmp_path / "native-out"))
 
+    for out in ("mk", "rm"):  # the config as given, where the hub looks for it
+        assert (tmp_path / out / "mergekit_config.yml").read_text() == path.read_text(), out
+    assert not (tmp_path / "native-out" / "mergekit_config.yml").exists()
+
     theirs, ours = load_state(str(tmp_path / "mk")), load_state(str(tmp_path / "rm"))
     assert native.keys() == ours.keys() and all(torch.equal(native[n], ours[n]) for n in ours)
     assert set(theirs) == set(ours)
