@@ -128,3 +128,9 @@ def _check_doc(doc: dict, cls: type, where: str) -> None:
             for v in values:
                 if isinstance(v, dict):
                     _check_doc(v, tp, where)
+
+
+def test_every_method_is_in_the_readme_table_and_the_methods_page():
+    readme, page = _text(ROOT / "README.md"), _text(ROOT / "docs" / "methods.md")
+    for name in METHODS:
+        assert f"`{name}`" in readme and f"### `{name}`" in page, name
