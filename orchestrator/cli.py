@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     schedule = command(
         "schedule", help="run periodic re-merges from a schedules file",
-        description="Tick every schedule of a schedules file: at its cron minutes (UTC) and/or "
+        description="Tick every schedule of a schedules file: at its cron times (UTC; 5 fields, "
+                    "names such as MON-FRI, or @daily-style macros) and/or "
                     "every poll_interval (on_change). A tick re-pins the job's sources; "
                     "unchanged -> skipped, one model appended -> continual update (opcm, "
                     "uniform linear, task_arithmetic), otherwise a full re-merge into the next "

@@ -77,7 +77,7 @@ def render(file: ScheduleFile, *, image: str = "raymerge:0.1.0", namespace: str 
     docs = [{"apiVersion": "v1", "kind": "ConfigMap",
              "metadata": {"name": CONFIG_MAP, **meta}, "data": data}]
     for s in file.schedules:
-        when = poll_cron(file.poll_interval) if s.on_change else s.cron.text
+        when = poll_cron(file.poll_interval) if s.on_change else s.cron.fields
         docs.append({
             "apiVersion": "ray.io/v1", "kind": "RayCronJob",
             "metadata": {"name": f"raymerge-{s.name}", **meta,

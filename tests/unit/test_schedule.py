@@ -45,12 +45,14 @@ def test_cron_names_macros_and_next_fire_time():
     assert daily.matches(at("2026-11-23T00:00")) and not daily.matches(at("2026-11-23T03:00"))
     assert daily.next_after(at("2026-11-23T03:10")) == at("2026-11-24T00:00")
     assert cron.parse("*/15 * * * *").next_after(at("2026-11-23T08:46")) == at("2026-11-23T09:00")
+    assert daily.fields == "0 0 * * *" and weekdays.fields == "30 6 * * MON-FRI"  # manifests
 
 
 @pytest.mark.parametrize("text, message", [
     ("0 3 * *", "expected 5 fields"), ("61 * * * *", "values must lie in 0-59"),
     ("0 3 * * FOO", "not a cron expression"), ("*/0 * * * *", "steps >= 1"),
-    ("0 0 3 * * *", "5 fields"), ("@sometimes", "not a cron expression")])
+    ("0 0 3 * * *", "5 fields"), ("@sometimes", "not a cron expression"),
+    ("0 0 L * *", r"\(L\)"), ("0 0 * * 1#2", "1#2")])  # croniter's, not Kubernetes'
 def test_cron_errors_name_the_field(text, message):
     with pytest.raises(ConfigError, match=message):
         cron.parse(text, "schedules[0].cron")
