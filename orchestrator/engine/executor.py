@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from orchestrator.config.schema import RuntimeConfig
-from orchestrator.errors import WorkerError
-from orchestrator.planning.plan import Plan, WorkUnit, format_bytes
+from orchestrator.errors import PlanError, WorkerError
+from orchestrator.planning.plan import PROCESS_BYTES, Plan, WorkUnit, format_bytes
 from workers.io.s3 import storage_env, storage_secrets
 from workers.merge import get_method
 from workers.tasks import ShardRecord, TaskContext, collect_unit, merge_unit
@@ -44,6 +44,8 @@ def run_plan(plan: Plan, ctx: TaskContext, runtime: RuntimeConfig, *,
     start = time.monotonic()
     with executor:
         timings["ray_start"] = time.monotonic() - start
+        if isinstance(executor, _RayExecutor):
+            check_fits(plan.units, executor.node_memory(), runtime)
         start = time.monotonic()
         states: dict[int, Any] = {}
         spec = get_method(plan.method)
@@ -210,7 +212,7 @@ def actor_pool(cls: type, init_args: Sequence[tuple], runtime: RuntimeConfig) ->
         secrets = _secrets_ref(runtime)
         if secrets is not None:
             cls, init_args = _with_secrets_class(cls), [(secrets, *a) for a in init_args]
-        remote = ray.remote(num_cpus=1, **_task_env())(cls)
+        remote = ray.remote(num_cpus=runtime.threads_per_worker, **_task_env())(cls)
         actors = [remote.remote(*a) for a in init_args]
         try:
             yield _RayPool(actors)
@@ -223,16 +225,47 @@ def actor_pool(cls: type, init_args: Sequence[tuple], runtime: RuntimeConfig) ->
 
 def pool_size(runtime: RuntimeConfig, wanted: int) -> int:
     """How many workers a pool of at most ``wanted`` gets: 1 in-process, else one per worker,
-    no more than the running cluster has CPUs for (an actor waiting for a CPU would wait
-    forever)."""
+    no more than the running cluster has CPUs for, ``threads_per_worker`` each (an actor
+    waiting for CPUs would wait forever)."""
     if runtime.executor != "ray":
         return 1
-    cpus = os.cpu_count() or 1
     import ray
 
-    if ray.is_initialized():
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, min(wanted, runtime.num_workers or cpus, cpus))
+    slots = (_slots(runtime) if ray.is_initialized()
+             else (os.cpu_count() or 1) // runtime.threads_per_worker)
+    return max(1, min(wanted, runtime.num_workers or slots, slots))
+
+
+def _slots(runtime: RuntimeConfig) -> int:
+    """Tasks of ``threads_per_worker`` CPUs each that the running cluster's live nodes hold
+    at once, node by node (a task cannot span nodes)."""
+    import ray
+
+    per_node = [int(n["Resources"].get("CPU", 0)) // runtime.threads_per_worker
+                for n in ray.nodes() if n.get("Alive")]
+    return max(1, sum(per_node))
+
+
+def memory_request(unit: WorkUnit) -> int:
+    """The ``memory`` a unit's task asks Ray for: the plan's working-set estimate and what the
+    worker process holds besides."""
+    return unit.peak_bytes + PROCESS_BYTES
+
+
+def check_fits(units: Sequence[WorkUnit], node_memory: Sequence[float],
+               runtime: RuntimeConfig) -> None:
+    """Refuse, before any task runs, a unit whose memory estimate no node offers: Ray would
+    keep such a task waiting forever."""
+    largest = max(node_memory, default=0)
+    big = max(units, key=lambda u: u.peak_bytes, default=None)
+    if big is not None and largest and memory_request(big) > largest:
+        raise PlanError(
+            f"work unit {big.index} (output shard {big.shard}) needs about "
+            f"{format_bytes(memory_request(big))} of memory ({format_bytes(big.peak_bytes)} "
+            f"working set and a worker process), more than any node of the cluster "
+            f"offers (the largest: {format_bytes(largest)}); lower runtime.worker_memory (now "
+            f"{runtime.worker_memory}) so that units read less at once, or add a node with "
+            "more memory")
 
 
 class _Progress:
@@ -399,7 +432,9 @@ def _quiet_start() -> Iterator[None]:
 
 
 class _RayExecutor:
-    """Ray tasks with at most ``num_workers`` in flight; starts an embedded cluster if needed."""
+    """Ray tasks, each asking for ``threads_per_worker`` CPUs and (merge and statistics units)
+    the plan's memory estimate, so that Ray packs them per node; as many in flight as the
+    cluster's nodes hold (at most ``num_workers``). Starts an embedded cluster if needed."""
 
     def __init__(self, runtime: RuntimeConfig):
         self.runtime = runtime
@@ -417,15 +452,25 @@ class _RayExecutor:
                 ray.init(address=self.runtime.address, log_to_driver=True)
             else:
                 # embedded: this machine only, bound to loopback, no dashboard
+                # num_workers tasks of threads_per_worker CPUs each; by default the machine's
+                cpus = (self.runtime.num_workers * self.runtime.threads_per_worker
+                        if self.runtime.num_workers else os.cpu_count())
                 with _lean_head(), _quiet_start():
-                    ray.init(num_cpus=self.runtime.num_workers or os.cpu_count(),
+                    ray.init(num_cpus=cpus,
                              include_dashboard=False, _node_ip_address="127.0.0.1",
                              log_to_driver=True, logging_level=_ray_level())
                 _INHERITED[0] = storage_env()
             self.started = True
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.in_flight = max(1, self.runtime.num_workers or cpus)
+        slots = _slots(self.runtime)
+        self.in_flight = min(self.runtime.num_workers, slots) if self.runtime.num_workers \
+            else slots
         return self
+
+    def node_memory(self) -> list[float]:
+        """The ``memory`` resource of every live node (what tasks' requests are packed into)."""
+        import ray
+
+        return [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
 
     def __exit__(self, *exc):
         if self.started and _SESSIONS:  # the job's session keeps it for its next phase
@@ -452,8 +497,9 @@ class _RayExecutor:
         secrets = _secrets_ref(self.runtime)
         if secrets is not None:  # the body runs after the credentials are set in the worker
             fn, arg_refs = _with_secrets, [ray.put(fn), secrets, *arg_refs]
-        remote = ray.remote(num_cpus=1, max_retries=self.runtime.max_retries,
-                            retry_exceptions=False, **_task_env())(fn)
+        remote = ray.remote(num_cpus=self.runtime.threads_per_worker,
+                            max_retries=self.runtime.max_retries, retry_exceptions=False,
+                            **_task_env())(fn)
         # largest first (merge units by input bytes; others keep their order): a large unit
         # started last would run alone while the other workers idle
         order = sorted(range(len(units)), key=lambda i: -getattr(units[i], "input_bytes", 0))
@@ -462,7 +508,9 @@ class _RayExecutor:
             while order or pending:
                 while order and len(pending) < self.in_flight:
                     i = order.pop(0)
-                    pending[remote.remote(units[i], *arg_refs)] = i
+                    sized = hasattr(units[i], "peak_bytes")  # merge and statistics units
+                    task = remote.options(memory=memory_request(units[i])) if sized else remote
+                    pending[task.remote(units[i], *arg_refs)] = i
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     i = pending.pop(ref)

@@ -31,6 +31,7 @@ from workers.merge import get_method
 from workers.merge.registry import MethodSpec, internal_fields, per_model_fields
 from workers.tasks import CHUNK, HOLD_BYTES, READ_WINDOW
 
+PROCESS_BYTES = 300 << 20  # what a worker process holds with torch loaded, before any unit
 _DIGITS = re.compile(r"(\d+)")
 
 
@@ -423,7 +424,8 @@ def describe(plan: Plan) -> str:
                      f"params {g.params}")
     peak = max((u.peak_bytes for u in plan.units), default=0)
     lines.append(f"estimated peak memory per worker: {format_bytes(peak)} (working set, on top "
-                 "of the ~0.3 GiB a Python process with torch holds)")
+                 f"of the ~{format_bytes(PROCESS_BYTES)} a Python process with torch holds; "
+                 "each Ray task asks for both)")
     lines.append(f"{'unit':>5}  {'shard':<32} {'tensors':>7} {'input':>11} {'output':>11} "
                  f"{'peak':>11}  first .. last tensor")
     for u in plan.units:

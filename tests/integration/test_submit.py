@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import yaml
 
 from orchestrator.cli import main
+from tests.integration import cluster
 from tests.integration.test_loopback import (
     _is_loopback,
     _listen_addresses,
@@ -28,78 +25,17 @@ from tests.integration.test_loopback import (
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A one-node cluster with its dashboard (Jobs API) on 127.0.0.1 and a token of its own."""
     token = secrets.token_hex(16)
-    dashboard, gcs = _free_port(), _free_port()
     # the cluster has no storage credentials of its own (as one whose workers must be given
     # them, or use their own chain): none of this shell's AWS_* / HF_* settings
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_"))},
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    temp = tmp_path_factory.mktemp("rayhead")
-    log = open(temp / "head.log", "wb")
-    head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-         # fixed default ports would collide with the session's own local Ray
-         f"--dashboard-agent-listen-port={_free_port()}",
-         f"--ray-client-server-port={_free_port()}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # it answers (401 without the token): it is up
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("ray head did not start: "
-                                       + (temp / "head.log").read_text()[-2000:])
-                time.sleep(1)
-        yield address, token, str(temp), f"127.0.0.1:{gcs}"
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        _kill_session(str(temp))
-        log.close()
-
-
-def _session_pids(temp: str) -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if temp.encode() in f.read():
-                    pids.append(int(pid))
-        except OSError:
-            continue
-    return pids
-
-
-def _kill_session(temp: str) -> None:
-    """GCS, raylet and agents outlive `ray start --block` in their own process groups: kill
-    every process whose command line names this head's temp folder (and nothing else)."""
-    for pid in _session_pids(temp):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            continue
+    temp = str(tmp_path_factory.mktemp("rayhead"))
+    with cluster.ray_head(temp, "--num-cpus=2", env=env) as (address, gcs):
+        yield address, token, temp, gcs
 
 
 def cli(*args: str, token: str, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -137,7 +73,7 @@ def test_submitted_job_succeeds_and_its_output_verifies(ray_head, llama_family, 
     # every socket the head's processes listen on is on 127.0.0.1
     listening = _listen_addresses()
     inodes = set()
-    for pid in _session_pids(temp):
+    for pid in cluster.session_pids(temp):
         inodes |= _socket_inodes(_tree_pids(pid))
     addresses = {listening[i] for i in inodes if i in listening}
     assert addresses and all(_is_loopback(a) for a in addresses), addresses
