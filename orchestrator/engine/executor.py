@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from orchestrator.config.schema import RuntimeConfig
-from orchestrator.errors import PlanError, WorkerError
+from orchestrator.errors import ClusterError, PlanError, WorkerError
 from orchestrator.planning.plan import PROCESS_BYTES, Plan, WorkUnit, format_bytes
 from workers.io.s3 import storage_env, storage_secrets
 from workers.merge import get_method
@@ -431,6 +431,83 @@ def _quiet_start() -> Iterator[None]:
         notices.removeFilter(notice)
 
 
+def shipped_packages() -> dict[str, Any]:
+    """The runtime_env that brings raymerge's own packages (``orchestrator``, ``workers``;
+    no tests or benchmarks) to a cluster, so that its nodes need only Ray and raymerge's
+    dependencies; empty when this process runs from such a shipped copy already (a submitted
+    job), whose tasks inherit it."""
+    import orchestrator
+    import workers
+
+    folders = [os.path.dirname(m.__file__) for m in (orchestrator, workers)]
+    if any("runtime_resources" in f.split(os.sep) for f in folders):
+        return {}
+    return {"py_modules": folders, "excludes": ["__pycache__"]}
+
+
+def _requirements() -> dict[str, tuple[str, str]]:
+    """raymerge's own dependencies (no extras): distribution -> (its requirement, the module
+    it provides), from this installation's metadata; empty when raymerge is not installed."""
+    import importlib.metadata as metadata
+    import re
+
+    from packaging.requirements import Requirement
+
+    try:
+        wanted = [Requirement(r) for r in metadata.requires("raymerge") or []]
+    except metadata.PackageNotFoundError:
+        return {}
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    modules: dict[str, str] = {}
+    for module, dists in metadata.packages_distributions().items():
+        for dist in dists:  # the module named like its distribution, else its first public one
+            if norm(module) == norm(dist) or (norm(dist) not in modules
+                                              and not module.startswith("_")):
+                modules[norm(dist)] = module
+    found = {}
+    for r in wanted:
+        module = modules.get(norm(r.name))
+        if r.marker is None and module is not None:
+            found[r.name] = (str(r), module)
+    return found
+
+
+def _check_nodes() -> None:
+    """One probe per live node with CPUs: every dependency of raymerge imports there, in a
+    version raymerge accepts; else one error naming the node, the package and the versions."""
+    import ray
+    from packaging.requirements import Requirement
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from workers.probe import installed
+
+    wanted = _requirements()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if not wanted or not nodes:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(installed)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote({d: m for d, (_, m) in wanted.items()}) for n in nodes]
+    problems = []
+    for node, found in zip(nodes, ray.get(refs)):
+        where = f"node {node['NodeManagerAddress']} ({found['host']})"
+        for dist, version in found["versions"].items():
+            requirement = Requirement(wanted[dist][0])
+            if version is None:
+                problems.append(f"{where}: {dist} is not installed (raymerge needs "
+                                f"{requirement})")
+            elif version != "?" and not requirement.specifier.contains(version,
+                                                                       prereleases=True):
+                problems.append(f"{where}: {dist} {version} is installed, raymerge needs "
+                                f"{requirement}")
+    if problems:
+        raise ClusterError("the cluster cannot run raymerge's tasks:\n  " + "\n  ".join(problems)
+                           + "\ninstall these in the nodes' Python environment (the image "
+                           "infra/Dockerfile builds has them all)")
+
+
 class _RayExecutor:
     """Ray tasks, each asking for ``threads_per_worker`` CPUs and (merge and statistics units)
     the plan's memory estimate, so that Ray packs them per node; as many in flight as the
@@ -449,7 +526,9 @@ class _RayExecutor:
 
         if not ray.is_initialized():
             if self.runtime.address:
-                ray.init(address=self.runtime.address, log_to_driver=True)
+                ray.init(address=self.runtime.address, log_to_driver=True,
+                         runtime_env=shipped_packages() or None)
+                _check_nodes()
             else:
                 # embedded: this machine only, bound to loopback, no dashboard
                 # num_workers tasks of threads_per_worker CPUs each; by default the machine's

@@ -6,9 +6,10 @@ runtime_env carries the resolved config (one ``job.yaml`` in its working_dir) an
 otherwise, this process's storage settings that are no secret (``storage_env``: endpoints,
 region, profile name), as ``raymerge run`` hands them to its workers. Keys and tokens never go:
 Ray records a job's runtime_env in its logs, so the job uses the cluster's own credential chain
-(instance roles, IRSA, mounted files). The entry point is ``raymerge run job.yaml`` against
-the cluster (``runtime.address: auto``), so the cluster's Python environment must have
-raymerge installed.
+(instance roles, IRSA, mounted files). raymerge's own packages travel with the job
+(``py_modules``), so the cluster needs only Ray and raymerge's dependencies; the entry point is
+``python -m orchestrator.cli run job.yaml`` against the cluster (``runtime.address: auto``),
+whose first step checks every node's dependencies.
 Local paths in the config are made absolute: they must exist on the cluster's nodes as well.
 
 Token auth (Ray's ``RAY_AUTH_MODE=token``) is handled by Ray's client: set ``RAY_AUTH_MODE=token``
@@ -28,10 +29,12 @@ import yaml
 from omegaconf import OmegaConf
 
 from orchestrator.config.schema import JobConfig
+from orchestrator.engine.executor import shipped_packages
 from orchestrator.errors import ClusterError
 from workers.io.s3 import storage_env
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+ENTRYPOINT = "python -m orchestrator.cli run job.yaml"  # no console script on PATH needed
 AGENT_WAIT = 90  # seconds to wait for the job agent of a cluster that is still starting
 
 
@@ -63,13 +66,13 @@ def submit(cfg: JobConfig, address: str | None, *, forward_env: bool = True,
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "job.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(doc, f, sort_keys=False)
-        runtime_env = {"working_dir": tmp}
+        runtime_env = {"working_dir": tmp, **shipped_packages()}
         if forward_env:
             runtime_env["env_vars"] = storage_env()
         deadline = time.monotonic() + AGENT_WAIT
         while True:
             try:
-                return jobs.submit_job(entrypoint="raymerge run job.yaml",
+                return jobs.submit_job(entrypoint=ENTRYPOINT,
                                        runtime_env=runtime_env, submission_id=job_id,
                                        metadata={"raymerge_output": doc["output"]["uri"]})
             except Exception as e:

@@ -44,7 +44,8 @@ def kill_session(temp: str) -> None:
 
 
 @contextlib.contextmanager
-def ray_head(temp: str, *options: str, env: dict | None = None) -> Iterator[tuple[str, str]]:
+def ray_head(temp: str, *options: str, env: dict | None = None,
+             cwd: str | None = None) -> Iterator[tuple[str, str]]:
     """A one-node cluster with its dashboard (Jobs API) on 127.0.0.1; yields the dashboard
     URL and the GCS address. ``options``: more `ray start` flags (`--num-cpus=2`, ...)."""
     dashboard, gcs = free_port(), free_port()
@@ -57,7 +58,7 @@ def ray_head(temp: str, *options: str, env: dict | None = None) -> Iterator[tupl
          # fixed default ports would collide with the session's own local Ray
          f"--dashboard-agent-listen-port={free_port()}",
          f"--ray-client-server-port={free_port()}"],
-        env=env or dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
+        env=env or dict(os.environ), stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
         start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
