@@ -477,8 +477,9 @@ def _check_alignment(spec: MethodSpec, params: dict, n: int, has_data: bool,
                      errors: list[str]) -> None:
     """What an alignment method's params ask that its models or inputs cannot give (checked
     here so that ``plan`` refuses what ``run`` would, before any solve)."""
-    value = _with_defaults(spec, params).get
-    zipped = spec.alignment.zips(_with_defaults(spec, params))
+    full = _with_defaults(spec, params)
+    value = full.get
+    zipped = spec.alignment.zips(full)
     stop = value("stop")
     if isinstance(stop, int) and stop >= 0 and not zipped:
         errors.append("merge.params.stop: partial merging is for zips (zipit, or mudsc with "
