@@ -436,10 +436,11 @@ def shipped_packages() -> dict[str, Any]:
     no tests or benchmarks) to a cluster, so that its nodes need only Ray and raymerge's
     dependencies; empty when this process runs from such a shipped copy already (a submitted
     job), whose tasks inherit it."""
-    import orchestrator
-    import workers
+    import workers.tasks
 
-    folders = [os.path.dirname(m.__file__) for m in (orchestrator, workers)]
+    # this file is orchestrator/engine/executor.py; the task bodies are workers/tasks.py
+    folders = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+               os.path.dirname(os.path.abspath(workers.tasks.__file__))]
     if any("runtime_resources" in f.split(os.sep) for f in folders):
         return {}
     return {"py_modules": folders, "excludes": ["__pycache__"]}
